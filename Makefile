@@ -1,0 +1,27 @@
+# kd: `make test` sets up .venv, fetches the embedded teacher and runs the test suite;
+# `make demo` distills the teacher into a smaller student on this machine.
+PY := .venv/bin/python
+TEACHER := models/smollm2-135m-instruct
+
+.PHONY: setup teacher test test-slow demo bench clean
+
+setup: .venv/.installed
+.venv/.installed: requirements.txt requirements-dev.txt scripts/setup_env.sh
+	bash scripts/setup_env.sh
+	touch $@
+
+teacher: $(TEACHER)/config.json
+$(TEACHER)/config.json: .venv/.installed scripts/import_gguf.py
+	bash scripts/fetch_teacher.sh $(TEACHER)
+
+test: setup teacher
+	$(PY) -m pytest -q tests
+
+test-slow: setup teacher
+	$(PY) -m pytest -q -m slow tests
+
+demo: setup teacher
+	@echo "make demo: not yet (see issue 'make demo')"
+
+clean:
+	rm -rf runs out .pytest_cache

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates .venv and installs kd's dependencies. Run by `make`; safe to run again.
+#
+# torch: if the system python already has torch (e.g. a CUDA build on a GPU machine) the
+# venv reuses it through --system-site-packages. Otherwise, on a machine with an NVIDIA
+# GPU we install the default (CUDA) wheel; on a CPU-only machine the CPU wheel
+# (torch==X+cpu from the PyTorch CPU index), never the multi-GB CUDA build.
+set -euo pipefail
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+TORCH_VERSION=${TORCH_VERSION:-2.13.0}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  if "$PY" -c "import torch" 2>/dev/null; then
+    echo "setup: reusing the system torch ($("$PY" -c 'import torch; print(torch.__version__)'))"
+    "$PY" -m venv --system-site-packages "$VENV"
+  else
+    "$PY" -m venv "$VENV"
+  fi
+fi
+PIP="$VENV/bin/pip --disable-pip-version-check -q"
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1; then
+    echo "setup: installing torch==$TORCH_VERSION (CUDA build)"
+    $PIP install "torch==$TORCH_VERSION"
+  else
+    echo "setup: installing torch==$TORCH_VERSION+cpu (no GPU found)"
+    $PIP install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+  fi
+fi
+$PIP install -r requirements.txt -r requirements-dev.txt
+"$VENV/bin/python" -c "import torch; print('setup: torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
