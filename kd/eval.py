@@ -38,20 +38,24 @@ import torch
 # ---------------------------------------------------------------------------------------------
 
 
+@torch.no_grad()
 def token_metrics(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor | None,
     labels: torch.Tensor,
     *,
     ignore_index: int = -100,
+    chunk_tokens: int = 1024,
 ) -> dict[str, torch.Tensor]:
     """Sums of per-token metrics over the valid tokens of one batch.
 
     student_logits, teacher_logits: (B, T, V); logits[:, t] predicts labels[:, t] (shift
     before calling). labels: (B, T) token ids, `ignore_index` where a position does not count
     (prompt, padding). teacher_logits may be None: then only the NLL and the count are returned.
+    chunk_tokens: how many tokens' full-vocabulary softmaxes exist at once; 1024 tokens x 49152
+    vocab is 200 MB per fp32 temporary, so a large eval batch does not multiply peak memory.
 
-    Returns 0-d float64 tensors on the logits' device (no host sync here):
+    Returns 0-d float64 tensors on the logits' device:
       "nll":    sum_t -log q(y_t)                                     (student NLL)
       "tokens": number of valid tokens
       "kl":     sum_t sum_v p_t(v) (log p_t(v) - log q_t(v))   (forward KL, teacher || student)
@@ -69,23 +73,30 @@ def token_metrics(
             f"token_metrics: teacher logits {tuple(teacher_logits.shape)} differ from student "
             f"logits {tuple(student_logits.shape)}; both models must share one vocabulary"
         )
-    valid = labels != ignore_index  # (B, T); labels, not input_ids, carry the mask
-    log_q = torch.log_softmax(student_logits[valid].float(), dim=-1)  # (N, V)
-    targets = labels[valid]  # (N,)
-    nll = -log_q.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (N,)
-    sums = {
-        "nll": nll.double().sum(),
-        "tokens": valid.sum().double(),
-    }
-    if teacher_logits is not None:
-        log_p = torch.log_softmax(teacher_logits[valid].float(), dim=-1)  # (N, V)
+    # Flat indices of the valid tokens; labels, not input_ids, carry the mask. nonzero() is a
+    # host sync (its size is data-dependent): once per eval batch, outside the training step.
+    rows = (labels != ignore_index).flatten().nonzero().squeeze(-1)  # (N,)
+    flat_labels = labels.flatten()  # (B*T,)
+    s_flat = student_logits.flatten(0, 1)  # (B*T, V), a view
+    t_flat = None if teacher_logits is None else teacher_logits.flatten(0, 1)
+    zero = torch.zeros((), dtype=torch.float64, device=student_logits.device)
+    sums = {"nll": zero, "tokens": zero + rows.numel()}
+    if t_flat is not None:
+        sums |= {"kl": zero, "top1": zero}
+    for idx in rows.split(chunk_tokens):
+        log_q = torch.log_softmax(s_flat[idx].float(), dim=-1)  # (n, V)
+        nll = -log_q.gather(-1, flat_labels[idx].unsqueeze(-1)).squeeze(-1)  # (n,)
+        sums["nll"] = sums["nll"] + nll.double().sum()
+        if t_flat is None:
+            continue
+        log_p = torch.log_softmax(t_flat[idx].float(), dim=-1)  # (n, V)
         p = log_p.exp()
         # KL(p || q) = sum_v p (log p - log q). Where p = 0 (a -inf-masked teacher logit) the
         # term is 0 by convention; without the `where`, 0 * (-inf - x) would be NaN.
-        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # (N,)
-        agree = log_q.argmax(-1) == log_p.argmax(-1)  # (N,)
-        sums["kl"] = kl.double().sum()
-        sums["top1"] = agree.sum().double()
+        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # (n,)
+        agree = log_q.argmax(-1) == log_p.argmax(-1)  # (n,)
+        sums["kl"] = sums["kl"] + kl.double().sum()
+        sums["top1"] = sums["top1"] + agree.sum().double()
     return sums
 
 

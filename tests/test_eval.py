@@ -5,7 +5,8 @@ Checks
   against float64 numpy references written from the formulas, on small random logits with
   padding (ignore_index) and -inf-masked vocabulary entries (no NaN);
 - identities: KL(p, p) = 0 with agreement 1; no teacher gives only NLL/ppl;
-- sums combine exactly: metrics of one batch == accumulate over batch / time splits;
+- sums combine exactly: metrics of one batch == accumulate over batch / time splits ==
+  the same batch in small token chunks;
 - the Porter stemmer equals nltk's PorterStemmer (what rouge_score uses) on many words;
 - rouge_l / rouge_l_max / corpus_rouge_l equal `rouge_score`'s RougeScorer(["rougeL"],
   use_stemmer=True) after the same answer normalization, within 1e-9 (both compute the same
@@ -109,7 +110,8 @@ def test_sums_combine_exactly():
     for cols in (slice(0, 2), slice(2, 6)):
         sums = token_metrics(student[:, cols], teacher[:, cols], labels[:, cols])
         by_time = accumulate(by_time, sums)
-    for parts in (summarize(by_batch), summarize(by_time)):
+    chunked = token_metrics(student, teacher, labels, chunk_tokens=2)
+    for parts in (summarize(by_batch), summarize(by_time), summarize(chunked)):
         assert parts["tokens"] == whole["tokens"]
         for key in ("kl", "ppl", "top1_agreement"):
             # The same fp32 per-token values summed in float64 in another order: ~1e-16.
