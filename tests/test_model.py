@@ -1,8 +1,9 @@
 """kd/model.py against transformers, and its KV cache against its own full forward.
 
 Checks: logits equal transformers' on tiny random checkpoints written by `save_pretrained`
-(llama GQA tied, llama3 RoPE scaling untied, qwen2 biases, mistral sliding window shorter
-than the sequence); cached decoding (prefill, then one token at a time) equals the full
+(llama GQA tied, llama3 RoPE scaling untied and sharded, qwen2 biases, mistral sliding
+window shorter than the sequence) and, the other way, transformers loads what `save_model`
+writes with the same logits; cached decoding (prefill, then one token at a time) equals the full
 forward; a left-padded batch decodes like each prompt alone; `ModelConfig.from_hf` reads
 both RoPE spellings; meta-device build + `init_weights` starts at loss ~ln(V); `output_fn`
 sees the final hidden state and head weight.
@@ -16,9 +17,9 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from kd.hf import load_model, load_state_dict, save_model
 from kd.model import ModelConfig, Transformer
 from tests.tiny_models import ARCHS, make_tiny_checkpoint
 
@@ -34,9 +35,11 @@ CACHE_ATOL = 1e-5
 def tiny(request, tmp_path_factory):
     """(arch, checkpoint dir, our model loaded from it, transformers' model)."""
     arch = request.param
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch)
-    model = Transformer(ModelConfig.from_hf(path))
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    # llama3 is saved in shards (with model.safetensors.index.json) to cover that loader path.
+    shard = "40KB" if arch == "llama3" else None
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp(arch), arch, max_shard_size=shard)
+    assert (path / "model.safetensors.index.json").exists() == (shard is not None)
+    model = load_model(path)
     ref = AutoModelForCausalLM.from_pretrained(path)
     return arch, path, model.eval(), ref.eval()
 
@@ -49,6 +52,17 @@ def test_logits_match_transformers(tiny):
     diff = (ours - theirs).abs().max().item()
     print(f"{arch}: max |logit diff| vs transformers = {diff:.2e}")
     assert diff < PARITY_ATOL, f"{arch}: max |logit diff| {diff:.2e} >= {PARITY_ATOL}"
+
+
+@torch.no_grad()
+def test_transformers_loads_what_save_model_writes(tiny, tmp_path):
+    arch, _, model, _ = tiny
+    save_model(model, tmp_path / "saved", max_shard_bytes=40_000 if arch == "mistral" else 2**30)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    diff = (model(ids) - ref(ids).logits).abs().max().item()
+    print(f"{arch}: transformers on our saved copy, max |logit diff| = {diff:.2e}")
+    assert diff < PARITY_ATOL, f"{arch}: transformers reads our save with logit diff {diff:.2e}"
 
 
 @torch.no_grad()
@@ -181,7 +195,7 @@ def test_meta_build_loads_with_assign(tiny):
     with torch.device("meta"):
         fresh = Transformer(ModelConfig.from_hf(path))
     fresh.to_empty(device="cpu")
-    fresh.load_state_dict(load_file(path / "model.safetensors"), strict=True, assign=True)
+    fresh.load_state_dict(load_state_dict(path), strict=True, assign=True)
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     with torch.no_grad():
         diff = (fresh(ids) - model(ids)).abs().max().item()
@@ -207,7 +221,7 @@ def test_qwen2_sliding_window_layers_match_transformers(tmp_path):
                                 max_window_layers=1)
     model = Transformer(ModelConfig.from_hf(path))
     assert model.windows == [None, 4]
-    model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+    model.load_state_dict(load_state_dict(path), strict=True)
     ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
     diff = (model(ids) - AutoModelForCausalLM.from_pretrained(path)(ids).logits).abs().max().item()
     print(f"qwen2 sliding window: max |logit diff| vs transformers = {diff:.2e}")
