@@ -412,10 +412,14 @@ class Transformer(nn.Module):
                 raise ValueError("with a KV cache, pass input_pos (T,): the cache slots this call writes")
             if cache.k.shape[0] != B:
                 raise ValueError(f"batch size {B} differs from the cache's {cache.k.shape[0]}: call setup_cache again")
+            if tuple(input_pos.shape) != (T,):
+                raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},): one slot per token")
             S, q_slots = cache.k.shape[2], input_pos
-        if attention_mask is not None and tuple(attention_mask.shape) != (B, S):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
-                             "(batch, sequence length without a cache / cache length with one)")
+        if attention_mask is not None:
+            if tuple(attention_mask.shape) != (B, S):
+                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
+                                 "(batch, sequence length without a cache / cache length with one)")
+            attention_mask = attention_mask.bool()  # a 0/1 integer mask (transformers' habit) works too
 
         # Positions: a slot's position counts the real slots before it, so left padding is
         # skipped; without a mask the position is the slot.
