@@ -1,0 +1,159 @@
+"""Tests of kd/chunked_loss.py: the chunked loss equals `distillation_loss` on full logits.
+
+Checks values and gradients (student hidden states and head weight) against the dense path
+for every divergence and several chunk sizes (including ones that do not divide the token
+count), every teacher form (hidden states, precomputed logits, top-k, several teachers),
+padded teacher vocab, (B, T, H) inputs, bf16 inputs (bf16 gradients, fp32 loss), micro-batch
+invariance with a global `num_tokens`, a batch with no valid token, no-grad use, and that no
+saved tensor is larger than one chunk of logits.
+
+Run: .venv/bin/python -m pytest -q tests/test_chunked_loss.py
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kd.chunked_loss import chunked_distillation_loss
+from kd.losses import TopK, distillation_loss
+
+N, H, HT, V = 37, 8, 12, 50  # 37 tokens: a prime, so most chunk sizes leave a ragged last chunk
+
+DIVERGENCES = [
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jsd", {"beta": 0.3}),
+    ("skew_forward_kl", {"skew_alpha": 0.1}),
+    ("skew_reverse_kl", {"skew_alpha": 0.1}),
+    ("tvd", {}),
+    ("logit_mse", {}),
+]
+
+
+def tensors(seed: int = 0, dtype: torch.dtype = torch.float64, n: int = N, vocab: int = V):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    w = torch.randn(V, H, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    th = torch.randn(n, HT, generator=g, dtype=torch.float64).to(dtype)
+    tw = torch.randn(vocab, HT, generator=g, dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, V, (n,), generator=g)
+    labels[::4] = -100
+    return h, w, th, tw, labels
+
+
+def grads(loss: torch.Tensor, *inputs: torch.Tensor) -> list[torch.Tensor]:
+    return list(torch.autograd.grad(loss, inputs))
+
+
+def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) -> None:
+    for a, b in zip(got, want):
+        diff = float((a.detach().double() - b.detach().double()).abs().max())
+        assert diff < tol, diff
+
+
+@pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 100])
+@pytest.mark.parametrize("name,kw", DIVERGENCES, ids=[d[0] for d in DIVERGENCES])
+def test_chunked_equals_dense(name, kw, chunk_size):
+    h, w, th, tw, labels = tensors()
+    opts = dict(divergence=name, temperature=2.0, alpha=0.7, **kw)
+    dense, dense_metrics = distillation_loss(h @ w.T, th @ tw.T, labels, **opts)
+    chunked, metrics = chunked_distillation_loss(h, w, th, tw, labels, chunk_size=chunk_size, **opts)
+    # float64 throughout; only the order of summation over chunks differs.
+    assert_close([chunked, metrics["divergence"], metrics["ce"]], [dense, dense_metrics["divergence"], dense_metrics["ce"]], 1e-12)
+    assert_close(grads(chunked, h, w), grads(dense, h, w), 1e-12)
+
+
+def test_teacher_forms():
+    """Precomputed logits, top-k, two teachers (both mixtures), padded teacher vocab, (B, T, H)."""
+    h, w, th, tw, labels = tensors(seed=1)
+    th2, tw2 = th.flip(0), tw.flip(0)
+    top = torch.log_softmax(th @ tw.T / 2.0, -1).topk(6, dim=-1)
+    padded = torch.cat([tw, torch.randn(6, HT, dtype=torch.float64)])  # 6 padding rows
+    cases = [  # (chunked arguments, dense teacher, extra options)
+        ((None, None), {"teacher_logits": th @ tw.T}, th @ tw.T, {}),
+        ((None, None), {"teacher_logits": TopK(top.indices, top.values)}, TopK(top.indices, top.values), {}),
+        (([th, th2], [tw, tw2]), {}, [th @ tw.T, th2 @ tw2.T], {"teacher_weights": [0.3, 0.7]}),
+        (([th, th2], [tw, tw2]), {}, [th @ tw.T, th2 @ tw2.T], {"teacher_mixture": "logits"}),
+        ((th, padded), {}, th @ padded.T, {"tokenizer_vocab_size": V - 2}),
+    ]
+    for (t_hidden, t_weight), teacher_kw, dense_teacher, opts in cases:
+        dense, _ = distillation_loss(h @ w.T, dense_teacher, labels, temperature=2.0, **opts)
+        chunked, _ = chunked_distillation_loss(h, w, t_hidden, t_weight, labels, chunk_size=8, temperature=2.0, **teacher_kw, **opts)
+        assert_close([chunked] + grads(chunked, h, w), [dense] + grads(dense, h, w), 1e-12)  # float64
+    # (B, T, H) hidden states and (B, T) labels are flattened inside; grads keep the shape.
+    dense, _ = distillation_loss(h @ w.T, th @ tw.T, labels)
+    chunked, _ = chunked_distillation_loss(h.reshape(1, N, H), w, th.reshape(1, N, HT), tw, labels.reshape(1, N), chunk_size=8)
+    assert_close([chunked] + grads(chunked, h, w), [dense] + grads(dense, h, w), 1e-12)
+
+
+def test_bf16_inputs_give_bf16_grads_and_fp32_loss():
+    h, w, th, tw, labels = tensors(seed=2, dtype=torch.float32)
+    hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    loss, _ = chunked_distillation_loss(hb, wb, th.bfloat16(), tw.bfloat16(), labels, chunk_size=8, temperature=2.0)
+    gh, gw = grads(loss, hb, wb)
+    assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
+    ref, _ = distillation_loss(h @ w.T, th @ tw.T, labels, temperature=2.0)
+    rh, rw = grads(ref, h, w)
+    # bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding) on inputs, logits and grads;
+    # a few roundings in a row on O(1) quantities: 3% of the largest magnitude.
+    for got, want in ((loss, ref), (gh, rh), (gw, rw)):
+        diff = float((got.float() - want).abs().max())
+        assert diff < 3e-2 * float(want.abs().max()), diff
+
+
+def test_micro_batches_with_global_count_give_the_full_gradient():
+    h, w, th, tw, labels = tensors(seed=3)
+    labels[:20:2] = -100  # uneven valid counts across micro-batches
+    full = grads(chunked_distillation_loss(h, w, th, tw, labels, chunk_size=8)[0], h, w)
+    n = int((labels != -100).sum())
+    parts = [
+        grads(chunked_distillation_loss(h[r], w, th[r], tw, labels[r], chunk_size=8, num_tokens=n)[0], h, w)
+        for r in (slice(0, 10), slice(10, N))
+    ]
+    summed = [parts[0][i] + parts[1][i] for i in range(2)]
+    assert_close(summed, full, 1e-14)  # float64 rounding
+
+
+def test_no_valid_token_and_no_grad():
+    h, w, th, tw, labels = tensors(seed=4)
+    loss, metrics = chunked_distillation_loss(h, w, th, tw, torch.full_like(labels, -100), chunk_size=8)
+    gh, gw = grads(loss, h, w)
+    assert float(loss.detach()) == 0.0 and (gh == 0).all() and (gw == 0).all()
+    assert int(metrics["valid_tokens"]) == 0
+    with torch.no_grad():
+        loss, _ = chunked_distillation_loss(h, w, th, tw, labels, chunk_size=8)
+    assert not loss.requires_grad
+    frozen_head = w.detach()  # a frozen head: only the hidden states get a gradient
+    loss, _ = chunked_distillation_loss(h, frozen_head, th, tw, labels, chunk_size=8)
+    dense, _ = distillation_loss(h @ frozen_head.T, th @ tw.T, labels)
+    assert_close(grads(loss, h), grads(dense, h), 1e-12)  # float64
+
+
+def test_saved_tensors_stay_within_one_chunk_of_logits():
+    """Nothing of (tokens x vocab) size is kept for backward: at most chunk x vocab elements."""
+    h, w, th, tw, labels = tensors(seed=5, n=64)
+    largest = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        largest.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss, _ = chunked_distillation_loss(h, w, th, tw, labels, chunk_size=8, divergence="jsd")
+    loss.backward()
+    assert max(largest) <= max(8 * V, 64 * H, V * H), max(largest)  # a chunk of logits, or the grads
+
+
+def test_input_errors_are_value_errors():
+    h, w, th, tw, labels = tensors(seed=6)
+    bad = [
+        lambda: chunked_distillation_loss(h, w, th, tw, labels, chunk_size=0),
+        lambda: chunked_distillation_loss(h, w, th, tw, labels, teacher_logits=th @ tw.T),
+        lambda: chunked_distillation_loss(h, w, None, None, labels),
+        lambda: chunked_distillation_loss(h, w, th, tw, labels[:-1]),
+        lambda: chunked_distillation_loss(h, w, [th, th], [tw], labels),
+        lambda: chunked_distillation_loss(h, w, th, torch.cat([tw, tw]), labels),
+    ]
+    for fn in bad:
+        with pytest.raises(ValueError):
+            fn()
