@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_tokenizer import make_tiny_tokenizer
+from tiny_tokenizer import CHATML, make_tiny_tokenizer
 
 from kd.data import IGNORE, Batches, collate, load_examples, load_prompts
 from kd.tokenizer import load_tokenizer
@@ -149,6 +149,7 @@ def test_malformed_line_names_file_and_line(tok, tmp_path):
     ({"text": 3}, '"text"'),
     ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant"),
     ({"messages": [{"role": "user"}]}, r'"messages\[0\]"'),
+    ({"messages": [{"role": "assistant", "content": "hi"}]}, r'"messages\[0\]" is an assistant'),
 ])
 def test_bad_record_names_file_line_and_field(tok, tmp_path, record, field):
     path = write_jsonl(tmp_path / "r.jsonl", ["", {"text": "ok"}, record])
@@ -161,6 +162,16 @@ def test_messages_need_a_chat_template(plain_tok, tmp_path):
     with pytest.raises(ValueError, match=r"m\.jsonl:1: .*chat template"):
         load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": chat}]), plain_tok,
                       seq_len=16)
+
+
+def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
+    # Rendering the message count first changes the text of every prefix, as templates that
+    # drop past reasoning do; the assistant tokens cannot then be located.
+    tok = load_tokenizer(make_tiny_tokenizer(tmp_path / "tok", chat_template="{{ messages|length }}"
+                                             + CHATML))
+    chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
+    with pytest.raises(ValueError, match=r'm\.jsonl:1: field "messages\[1\]": the chat template'):
+        load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": chat}]), tok, seq_len=16)
 
 
 def test_missing_and_empty_files(tok, tmp_path):
