@@ -455,12 +455,12 @@ class Transformer(nn.Module):
                 masks[window] = None
                 continue
             key_slots = torch.arange(S, device=q_slots.device)
-            mask = key_slots[None, :] <= q_slots[:, None]  # (T, S)
+            mask = (key_slots[None, :] <= q_slots[:, None])[None]  # (1, T, S)
             if attention_mask is not None:
                 # A query always sees its own slot, so a pad query's row is never empty
                 # (an all-masked row gives NaN, which would leak through 0 * NaN).
                 mask = mask & (attention_mask[:, None, :] | (key_slots[None, :] == q_slots[:, None]))  # (B, T, S)
             if needs_window:
                 mask = mask & (key_pos[:, None, :] > q_pos[:, :, None] - window)  # (B or 1, T, S)
-            masks[window] = mask.unsqueeze(-3)  # (B or 1, 1, T, S)
+            masks[window] = mask[:, None]  # (B or 1, 1, T, S): one mask for all heads
         return masks
