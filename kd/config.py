@@ -1,0 +1,187 @@
+"""TrainConfig: every setting of `train.py`, read from a TOML file plus `--key=value` overrides.
+
+    python train.py --config configs/tiny_kd.toml --lr=1e-3 --teacher=a,b --resume=true
+    python train.py --help                   # every setting with its default and meaning
+
+One dataclass, one setting per line with a comment (meaning, unit, typical value); `--help`
+prints those comments. TOML files are flat (no tables); relative paths are relative to the
+directory `train.py` is run from. On the command line lists are comma-separated and booleans
+are true/false. An unknown key, a wrong type or a bad value is a `ValueError` naming the
+setting, which `train.py` prints as one line.
+"""
+import inspect
+import json
+import re
+import tomllib
+import typing
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+LOSSES = ("sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse")
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+@dataclass
+class TrainConfig:
+    # --- models ---
+    teacher: tuple[str, ...] = ()  # teacher HF dir; several (comma-separated) = multi-teacher
+    teacher_weights: tuple[float, ...] = ()  # weight of each teacher in the mixture; default equal
+    teacher_mixture: str = "probs"  # multi-teacher target: probs = sum_i w_i p_i; logits = softmax(sum_i w_i z_i)
+    student: str = ""  # student HF dir (architecture + initial weights); or use student_layers
+    student_layers: tuple[int, ...] = ()  # teacher layer indices copied into a shallower student, e.g. 0,4,8,11
+    init_from: str = ""  # HF dir whose weights replace the student's, e.g. stage 1's OUT/final (two-stage)
+    # --- data ---
+    data: tuple[str, ...] = ()  # training JSONL file(s): prompt/response, messages or text per line
+    data_weights: tuple[float, ...] = ()  # sampling ratio of each data file; default equal
+    eval_data: str = ""  # held-out JSONL for KL / perplexity / top-1 agreement; "" = no eval
+    seq_len: int = 512  # tokens per example (longer ones are truncated); 2048 on GPUs
+    batch_size: int = 8  # examples per micro-batch per rank
+    grad_accum: int = 1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks
+    # --- loss ---
+    loss: str = "forward_kl"  # sft | forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | logit_mse
+    alpha: float = 0.5  # loss = alpha * T^2 * divergence + (1 - alpha) * cross-entropy; 1.0 = pure KD
+    temperature: float = 1.0  # softmax temperature T of both models inside the divergence; 1-2
+    beta: float = 0.5  # jsd: mixture M = beta * p_teacher + (1 - beta) * q_student (GKD, arXiv 2306.13649)
+    skew_alpha: float = 0.1  # skew KLs: weight of the other distribution in the mix (DistiLLM, arXiv 2402.03898)
+    chunk_size: int = 1024  # tokens per chunk of the loss; full logits are never materialized
+    # --- optimization ---
+    max_steps: int = 1000  # optimizer steps
+    lr: float = 3e-4  # peak learning rate after warmup; 1e-4..1e-3 for small students
+    warmup_steps: int = 100  # linear warmup from 0 to lr over this many steps
+    min_lr: float = 3e-5  # cosine decay floor reached at max_steps; ~lr / 10
+    weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (not on norms or biases)
+    grad_clip: float = 1.0  # clip the global gradient 2-norm to this; 0 = off
+    precision: str = "bf16"  # bf16 | fp16 | fp32: compute dtype; master weights and optimizer stay fp32
+    activation_checkpointing: bool = False  # recompute each student block in backward: less memory, ~30% more compute
+    compile: bool = False  # torch.compile each transformer block (needs a C++/Triton toolchain)
+    seed: int = 0  # seed of the data order (and of any random init)
+    # --- output ---
+    out: str = "runs/kd"  # run directory: metrics.jsonl, checkpoints/, final/
+    log_every: int = 10  # print + log a metrics line every this many steps (loss values cost a device sync)
+    eval_every: int = 0  # evaluate on eval_data every this many steps; 0 = off (still once at the end if eval_data)
+    eval_batches: int = 0  # micro-batches per rank per evaluation; 0 = the whole eval set
+    save_every: int = 0  # checkpoint every this many steps; 0 = only on SIGTERM
+    keep_checkpoints: int = 2  # keep the newest K checkpoints
+    resume: bool = False  # continue from the newest checkpoint in out/checkpoints (error if none)
+
+    def __post_init__(self) -> None:
+        """Check every value once, so a bad setting fails before any model is loaded."""
+        if not self.teacher:
+            raise ValueError("setting 'teacher' is required: the teacher's HF directory (or a comma-separated list)")
+        if self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
+            raise ValueError(f"teacher_weights has {len(self.teacher_weights)} values for {len(self.teacher)} teachers; give one per teacher")
+        if bool(self.student) == bool(self.student_layers):
+            raise ValueError("give exactly one of 'student' (an HF dir) and 'student_layers' (teacher layer indices)")
+        if not self.data:
+            raise ValueError("setting 'data' is required: one or more training JSONL files")
+        if self.data_weights and len(self.data_weights) != len(self.data):
+            raise ValueError(f"data_weights has {len(self.data_weights)} values for {len(self.data)} data files; give one per file")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)}")
+        if self.teacher_mixture not in ("probs", "logits"):
+            raise ValueError(f"teacher_mixture={self.teacher_mixture!r} is not one of probs, logits")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
+        for name in ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "chunk_size", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        for name in ("warmup_steps", "eval_every", "eval_batches", "save_every", "min_lr", "weight_decay", "grad_clip"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
+        if not 0.0 <= self.alpha <= 1.0 or not 0.0 <= self.beta <= 1.0 or not 0.0 <= self.skew_alpha <= 1.0:
+            raise ValueError("alpha, beta and skew_alpha must lie in [0, 1]")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("lr and temperature must be > 0")
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML, loadable again with `--config` (saved as OUT/train_config.toml)."""
+        def value(v: object) -> str:
+            if isinstance(v, bool):
+                return "true" if v else "false"
+            if isinstance(v, tuple):
+                return "[" + ", ".join(value(x) for x in v) + "]"
+            return json.dumps(v)  # a JSON string or number is valid TOML
+
+        return "".join(f"{f.name} = {value(getattr(self, f.name))}\n" for f in fields(self))
+
+
+def _setting_help() -> dict[str, str]:
+    """{name: comment} from this dataclass's source, so --help and the code never disagree."""
+    pattern = re.compile(r"^\s+(\w+): [^=]+ = .*?  # (.*)$")
+    return {m[1]: m[2] for line in inspect.getsource(TrainConfig).splitlines() if (m := pattern.match(line))}
+
+
+def help_text() -> str:
+    lines = ["usage: [torchrun --nproc_per_node=N] train.py [--config FILE.toml] [--key=value ...]", ""]
+    helps = _setting_help()
+    for f in fields(TrainConfig):
+        default = f.default
+        shown = ",".join(map(str, default)) if isinstance(default, tuple) else str(default).lower() if isinstance(default, bool) else default
+        lines.append(f"  --{f.name}={shown}".ljust(34) + f"{helps.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _convert(name: str, raw: object, kind: object, *, source: str) -> object:
+    """Checks/converts one value (from TOML or a command-line string) to the setting's type."""
+    if typing.get_origin(kind) is tuple:
+        item_kind = typing.get_args(kind)[0]
+        if isinstance(raw, str):
+            raw = [x.strip() for x in raw.split(",") if x.strip()]
+        elif not isinstance(raw, list):
+            raw = [raw]
+        return tuple(_convert(name, x, item_kind, source=source) for x in raw)
+    try:
+        if kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("true", "false", "1", "0"):
+                return raw.lower() in ("true", "1")
+            raise ValueError
+        if kind is int and not isinstance(raw, bool):
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError
+            return int(raw)
+        if kind is float and not isinstance(raw, bool):
+            return float(raw)
+        if kind is str and isinstance(raw, (str, int, float)):
+            return str(raw)
+    except ValueError:
+        pass
+    kind_name = kind.__name__ if isinstance(kind, type) else str(kind)
+    raise ValueError(f"setting '{name}' ({source}) = {raw!r} is not a valid {kind_name}")
+
+
+def load_config(argv: list[str]) -> TrainConfig:
+    """TrainConfig from `--config FILE.toml` (optional) then `--key=value` overrides, in order."""
+    kinds = typing.get_type_hints(TrainConfig)
+    values: dict[str, object] = {}
+    args = list(argv)
+    if "--config" in args:  # allow the space-separated form for this one flag
+        i = args.index("--config")
+        if i + 1 >= len(args):
+            raise ValueError("--config needs a file: --config configs/tiny_kd.toml")
+        args[i : i + 2] = [f"--config={args[i + 1]}"]
+    for arg in args:
+        if not arg.startswith("--config="):
+            continue
+        path = Path(arg.split("=", 1)[1])
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} not found")
+        try:
+            table = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: invalid TOML ({e})") from None
+        for key, raw in table.items():
+            if key not in kinds:
+                raise ValueError(f"unknown setting '{key}' in {path}; run `train.py --help` for the list")
+            values[key] = _convert(key, raw, kinds[key], source=str(path))
+    for arg in args:
+        if arg.startswith("--config="):
+            continue
+        if not arg.startswith("--") or "=" not in arg:
+            raise ValueError(f"unexpected argument {arg!r}: use --key=value (see `train.py --help`)")
+        key, raw = arg[2:].split("=", 1)
+        if key not in kinds:
+            raise ValueError(f"unknown setting '--{key}'; run `train.py --help` for the list")
+        values[key] = _convert(key, raw, kinds[key], source="command line")
+    return TrainConfig(**values)

@@ -1,0 +1,405 @@
+"""Distill a teacher LLM into a smaller student: the whole training loop, top to bottom.
+
+    python train.py --config configs/tiny_kd.toml                      # one process, CPU or GPU
+    torchrun --nproc_per_node=8 train.py --config configs/llama3_8b_to_1b.toml
+    python train.py --help                                             # every setting
+
+`main(cfg)` reads in order: init -> data -> student and teacher(s) on the meta device ->
+shard (FSDP2, kd/parallel.py) -> load weights -> optimizer and LR -> resume -> loop -> export.
+One optimizer step:
+  1. Each rank counts the valid (label != -100) tokens of its micro-batches; one all-reduce
+     gives the global count N (and tells every rank whether a SIGTERM arrived anywhere).
+  2. Per micro-batch: the frozen teacher's forward gives its final hidden states; the
+     student's forward computes, inside it (output_fn), the chunked loss
+         sum_valid [alpha T^2 D(p_teacher || q_student) + (1 - alpha) CE] / N
+     without ever materializing the (tokens x vocab) logits; then backward. Gradients are
+     reduce-scattered after the last micro-batch only, and FSDP sums them instead of
+     averaging, so the update is the gradient of the global per-token mean: the same for any
+     split into ranks and micro-batches (tests/test_train_equivalence.py).
+  3. Clip the global gradient norm, AdamW step, learning rate = linear warmup + cosine.
+Methods, all this one loop: logit KD with any divergence (loss=...), SFT (loss=sft), response
+distillation (SFT or KD on teacher-written data from generate.py), multi-teacher (several
+`teacher`s), two-stage (stage 2 `init_from` stage 1's OUT/final). See configs/.
+
+dtypes: student master weights and AdamW state fp32, compute in `precision` via FSDP2's
+MixedPrecisionPolicy, gradients reduced in fp32; teacher weights stored in `precision`;
+softmax and every loss in fp32 (kd/losses.py).
+"""
+import json
+import math
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from dataclasses import asdict, fields
+from pathlib import Path
+
+import torch
+
+from kd import checkpoint, hf, parallel
+from kd.chunked_loss import chunked_distillation_loss
+from kd.config import TrainConfig, help_text, load_config
+from kd.data import IGNORE, Batches, collate, load_examples
+from kd.eval import accumulate, summarize, token_metrics
+from kd.model import ModelConfig, Transformer
+from kd.optim import build_optimizer, lr_at
+from kd.parallel import DTYPES, World
+from kd.student import layer_subset_config, layer_subset_state_dict
+from kd.tokenizer import Tokenizer, load_tokenizer
+
+# Dense bf16 tensor-core peak per GPU, for MFU (vendor datasheets, without sparsity).
+PEAK_BF16_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "4090": 165e12}
+# Config fields that only label a checkpoint; all others fix parameter shapes or the math.
+NON_ARCHITECTURE_KEYS = {"torch_dtype", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings"}
+
+stop_requested = threading.Event()  # set by SIGTERM: checkpoint at the next step boundary, then exit
+
+
+class NonFiniteLoss(Exception):
+    """The loss or gradient norm became NaN/inf: the run stops, its last checkpoint stays."""
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build_on_meta(config: ModelConfig, dtype: torch.dtype) -> Transformer:
+    """The module tree without memory: shapes only, real tensors come after sharding."""
+    with torch.device("meta"):
+        return Transformer(config).to(dtype)
+
+
+def matmul_params(model: Transformer) -> int:
+    """Parameters that take part in matmuls: all but the input embedding (a lookup) unless tied."""
+    n = sum(p.numel() for p in model.parameters())
+    return n if model.config.tie_word_embeddings else n - model.model.embed_tokens.weight.numel()
+
+
+def flops_per_token(teachers: list[Transformer], student: Transformer, *, seq_len: int) -> float:
+    """Model FLOPs per trained token: 2 N per forward matmul parameter, x3 for forward+backward.
+
+    Attention adds, per layer, 2 * 2 * seq_len * (heads * head_dim) forward (q k^T and a v,
+    counted non-causal as in PaLM, arXiv 2204.02311, appendix B).
+    """
+    def forward(model: Transformer) -> float:
+        c = model.config
+        return 2 * matmul_params(model) + 4 * c.num_hidden_layers * seq_len * c.num_attention_heads * c.head_dim
+
+    return sum(forward(t) for t in teachers) + 3 * forward(student)
+
+
+def check_tokenizer(cfg: TrainConfig) -> Tokenizer:
+    """The teacher's tokenizer; every other model directory that ships one must map text identically."""
+    tokenizer = load_tokenizer(cfg.teacher[0])
+    for other in (*cfg.teacher[1:], cfg.student, cfg.init_from):
+        if other and (other in cfg.teacher or (Path(other) / "tokenizer.json").is_file()):
+            if load_tokenizer(other).fingerprint() != tokenizer.fingerprint():
+                raise ValueError(f"the tokenizer of {other} differs from the teacher's ({cfg.teacher[0]}); "
+                                 "token-level distillation needs one tokenizer for all models")
+    return tokenizer
+
+
+def student_config(cfg: TrainConfig, teacher_config: ModelConfig) -> ModelConfig:
+    """From `student`'s config.json, or the teacher's with only `student_layers`; `init_from` must match it."""
+    config = hf.load_config(cfg.student) if cfg.student else layer_subset_config(teacher_config, list(cfg.student_layers))
+    if cfg.init_from:
+        init = asdict(hf.load_config(cfg.init_from))
+        for key, value in asdict(config).items():
+            if key not in NON_ARCHITECTURE_KEYS and init[key] != value:
+                raise ValueError(f"init_from={cfg.init_from} has {key}={init[key]} but the student has {value}; "
+                                 "init_from must be an export of this student (same student/student_layers)")
+    return config
+
+
+def student_weights(cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """The student's initial fp32 weights (read on rank 0 only)."""
+    if cfg.init_from or cfg.student:
+        return hf.load_state_dict(cfg.init_from or cfg.student, dtype=torch.float32)
+    return layer_subset_state_dict(hf.load_state_dict(cfg.teacher[0], dtype=torch.float32), list(cfg.student_layers))
+
+
+def common_vocab(cfg: TrainConfig, teachers: list[ModelConfig], student: ModelConfig, tokenizer: Tokenizer) -> int:
+    """The vocabulary rows the loss compares: all models' if equal, else the shared prefix.
+
+    Different vocab sizes are fine only as padding: e.g. Qwen2.5-7B has 152064 rows, 1.5B has
+    151936, both for a 151665-token tokenizer; rows past the tokenizer are never real tokens.
+    """
+    sizes = [student.vocab_size, *(t.vocab_size for t in teachers)]
+    if tokenizer.vocab_size > min(sizes):
+        raise ValueError(f"the tokenizer of {cfg.teacher[0]} has {tokenizer.vocab_size} tokens but a model has "
+                         f"vocab_size {min(sizes)}: the vocabularies differ beyond padding; distill between "
+                         "models of one tokenizer")
+    return min(sizes)
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def divergence_kwargs(cfg: TrainConfig) -> dict[str, float]:
+    if cfg.loss == "jsd":
+        return {"beta": cfg.beta}
+    if cfg.loss.startswith("skew_"):
+        return {"skew_alpha": cfg.skew_alpha}
+    return {}
+
+
+def forward_loss(student: Transformer, teachers: list[Transformer], batch: dict[str, torch.Tensor], *,
+                 num_tokens: int, vocab: int, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """This micro-batch's share of the step's loss: its valid-token sum divided by the global N."""
+    input_ids, labels = batch["input_ids"], batch["labels"]
+    t_hidden = t_head = None
+    if cfg.loss != "sft":
+        with torch.no_grad():
+            t_hidden = [t(input_ids, output_fn=lambda h, w: h) for t in teachers]  # (B, T, H_t) each
+        t_head = [t.head_weight for t in teachers]  # replicated (V_t, H_t): see kd/parallel.py
+        if len(teachers) == 1:
+            t_hidden, t_head = t_hidden[0], t_head[0]
+
+    def loss_fn(hidden: torch.Tensor, head_weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        # Runs inside the student's root forward: FSDP2 has gathered the (compute-dtype) head
+        # weight, and the gradient of the loss reaches it and `hidden` through autograd.
+        return chunked_distillation_loss(
+            hidden, head_weight[:vocab], t_hidden, t_head, labels,
+            chunk_size=cfg.chunk_size, divergence="forward_kl" if cfg.loss == "sft" else cfg.loss,
+            temperature=cfg.temperature, alpha=0.0 if cfg.loss == "sft" else cfg.alpha, num_tokens=num_tokens,
+            teacher_weights=cfg.teacher_weights or None, teacher_mixture=cfg.teacher_mixture,
+            tokenizer_vocab_size=vocab, **divergence_kwargs(cfg))
+
+    return student(input_ids, output_fn=loss_fn)
+
+
+@torch.no_grad()
+def evaluate(student: Transformer, teacher: Transformer, examples: list, *, cfg: TrainConfig, vocab: int,
+             pad_id: int, world: World) -> dict[str, float]:
+    """Held-out token-level KL(teacher || student), student perplexity, top-1 agreement (kd/eval.py).
+
+    Rank r takes examples [r B, (r + 1) B) of each group of world_size * B. Every rank runs the
+    same number of forwards (FSDP all-gathers need all of them): a rank with nothing left
+    runs a batch with every label ignored.
+    """
+    per_round = cfg.batch_size * world.world_size
+    rounds = math.ceil(len(examples) / per_round)
+    if cfg.eval_batches:
+        rounds = min(rounds, cfg.eval_batches)
+    sums = None
+    for r in range(rounds):
+        start = r * per_round + world.rank * cfg.batch_size
+        mine = examples[start:start + cfg.batch_size]
+        batch = collate(mine or examples[:1], pad_id=pad_id)
+        if not mine:
+            batch["labels"].fill_(IGNORE)
+        input_ids, labels = (batch[k].to(world.device) for k in ("input_ids", "labels"))
+        s_logits = student(input_ids)[..., :vocab]  # (B, T, V)
+        t_logits = teacher(input_ids)[..., :vocab]  # (B, T, V)
+        sums = accumulate(sums, token_metrics(s_logits, t_logits, labels))
+    keys = sorted(sums)
+    totals = parallel.all_reduce_sum(torch.stack([sums[k] for k in keys]))
+    return summarize(dict(zip(keys, totals)))
+
+
+# ----------------------------------------------------------------------------- logging
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB, this process
+
+
+def log_record(out: Path, record: dict, world: World) -> None:
+    """Append one JSON line to OUT/metrics.jsonl (rank 0)."""
+    if world.is_main:
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def trim_metrics(out: Path, step: int, world: World) -> None:
+    """On resume, drop records of steps after the checkpoint: they will be logged again."""
+    path = out / "metrics.jsonl"
+    if world.is_main and path.is_file():
+        lines = path.read_text().splitlines(keepends=True)
+        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(cfg: TrainConfig) -> None:
+    # --- init: one process per GPU (or CPU process); a plain `python train.py` is a world of 1.
+    world = parallel.init_distributed()
+    say = print if world.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if not cfg.resume and checkpoint.complete_checkpoints(out):
+        raise ValueError(f"{out} already holds checkpoints; pass --resume=true to continue that run, "
+                         "or choose another --out")
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "train_config.toml").write_text(cfg.to_toml())
+    say(f"world: {world.world_size} process(es) on {world.device}\n{cfg.to_toml()}", end="")
+
+    # --- data: every rank tokenizes the same files; Batches gives each rank its slice of a step.
+    tokenizer = check_tokenizer(cfg)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+    sources = []
+    for path, weight in zip(cfg.data, cfg.data_weights or [1.0] * len(cfg.data)):
+        examples, stats = load_examples(path, tokenizer, seq_len=cfg.seq_len)
+        sources.append((examples, weight))
+        say(stats)
+    batches = Batches(sources, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=world.rank,
+                      world_size=world.world_size, seed=cfg.seed, pad_id=pad_id)
+    eval_examples = load_examples(cfg.eval_data, tokenizer, seq_len=cfg.seq_len)[0] if cfg.eval_data else None
+
+    # --- models on the meta device: configs and shapes, no memory yet.
+    teacher_configs = [hf.load_config(path) for path in cfg.teacher]
+    s_config = student_config(cfg, teacher_configs[0])
+    vocab = common_vocab(cfg, teacher_configs, s_config, tokenizer)
+    compute_dtype = DTYPES[cfg.precision]
+    teachers = [build_on_meta(c, compute_dtype) for c in teacher_configs]
+    student = build_on_meta(s_config, torch.float32)  # fp32 master weights
+    flops = flops_per_token([] if cfg.loss == "sft" else teachers, student, seq_len=cfg.seq_len)
+    say(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
+        f"teacher(s): {', '.join(f'{sum(p.numel() for p in t.parameters()) / 1e6:.1f}M' for t in teachers)}")
+
+    # --- shard: FSDP2 per block, then the root; allocate only this rank's shards.
+    parallel.shard_student(student, precision=cfg.precision, activation_checkpointing=cfg.activation_checkpointing,
+                           compile=cfg.compile)
+    for t in teachers:
+        parallel.shard_teacher(t, compile=cfg.compile)
+    for model in (student, *teachers):
+        model.to_empty(device=world.device)
+
+    # --- load weights: rank 0 reads each checkpoint, every rank receives its shards.
+    for t, path in zip(teachers, cfg.teacher):
+        parallel.load_full_state_dict(t, parallel.run_on_rank0(
+            lambda: hf._check_state_dict(hf.load_state_dict(path, dtype=compute_dtype), build_on_meta(t.config, compute_dtype), path)))
+    parallel.load_full_state_dict(student, parallel.run_on_rank0(
+        lambda: hf._check_state_dict(student_weights(cfg), build_on_meta(s_config, torch.float32), "student weights")))
+
+    # --- optimizer and LR schedule (a pure function of the step: nothing else to checkpoint).
+    optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=world.device.type == "cuda")
+    scaler = parallel.grad_scaler(cfg.precision, world.device)
+    params = [p for p in student.parameters() if p.requires_grad]
+
+    # --- resume: model, optimizer, RNG, step (= data position), grad scaler.
+    step = 0
+    if cfg.resume:
+        path = checkpoint.latest_checkpoint(out)
+        meta = checkpoint.load_checkpoint(path, model=student, optimizer=optimizer, world=world)
+        batches.load_state_dict(meta["data"])
+        if scaler is not None:
+            scaler.load_state_dict(meta["scaler"])
+        step = meta["step"]
+        trim_metrics(out, step, world)
+        say(f"resumed from {path} at step {step}")
+
+    def save() -> Path:
+        meta = {"data": batches.state_dict(), "scaler": scaler.state_dict() if scaler else None, "config": asdict(cfg)}
+        return checkpoint.save_checkpoint(out, step=step, model=student, optimizer=optimizer, meta=meta,
+                                          world=world, keep=cfg.keep_checkpoints)
+
+    def run_eval() -> None:
+        metrics = evaluate(student, teachers[0], eval_examples, cfg=cfg, vocab=vocab, pad_id=pad_id, world=world)
+        log_record(out, {"step": step, **{f"eval_{k}": v for k, v in metrics.items()}}, world)
+        say(f"eval step {step}: kl {metrics['kl']:.4f} | ppl {metrics['ppl']:.3f} | "
+            f"top1 {metrics['top1_agreement']:.3f}")
+
+    # --- the loop.
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
+    if eval_examples and cfg.eval_every and step == 0:
+        run_eval()
+    start_step, t_start = step, time.perf_counter()
+    t_last, tokens_since_log = t_start, 0.0
+    while step < cfg.max_steps:
+        micro_batches = batches.micro_batches(step)  # this rank's grad_accum micro-batches, CPU
+        local = [sum(float((b["labels"] != IGNORE).sum()) for b in micro_batches),
+                 sum(float(b["input_ids"].numel()) for b in micro_batches), float(stop_requested.is_set())]
+        num_tokens, step_tokens, stop = parallel.agree(local)  # CPU all-reduce; no device sync
+        if stop:
+            path = save() if not (checkpoint.checkpoint_root(out) / f"step_{step:06d}").exists() else None
+            say(f"SIGTERM: stopped at step {step}; checkpoint {path or 'already saved'}; continue with --resume=true")
+            return
+        step += 1
+        lr = lr_at(step, lr=cfg.lr, warmup_steps=cfg.warmup_steps, max_steps=cfg.max_steps, min_lr=cfg.min_lr)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+
+        sums = torch.zeros(3, device=world.device)  # this rank's (loss, divergence sum, CE sum)
+        for i, batch in enumerate(micro_batches):
+            batch = {k: v.to(world.device, non_blocking=True) for k, v in batch.items()}
+            parallel.set_gradient_sync(student, i == len(micro_batches) - 1)
+            loss, metrics = forward_loss(student, teachers, batch, num_tokens=int(num_tokens), vocab=vocab, cfg=cfg)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            n = metrics["valid_tokens"]
+            sums += torch.stack([loss.detach(), metrics["divergence"] * n, metrics["ce"] * n])
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = parallel.clip_grad_norm_(params, cfg.grad_clip)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/NaN
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        tokens_since_log += step_tokens
+
+        # --- log, check, evaluate, save. Reading values back is a device sync: only on these steps.
+        save_now = cfg.save_every > 0 and step % cfg.save_every == 0
+        eval_now = eval_examples is not None and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.max_steps)
+        if step % cfg.log_every == 0 or save_now or eval_now or step == cfg.max_steps:
+            loss_sum, div_sum, ce_sum = parallel.all_reduce_sum(sums).tolist()  # host sync
+            norm = grad_norm.item()  # host sync
+            if not math.isfinite(loss_sum) or (scaler is None and not math.isfinite(norm)):
+                kept = checkpoint.complete_checkpoints(out)
+                raise NonFiniteLoss(f"loss {loss_sum} / grad norm {norm} at step {step} is not finite; stopped "
+                                    f"without saving; last good checkpoint: {kept[-1] if kept else 'none'} "
+                                    "(lower lr or check the data, then --resume=true)")
+            now = time.perf_counter()
+            record = {"step": step, "loss": loss_sum, "divergence": div_sum / num_tokens, "ce": ce_sum / num_tokens,
+                      "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_since_log / (now - t_last),
+                      "peak_mem_gb": peak_memory_gb(world.device),
+                      "eta_s": (cfg.max_steps - step) * (now - t_start) / (step - start_step)}
+            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
+                if world.device.type == "cuda" else None
+            if peak:
+                record["mfu"] = flops * record["tokens_per_s"] / (peak * world.world_size)
+            t_last, tokens_since_log = now, 0.0
+            log_record(out, record, world)
+            say(f"step {step}/{cfg.max_steps} | loss {loss_sum:.4f} (div {record['divergence']:.4f}, "
+                      f"ce {record['ce']:.4f}) | lr {lr:.2e} | grad {norm:.3f} | {record['tokens_per_s']:.0f} tok/s | "
+                      f"mem {record['peak_mem_gb']:.2f} GB | eta {record['eta_s']:.0f}s"
+                      + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""))
+        if eval_now:
+            run_eval()
+        if save_now:
+            save()
+        if eval_now or save_now:
+            t_last = time.perf_counter()  # tokens/s measures training only
+
+    # --- export the student as an HF directory (transformers and generate.py load it).
+    state_dict = parallel.full_state_dict(student)  # every rank takes part; rank 0 gets the tensors
+    if world.is_main:
+        hf.save_state_dict(state_dict, s_config, out / "final", tokenizer_from=cfg.teacher[0])
+    say(f"exported the student to {out / 'final'}")
+    parallel.barrier()
+
+
+def cli(argv: list[str]) -> int:
+    """Entry point: user errors become one `error: ...` line on stderr and exit status 1."""
+    if "--help" in argv or "-h" in argv:
+        print(help_text())
+        return 0
+    try:
+        main(load_config(argv))
+    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    finally:
+        parallel.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli(sys.argv[1:]))
