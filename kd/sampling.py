@@ -86,3 +86,91 @@ def sample_next(
         return logits.argmax(dim=-1)
     probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return sample_from_probs(probs, generator=generator)
+
+
+def _last_logits(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+    """output_fn for the prefill: logits of the last position only, (B, V), not (B, P, V)."""
+    return F.linear(hidden[:, -1], head_weight)
+
+
+@torch.inference_mode()
+def generate(
+    model: torch.nn.Module,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_ids: set[int] | None,
+    pad_id: int,
+    seed: int | None = None,
+    max_seq_len: int | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> list[list[int]]:
+    """New tokens for each prompt: a row ends with its EOS token (included) or after max_new_tokens.
+
+    model: a `kd.model.Transformer`; its KV cache is set up for this batch and dropped at the end.
+    prompts: token ids, any lengths (each non-empty); left-padded with pad_id, masked out.
+    max_seq_len: cache slots per row, default longest prompt + max_new_tokens; generation
+        also stops when the cache is full.
+    seed: seeds a generator on the model's device; None draws from torch's global RNG.
+    on_token: called after every step with the sampled ids (B,) on the model's device; rows
+        that had already finished hold pad_id. Reading the ids is a host-device sync.
+    """
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate needs at least one prompt and no empty prompts")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
+    _check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p)
+    device = model.head_weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S = max_seq_len or P + max_new_tokens
+    if P >= S:
+        raise ValueError(f"the longest prompt ({P} tokens) does not fit max_seq_len={S}: raise it or shorten")
+    # Each decode step writes the previous token at slot P + i, so S - P slots give S - P tokens.
+    steps = min(max_new_tokens, S - P)
+
+    # Left padding: row b holds its prompt in slots P - len(b) .. P - 1. The mask is True on
+    # every real slot, including all slots generation will write (causality hides the future).
+    tokens = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.ones(B, S, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        mask[b, : P - len(p)] = False
+    tokens, mask = tokens.to(device), mask.to(device)
+    eos = torch.tensor(sorted(eos_token_ids or ()), dtype=torch.long, device=device)
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+    # On a CPU every op has finished when it returns, so checking "all rows done" costs
+    # nothing; on an accelerator each check drains the queue, so check every few steps.
+    check_every = 1 if device.type == "cpu" else 8
+
+    model.setup_cache(B, S, device=device)
+    try:
+        logits = model(tokens, input_pos=torch.arange(P, device=device), attention_mask=mask,
+                       output_fn=_last_logits)  # (B, V)
+        out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        pos = torch.tensor([P], device=device)  # (1,): the slot the next decode step writes
+        for i in range(steps):
+            next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
+                                   generator=generator)
+            next_ids = next_ids.masked_fill(done, pad_id)  # (B,)
+            out[:, i] = next_ids
+            if on_token is not None:
+                on_token(next_ids)
+            done |= torch.isin(next_ids, eos)
+            if i + 1 == steps or ((i + 1) % check_every == 0 and bool(done.all())):  # host-device sync
+                break
+            logits = model(next_ids[:, None], input_pos=pos, attention_mask=mask)[:, -1]  # (B, V)
+            pos += 1
+    finally:
+        model.clear_cache()
+
+    # Cut each row after its first EOS (one host-device sync for the whole batch).
+    results = []
+    eos_set = set(eos.tolist())
+    for row in out[:, : i + 1].tolist():
+        end = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))
+        results.append(row[:end])
+    return results

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from kd.sampling import sample_from_probs, sample_next, sampling_probs
+from kd.sampling import generate, sample_from_probs, sample_next, sampling_probs
 
 
 def reference_probs(logits: np.ndarray, *, temperature: float, top_k: int, top_p: float) -> np.ndarray:
@@ -84,3 +84,82 @@ def test_filtered_tokens_are_never_sampled() -> None:
     probs = sampling_probs(logits, top_k=4, top_p=0.7)
     draws = sample_from_probs(probs, generator=torch.Generator().manual_seed(3))
     assert bool((probs.gather(1, draws[:, None]) > 0).all())
+
+
+# ---------------------------------------------------------------------------- generation
+
+
+@pytest.fixture(scope="module")
+def tiny_pair(tmp_path_factory):
+    """The same tiny random llama checkpoint loaded by kd and by transformers, fp32, eval."""
+    from transformers import AutoModelForCausalLM
+
+    from kd.hf import load_model
+    from tests.tiny_models import make_tiny_checkpoint
+
+    # initializer_range 0.2 (not 0.02): peaked logits, so greedy paths are varied and no
+    # argmax is a near-tie that float rounding could flip.
+    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama", initializer_range=0.2)
+    ours = load_model(path, dtype=torch.float32).eval()
+    theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    return ours, theirs
+
+
+PROMPTS = [[5, 17, 99, 3, 42, 8, 200], [11, 12], [7, 250, 31, 64]]
+
+
+def test_greedy_generation_matches_transformers(tiny_pair) -> None:
+    ours, theirs = tiny_pair
+    alone = []
+    for p in PROMPTS:
+        want = theirs.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, use_cache=True,
+                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+        got = generate(ours, [p], max_new_tokens=20, temperature=0.0, eos_token_ids=None, pad_id=0)[0]
+        assert got == want, f"prompt {p}: ours {got} vs transformers {want}"
+        alone.append(got)
+    # Left-padded batch of different lengths: each row as if it were alone.
+    batched = generate(ours, PROMPTS, max_new_tokens=20, temperature=0.0, eos_token_ids=None, pad_id=0)
+    assert batched == alone
+
+
+def test_cached_decoding_equals_full_forward(tiny_pair) -> None:
+    model, _ = tiny_pair
+    prompt, new = [5, 17, 99, 3], [42, 8, 200, 7, 1]
+    seq = torch.tensor([prompt + new])
+    full = model(seq)  # (1, T, V), no cache
+    P, S = len(prompt), len(prompt) + len(new)
+    model.setup_cache(1, S)
+    try:
+        cached = [model(seq[:, :P], input_pos=torch.arange(P))[:, -1]]
+        for i in range(len(new) - 1):
+            cached.append(model(seq[:, P + i: P + i + 1], input_pos=torch.tensor([P + i]))[:, -1])
+    finally:
+        model.clear_cache()
+    cached = torch.stack(cached, dim=1)  # (1, len(new), V)
+    # fp32, the same math in a different association (cache slices vs one matmul): 1e-5 is
+    # ~100 ulps of logits of size ~10.
+    diff = (cached - full[:, P - 1: S - 1]).abs().max().item()
+    assert diff < 1e-5, f"cached vs full forward max |diff| {diff:.2e}"
+
+
+def test_eos_stops_each_row_and_the_loop(tiny_pair) -> None:
+    model, _ = tiny_pair
+    free = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0, eos_token_ids=None, pad_id=0)
+    eos = free[0][2]  # row 0 must stop at its third token (or earlier, if it occurs earlier)
+    steps: list[torch.Tensor] = []
+    got = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0, eos_token_ids={eos}, pad_id=0,
+                   on_token=steps.append)
+    for row, want in zip(got, free):
+        end = want.index(eos) + 1 if eos in want else len(want)
+        assert row == want[:end]  # EOS included, nothing after it
+    assert len(steps) == max(len(r) for r in got)  # the loop ends when the last row does
+    streamed = torch.stack(steps, dim=1).tolist()  # (B, steps)
+    for row, s in zip(got, streamed):
+        assert s[: len(row)] == row and all(t == 0 for t in s[len(row):])  # pad after EOS
+
+
+def test_seeded_generation_is_reproducible(tiny_pair) -> None:
+    model, _ = tiny_pair
+    kwargs = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, eos_token_ids=None, pad_id=0)
+    a, b = (generate(model, PROMPTS, seed=7, **kwargs) for _ in range(2))
+    assert a == b and a != generate(model, PROMPTS, seed=8, **kwargs)
