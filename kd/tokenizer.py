@@ -169,7 +169,10 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
 
     # transformers 5 writes the template to chat_template.jinja; older files keep it in the config.
     template_file = path / "chat_template.jinja"
-    chat_template = template_file.read_text(encoding="utf-8") if template_file.is_file() else config.get("chat_template")
+    if template_file.is_file():
+        chat_template = template_file.read_text(encoding="utf-8")
+    else:
+        chat_template = config.get("chat_template")
     if isinstance(chat_template, list):  # several named templates: [{"name": ..., "template": ...}]
         chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
 

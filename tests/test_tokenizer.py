@@ -56,13 +56,15 @@ def check_against_transformers(ours: Tokenizer, theirs) -> None:
     for messages in CONVERSATIONS:
         for add_generation_prompt in (False, True):
             ours_text = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
-            theirs_text = theirs.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-            assert ours_text == theirs_text, f"chat rendering differs ({add_generation_prompt=}): {ours_text!r} vs {theirs_text!r}"
+            theirs_text = theirs.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False)
+            assert ours_text == theirs_text, f"chat differs ({add_generation_prompt=}): {ours_text!r} vs {theirs_text!r}"
             assert ours.encode(ours_text) == theirs.apply_chat_template(
                 messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
             )
     assert ours.vocab_size == len(theirs)
-    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (theirs.bos_token_id, theirs.eos_token_id, theirs.pad_token_id)
+    for role in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(ours, role) == getattr(theirs, role), role
 
 
 def test_tiny_matches_transformers(tiny_dir: Path) -> None:
@@ -85,7 +87,8 @@ def test_bos_from_post_processor_and_eos_from_generation_config(tmp_path: Path) 
     eos list and ChatML's <|im_end|> both end generation."""
     d = make_tiny_tokenizer(tmp_path)
     backend = load_tokenizer(d).backend
-    backend.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
     backend.save(str(d / "tokenizer.json"))
     config = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
@@ -111,7 +114,8 @@ def test_chat_template_jinja_file_and_environment(tmp_path: Path) -> None:
         "{% endfor %}"
     )
     tok, theirs = load_tokenizer(d), AutoTokenizer.from_pretrained(d)
-    messages = [{"role": "user", "content": "<a & b>"}, {"role": "skip", "content": "x"}, {"role": "tool", "content": None}]
+    messages = [{"role": "user", "content": "<a & b>"}, {"role": "skip", "content": "x"},
+                {"role": "tool", "content": None}]
     assert tok.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False)
     with pytest.raises(Exception, match="bad role"):
         tok.apply_chat_template([{"role": "bad", "content": ""}])
