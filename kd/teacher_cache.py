@@ -1,0 +1,327 @@
+"""Offline teacher: the teacher's top-k next-token log-probs, computed once, read by training.
+
+A 70B teacher and its full-vocabulary logits rarely fit beside the student, and online KD pays
+for the teacher's forward pass every epoch. Caching the top-k (DistillKit's approach) costs a
+few hundred bytes per token, and students then train at about SFT speed.
+
+Format: a directory with `manifest.json` and safetensors shards `shard-00000.safetensors`, ...
+Shard i covers examples [i E, (i + 1) E) of `kd.data.load_examples(data, tokenizer, seq_len)`
+in file order (before any shuffling), E = examples_per_shard. It stores one row per position
+with a label (labels != -100, the only positions the loss reads), examples one after another:
+
+    ids       (n, k)  uint16 when the vocabulary fits (V <= 65536), else int32; sorted by prob
+    logprobs  (n, k)  float16 / bfloat16 / float32: log p_i at the cache temperature T_c
+    log_tail  (n,)    same dtype: log(1 - sum_i p_i) = logsumexp of the V - k other log-probs
+                      (computed that way, never as log(1 - sum), which cancels catastrophically)
+    offsets   (E+1,)  int64: the rows of the shard's j-th example are offsets[j] .. offsets[j+1]
+
+Bytes per token with 16-bit ids and log-probs: 4 k + 2 (k = 8: 34, 32: 130, 128: 514); with
+int32 ids (V > 65536): 6 k + 2. The manifest also records what the cache is only valid for
+(tokenizer fingerprint, data file sha256, seq_len, teacher config sha256, vocab size, k,
+dtype, T_c, number of examples); `TeacherCache.open` refuses a cache made for other ones,
+naming the field. Shards are written to a temporary name and renamed, and the manifest is
+rewritten (atomically) after each shard, so an interrupted run resumes after its last whole
+shard and produces the same bytes as an uninterrupted one.
+
+Temperature. Cached log-probs are at T_c (1 by default), the loss wants them at T. Since
+p_T(v) is proportional to p_Tc(v)^a with a = T_c / T, the top-k part is exact up to the
+normaliser; the tail is not, because sum_{v in tail} p(v)^a is not a function of the tail's
+mass m alone. We estimate it as if the tail were m / p_k tokens of the k-th probability p_k:
+m p_k^(a - 1). For a < 1 (T > T_c) that is a lower bound (x^a is concave, so spreading the mass
+over more, smaller tokens raises the sum), for a > 1 an upper bound, and exact at a = 1. It is
+far better than treating the tail as one token (m^a), but at T = 2 from a T_c = 1 cache of
+SmolLM2 the true tail holds ~85% of the mass for k = 8 and the estimate ~45% (numbers in
+docs/benchmarks.md): cache at the training temperature (`--temperature`) when T != 1.
+
+Divergences. The loss (`kd.losses.TopK`) compares teacher and student over k + 1 buckets: the
+k cached tokens and one tail holding the rest of each distribution. Every divergence of
+`kd.losses` except logit_mse runs on these coarsened distributions; by the data-processing
+inequality each is a lower bound of its full-vocabulary value, and equal to it at k = V.
+
+    cache = TeacherCache.open("cache/", tokenizer=tok, data_path="data.jsonl", seq_len=512,
+                              examples=examples)
+    teacher = cache.topk_for(indices, batch["labels"], temperature=2.0)   # a kd.losses.TopK
+
+Written by scripts/cache_teacher.py. Tests: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from kd.data import IGNORE, Example, collate
+from kd.losses import TopK
+from kd.model import Transformer
+from kd.tokenizer import Tokenizer
+
+Tensor = torch.Tensor
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+LAYOUT = ("per shard: ids (n, k), logprobs (n, k), log_tail (n,), offsets (examples + 1,) int64; "
+          "rows = positions with labels != -100 of the shard's examples, in order; "
+          "log-probs at the cache temperature, ids sorted by decreasing probability")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """What a cache is valid for; two runs with equal specs write identical caches."""
+
+    tokenizer_fingerprint: str  # kd.tokenizer.Tokenizer.fingerprint(): maps text to the same ids
+    data_sha256: str  # sha256 of the training JSONL file's bytes
+    seq_len: int  # load_examples' seq_len: longer examples were cut there
+    teacher_config_sha256: str  # sha256 of the teacher's config.json, canonical JSON
+    vocab_size: int  # teacher's vocabulary (logit rows)
+    num_examples: int  # examples load_examples returned
+    k: int  # tokens kept per position
+    dtype: str  # storage dtype of logprobs and log_tail: float16, bfloat16 or float32
+    temperature: float  # T_c the log-probs were computed at
+    examples_per_shard: int  # E: shard i holds examples [i E, (i + 1) E)
+
+
+def ids_dtype(vocab_size: int) -> torch.dtype:
+    """uint16 when every id fits in 16 bits (V <= 65536), else int32."""
+    return torch.uint16 if vocab_size <= 2**16 else torch.int32
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def config_sha256(model_dir: str | Path) -> str:
+    """sha256 of a HF directory's config.json as canonical JSON (key order and spaces ignored)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- the teacher side
+
+
+@torch.no_grad()
+def teacher_topk(teacher: Transformer, input_ids: Tensor, labels: Tensor, *, k: int,
+                 temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+    """(ids (n, k), log-probs (n, k), log tail (n,)) of the teacher at the n positions with a label.
+
+    Rows follow the row-major order of labels != IGNORE. Log-probs are fp32 log_softmax(z / T)
+    of the teacher's logits; only `chunk_size` rows of (rows x V) logits exist at a time.
+    """
+    valid = labels != IGNORE  # (B, T)
+    hidden, weight = teacher(input_ids, output_fn=lambda h, w: (h[valid], w))  # (n, H), (V, H)
+    if not 1 <= k <= weight.shape[0]:
+        raise ValueError(f"top-k k={k} must be in 1..{weight.shape[0]} (the teacher's vocabulary)")
+    ids, logprobs, log_tail = [], [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        logits = hidden[start:start + chunk_size] @ weight.T  # (c, V) in the teacher's dtype
+        log_p = F.log_softmax(logits.float() / temperature, dim=-1)  # (c, V) fp32
+        top, top_ids = log_p.topk(k, dim=-1)  # (c, k), largest first
+        ids.append(top_ids)
+        logprobs.append(top)
+        # log of the mass outside the top-k, as a logsumexp over those V - k entries:
+        # log(1 - sum exp(top)) loses all precision when the top-k hold nearly all the mass.
+        log_tail.append(log_p.scatter(-1, top_ids, -math.inf).logsumexp(-1))  # (c,); -inf when k = V
+    return torch.cat(ids), torch.cat(logprobs), torch.cat(log_tail)
+
+
+def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """write(tmp) then rename over `path`: readers see the old file or the new one, never half."""
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def _write_manifest(out: Path, manifest: dict) -> None:
+    _atomic_write(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+
+
+def _read_manifest(path: Path) -> tuple[CacheSpec, dict]:
+    """(spec, the whole manifest) of the cache in `path`."""
+    file = path / MANIFEST
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: {path} is not a teacher cache; make one with "
+                                "scripts/cache_teacher.py")
+    try:
+        manifest = json.loads(file.read_text())
+        spec = CacheSpec(**{f.name: manifest[f.name] for f in dataclasses.fields(CacheSpec)})
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{file} is not a readable cache manifest ({e!r}); make the cache again") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise ValueError(f"{file}: format_version {manifest.get('format_version')} is not "
+                         f"{FORMAT_VERSION}; make the cache again with this version of kd")
+    return spec, manifest
+
+
+def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], spec: CacheSpec, *,
+                batch_size: int = 8, max_shards: int | None = None, info: dict | None = None,
+                on_batch: Callable[[int], None] | None = None) -> bool:
+    """Write (or continue) the cache of `examples` in `out`; return True once it is complete.
+
+    Resumes after the last shard the manifest lists, if the existing manifest has the same
+    spec (else ValueError: another run's cache is there). `max_shards` stops after writing that
+    many shards (a long job split into pieces; the next call continues). `info` goes into the
+    manifest as is (e.g. teacher and data paths). `on_batch(examples_done)` reports progress (once at the start, then per batch).
+    Examples are batched only within a shard, so a resumed cache is byte-identical.
+    """
+    out = Path(out)
+    if spec.num_examples != len(examples):
+        raise ValueError(f"spec.num_examples={spec.num_examples} but {len(examples)} examples were given")
+    if spec.dtype not in DTYPES:
+        raise ValueError(f"cache dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}")
+    if spec.examples_per_shard < 1 or batch_size < 1:
+        raise ValueError(f"examples_per_shard={spec.examples_per_shard} and batch_size={batch_size} must be >= 1")
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / MANIFEST).exists():
+        old, manifest = _read_manifest(out)
+        if old != spec:
+            field = next(f.name for f in dataclasses.fields(CacheSpec) if getattr(old, f.name) != getattr(spec, f.name))
+            raise ValueError(f"{out} holds a cache with {field}={getattr(old, field)!r}, this run has "
+                             f"{getattr(spec, field)!r}; use another output directory or delete it")
+    else:
+        manifest = {"format_version": FORMAT_VERSION, **dataclasses.asdict(spec), **(info or {}),
+                    "layout": LAYOUT, "shards": [], "complete": False}
+    n_shards = math.ceil(len(examples) / spec.examples_per_shard)
+    if on_batch is not None:
+        on_batch(manifest["shards"][-1]["end"] if manifest["shards"] else 0)
+    written = 0
+    for shard in range(len(manifest["shards"]), n_shards):
+        if max_shards is not None and written >= max_shards:
+            break
+        first, end = shard * spec.examples_per_shard, min((shard + 1) * spec.examples_per_shard, len(examples))
+        parts = []
+        for start in range(first, end, batch_size):
+            batch = collate(examples[start:min(start + batch_size, end)], pad_id=0)  # right padding: pads unseen
+            parts.append(teacher_topk(teacher, batch["input_ids"], batch["labels"], k=spec.k,
+                                      temperature=spec.temperature))
+            if on_batch is not None:
+                on_batch(min(start + batch_size, end))
+        counts = torch.tensor([0] + [e.num_targets for e in examples[first:end]])
+        tensors = {
+            "ids": torch.cat([p[0] for p in parts]).to(ids_dtype(spec.vocab_size)),
+            "logprobs": torch.cat([p[1] for p in parts]).to(DTYPES[spec.dtype]),
+            "log_tail": torch.cat([p[2] for p in parts]).to(DTYPES[spec.dtype]),
+            "offsets": counts.cumsum(0),  # (E + 1,)
+        }
+        name = f"shard-{shard:05d}.safetensors"
+        _atomic_write(out / name, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        manifest["shards"].append({"file": name, "first": first, "end": end, "tokens": int(counts.sum())})
+        manifest["complete"] = shard == n_shards - 1
+        _write_manifest(out, manifest)  # after the shard's rename: a listed shard is always whole
+        written += 1
+    return manifest["complete"]
+
+
+# ----------------------------------------------------------------------------- the student side
+
+
+def retemper(logprobs: Tensor, log_tail: Tensor, ratio: float) -> Tensor:
+    """fp32 log-probs of the k cached tokens at temperature T, from log-probs at T_c; ratio a = T_c / T.
+
+    p_T(v) is proportional to p_Tc(v)^a. Top-k buckets: a log p_i. Tail: the sum of p(v)^a over
+    the tail is estimated as m p_k^(a - 1) (the tail as m / p_k tokens of probability p_k; see
+    the module docstring for the bound and its error). Then all k + 1 buckets are normalised,
+    which at a = 1 also removes the rounding of 16-bit storage (sum of buckets = 1 in fp32).
+    """
+    logprobs, log_tail = logprobs.float(), log_tail.float()
+    tail = log_tail if ratio == 1.0 else log_tail + (ratio - 1.0) * logprobs[..., -1]  # -inf stays -inf
+    buckets = torch.cat([ratio * logprobs, tail.unsqueeze(-1)], dim=-1)  # (..., k + 1)
+    return F.log_softmax(buckets, dim=-1)[..., :-1]
+
+
+class TeacherCache:
+    """A finished cache, opened for reading: `topk_for(indices, labels)` per micro-batch.
+
+    Shards are memory-mapped (safetensors), so a cache larger than RAM reads only the rows used.
+    """
+
+    def __init__(self, path: Path, spec: CacheSpec, manifest: dict) -> None:
+        self.path = path
+        self.spec = spec
+        self.shards = manifest["shards"]
+        self._files = [safe_open(path / s["file"], framework="pt") for s in self.shards]
+        self._offsets = [f.get_tensor("offsets") for f in self._files]  # (E + 1,) each, small
+
+    def __len__(self) -> int:
+        return self.spec.num_examples
+
+    @classmethod
+    def open(cls, path: str | Path, *, tokenizer: Tokenizer, data_path: str | Path, seq_len: int,
+             examples: list[Example]) -> TeacherCache:
+        """Open a complete cache after checking it was made for this tokenizer, data file, seq_len
+        and these examples; a mismatch is a ValueError naming the field and the fix."""
+        path = Path(path)
+        spec, manifest = _read_manifest(path)
+        remake = "; make the cache for this run with scripts/cache_teacher.py"
+        if not manifest.get("complete"):
+            raise ValueError(f"{path} is incomplete ({len(manifest['shards'])} shards written): run "
+                             "scripts/cache_teacher.py again with the same arguments to finish it")
+        if spec.tokenizer_fingerprint != tokenizer.fingerprint():
+            raise ValueError(f"{path}: tokenizer_fingerprint differs: the cache was made with another "
+                             f"tokenizer (ids would index different tokens){remake}")
+        if spec.data_sha256 != file_sha256(data_path):
+            raise ValueError(f"{path}: data_sha256 differs: the cache was made from another data file "
+                             f"than {data_path} ({manifest.get('data', 'path unknown')}){remake}")
+        if spec.seq_len != seq_len:
+            raise ValueError(f"{path}: seq_len is {spec.seq_len} in the cache, {seq_len} here; "
+                             f"set seq_len = {spec.seq_len}{remake.replace(';', ' or')}")
+        cache = cls(path, spec, manifest)
+        counts = torch.cat([o.diff() for o in cache._offsets])  # (N,) rows per example
+        targets = torch.tensor([e.num_targets for e in examples])
+        if counts.shape != targets.shape or not torch.equal(counts, targets):
+            raise ValueError(f"{path}: num_examples / trained tokens per example differ from the data "
+                             f"({len(counts)} vs {len(targets)} examples): the tokenization changed{remake}")
+        return cache
+
+    def _rows(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
+        """(ids, logprobs, log_tail) rows of example `index`, read from its shard's memory map."""
+        if not 0 <= index < len(self):
+            raise ValueError(f"example index {index} is outside the cache's 0..{len(self) - 1}")
+        shard = index // self.spec.examples_per_shard
+        j = index - self.shards[shard]["first"]
+        a, b = self._offsets[shard][j:j + 2].tolist()
+        f = self._files[shard]
+        return f.get_slice("ids")[a:b], f.get_slice("logprobs")[a:b], f.get_slice("log_tail")[a:b]
+
+    def topk_for(self, indices: Sequence[int] | Tensor, labels: Tensor, *, temperature: float = 1.0,
+                 ignore_index: int = IGNORE) -> TopK:
+        """The teacher of a micro-batch as `TopK(ids (B, T, k), logprobs (B, T, k))` at `temperature`.
+
+        indices: (B,) each row's example index (its position in load_examples' list).
+        labels: (B, T) the micro-batch's labels, on the CPU; cached rows fill the positions with
+        a label in order. Positions without one get a harmless uniform filler (the loss skips
+        them). Call it on the CPU before moving the batch to the device.
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature={temperature} must be > 0")
+        indices = torch.as_tensor(indices).tolist()
+        B, T = labels.shape
+        k = self.spec.k
+        if len(indices) != B:
+            raise ValueError(f"{len(indices)} example indices for a batch of {B} rows")
+        valid = labels != ignore_index  # (B, T)
+        rows = [self._rows(i) for i in indices]
+        counts = valid.sum(-1).tolist()  # host values: labels live on the CPU here
+        for i, r, n in zip(indices, rows, counts):
+            if r[0].shape[0] != n:
+                raise ValueError(f"example {i} has {n} labelled positions in the batch but {r[0].shape[0]} "
+                                 "in the cache: the batch does not come from the cached data")
+        ids = torch.arange(k).expand(B, T, k).clone()  # (B, T, k) filler: k distinct ids,
+        logprobs = torch.full((B, T, k), -math.log(k))  # uniform over them (a valid distribution)
+        ids[valid] = torch.cat([r[0] for r in rows]).long()  # row-major order = example by example
+        ratio = self.spec.temperature / temperature
+        logprobs[valid] = retemper(torch.cat([r[1] for r in rows]), torch.cat([r[2] for r in rows]), ratio)
+        return TopK(ids, logprobs)

@@ -1,0 +1,285 @@
+"""Tests of the offline teacher cache (kd/teacher_cache.py, scripts/cache_teacher.py).
+
+Checks, on a tiny random llama teacher (vocab 512) and the tiny BPE tokenizer:
+- round trip: the cache returns exactly what the teacher's top-k computation produced
+  (fp32 storage bit for bit, fp16 as its rounding), and that equals the dense logits' top-k;
+- k = V: the cached loss and its gradients equal the dense online loss (also at T = 2, where
+  re-tempering is exact because the tail is empty), through the chunked loss too, and AdamW
+  training of a tiny student from the cache equals online training step for step;
+- re-tempering with k < V: the tail estimate is the documented bound (below the truth for
+  T > T_c, above it for T < T_c);
+- a cache for another tokenizer, data file, seq_len or tokenization, or an unfinished one, is
+  refused with the field named; a batch not from the cached data is refused;
+- an interrupted caching run (scripts/cache_teacher.py --max-shards 1, plus leftovers of a
+  crash mid-shard) resumes and yields byte-identical files to an uninterrupted run.
+
+Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~10 s on 2 cores).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tiny_models import make_tiny_checkpoint
+from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
+from tokenizers import Tokenizer as Backend
+
+from kd.chunked_loss import chunked_distillation_loss
+from kd.data import IGNORE, collate, load_examples
+from kd.hf import load_model
+from kd.losses import TopK, distillation_loss
+from kd.teacher_cache import CacheSpec, TeacherCache, config_sha256, file_sha256, teacher_topk, write_cache
+from kd.tokenizer import load_tokenizer
+
+SEQ_LEN = 40
+RECORDS = [
+    {"text": "The river rises in the northern hills and flows south for about two hundred kilometres."},
+    {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
+    {"text": "def add(a: int, b: int) -> int:\n    return a + b\n"},
+    {"prompt": "Explain distillation.", "response": "A student is trained to match the teacher's "
+               "distribution over the next token, which carries more than the label alone."},
+    {"text": "In 1969 the first crewed landing on the Moon took place."},
+    {"text": "Café, naïve, façade and résumé keep their accents; 東京 and 北京 are capitals."},
+    {"prompt": "Name a planet.", "response": "Mars."},
+]
+SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cache_teacher.py"
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """Tokenizer, data file, examples and a tiny fp32 teacher (vocab = the tokenizer's 512)."""
+    root = tmp_path_factory.mktemp("cache")
+    tok_dir = make_tiny_tokenizer(root / "tok")
+    teacher_dir = make_tiny_checkpoint(root / "teacher", "llama", seed=0, vocab_size=TINY_VOCAB_SIZE)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok_dir / name, teacher_dir / name)
+    data = root / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    tokenizer = load_tokenizer(tok_dir)
+    examples, _ = load_examples(data, tokenizer, seq_len=SEQ_LEN)
+    teacher = load_model(teacher_dir).eval().requires_grad_(False)
+    return {"root": root, "tok_dir": tok_dir, "teacher_dir": teacher_dir, "data": data,
+            "tokenizer": tokenizer, "examples": examples, "teacher": teacher}
+
+
+def _spec(s: dict, *, k: int, dtype: str = "float32", temperature: float = 1.0, per_shard: int = 3) -> CacheSpec:
+    return CacheSpec(tokenizer_fingerprint=s["tokenizer"].fingerprint(), data_sha256=file_sha256(s["data"]),
+                     seq_len=SEQ_LEN, teacher_config_sha256=config_sha256(s["teacher_dir"]),
+                     vocab_size=TINY_VOCAB_SIZE, num_examples=len(s["examples"]), k=k, dtype=dtype,
+                     temperature=temperature, examples_per_shard=per_shard)
+
+
+def _cache(s: dict, name: str, **spec_kwargs) -> TeacherCache:
+    """Write a cache (batch size 1: each example's forward is the one the tests recompute) and open it."""
+    out = s["root"] / name
+    if not out.exists():
+        assert write_cache(out, s["teacher"], s["examples"], _spec(s, **spec_kwargs), batch_size=1)
+    return TeacherCache.open(out, tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN,
+                             examples=s["examples"])
+
+
+def _batch(s: dict, indices: list[int]) -> dict[str, torch.Tensor]:
+    return collate([s["examples"][i] for i in indices], pad_id=0)
+
+
+def _dense_teacher_logits(s: dict, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return s["teacher"](batch["input_ids"])  # (B, T, V)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_round_trip_is_exact(setup, dtype):
+    s = setup
+    cache = _cache(s, f"k16-{dtype}", k=16, dtype=dtype)
+    for i, example in enumerate(s["examples"]):
+        one = _batch(s, [i])
+        ids, logprobs, log_tail = teacher_topk(s["teacher"], one["input_ids"], one["labels"], k=16)
+        got_ids, got_lp, got_tail = cache._rows(i)
+        store = getattr(torch, dtype)
+        assert torch.equal(got_ids.long(), ids), f"example {i}: ids differ"
+        assert torch.equal(got_lp, logprobs.to(store)), f"max |diff| {(got_lp.float() - logprobs).abs().max():.3g}"
+        assert torch.equal(got_tail, log_tail.to(store)), f"max |diff| {(got_tail.float() - log_tail).abs().max():.3g}"
+
+    # The stored top-k is the dense logits' top-k; 1e-5: fp32 head rows computed in other blocks.
+    batch = _batch(s, [0, 3, 6])
+    log_p = F.log_softmax(_dense_teacher_logits(s, batch).double(), -1)[batch["labels"] != IGNORE]  # (n, V)
+    top, top_ids = log_p.topk(16, -1)
+    ids, logprobs, log_tail = teacher_topk(s["teacher"], batch["input_ids"], batch["labels"], k=16)
+    assert torch.equal(ids, top_ids)
+    assert (logprobs - top).abs().max() < 1e-5, f"max |diff| {(logprobs - top).abs().max():.3g}"
+    tail = torch.log1p(-top.exp().sum(-1))  # float64: no cancellation worth the name at this scale
+    assert (log_tail - tail).abs().max() < 1e-5, f"max |diff| {(log_tail - tail).abs().max():.3g}"
+
+    # topk_for puts the rows at the labelled positions, in order; at T = T_c it only renormalizes
+    # the k + 1 buckets (fp32: ~1e-7; fp16: the storage rounding it corrects, < 2e-3 relative).
+    topk = cache.topk_for([0, 3, 6], batch["labels"])
+    valid = batch["labels"] != IGNORE
+    assert topk.ids.shape == (3, batch["labels"].shape[1], 16)
+    assert torch.equal(topk.ids[valid], ids)
+    tol = 1e-6 if dtype == "float32" else 2e-2
+    assert (topk.logprobs[valid] - logprobs).abs().max() < tol, f"max |diff| {(topk.logprobs[valid] - logprobs).abs().max():.3g}"
+
+
+def test_ids_are_16_bit_and_bytes_per_token(setup):
+    s = setup
+    cache = _cache(s, "k16-float16", k=16, dtype="float16")
+    shard = cache._files[0]
+    assert shard.get_slice("ids").get_dtype() == "U16"
+    rows = sum(sh["tokens"] for sh in cache.shards)
+    size = sum(f.get_slice(n)[:].nbytes for f in cache._files for n in ("ids", "logprobs", "log_tail"))
+    assert size == rows * (4 * 16 + 2)  # 2-byte id + 2-byte log-prob per kept token, 2-byte tail
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_k_equals_vocab_matches_dense_loss_and_gradients(setup, temperature):
+    s = setup
+    cache = _cache(s, "kV", k=TINY_VOCAB_SIZE)
+    indices = [5, 1, 2, 4]
+    batch = _batch(s, indices)
+    labels = batch["labels"]
+    torch.manual_seed(0)
+    student_logits = (2 * torch.randn(*labels.shape, TINY_VOCAB_SIZE)).requires_grad_()
+    options = dict(temperature=temperature, alpha=0.5)
+    dense, _ = distillation_loss(student_logits, _dense_teacher_logits(s, batch), labels, **options)
+    (g_dense,) = torch.autograd.grad(dense, student_logits)
+    topk = cache.topk_for(indices, labels, temperature=temperature)
+    cached, _ = distillation_loss(student_logits, topk, labels, **options)
+    (g_cached,) = torch.autograd.grad(cached, student_logits)
+    # 1e-5: the cached teacher ran one example per forward, the dense one the batch (fp32 rows
+    # in other blocks, ~1e-6 in log-probs); everything else is the same arithmetic.
+    assert abs(dense.item() - cached.item()) < 1e-5, f"|diff| {abs(dense.item() - cached.item()):.3g}"
+    assert (g_dense - g_cached).abs().max() < 1e-6, f"max |diff| {(g_dense - g_cached).abs().max():.3g}"
+
+    # The chunked loss takes the same TopK; hidden @ W stands in for the logits (1e-5: matmul order).
+    hidden = torch.randn(*labels.shape, 16, requires_grad=True)
+    weight = torch.randn(TINY_VOCAB_SIZE, 16)
+    chunked, _ = chunked_distillation_loss(hidden, weight, None, None, labels, chunk_size=16,
+                                           teacher_logits=topk, **options)
+    plain, _ = distillation_loss(hidden @ weight.T, topk, labels, **options)
+    assert abs(chunked.item() - plain.item()) < 1e-5, f"|diff| {abs(chunked.item() - plain.item()):.3g}"
+
+
+def test_training_from_cache_equals_online_step_for_step(setup, tmp_path):
+    s = setup
+    cache = _cache(s, "kV", k=TINY_VOCAB_SIZE)
+    student_dir = make_tiny_checkpoint(tmp_path / "student", "llama", seed=1, vocab_size=TINY_VOCAB_SIZE,
+                                       num_hidden_layers=1)
+    online, cached = load_model(student_dir), load_model(student_dir)
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for m in (online, cached)]
+    for step, indices in enumerate([[0, 1], [2, 3], [4, 5], [6, 0], [1, 2]]):
+        batch = _batch(s, indices)
+        labels = batch["labels"]
+        losses = []
+        for model, opt, teacher in ((online, opts[0], _dense_teacher_logits(s, batch)),
+                                    (cached, opts[1], cache.topk_for(indices, labels))):
+            loss, _ = distillation_loss(model(batch["input_ids"]), teacher, labels, alpha=0.5)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        # 1e-5: teacher log-probs differ by ~1e-6 (batching, see above); Adam's g / sqrt(v)
+        # keeps the relative size of such differences in the update.
+        assert abs(losses[0] - losses[1]) < 1e-5, f"step {step}: |diff| {abs(losses[0] - losses[1]):.3g}"
+    diff = max((a - b).abs().max().item() for a, b in zip(online.parameters(), cached.parameters()))
+    assert diff < 1e-5, f"weights after 5 steps: max |diff| {diff:.3g} (lr 1e-3 moves them ~5e-3)"
+
+
+def test_retempering_bounds_the_tail(setup):
+    """k < V: top-k buckets exact up to the normaliser; the tail estimate m p_k^(a-1) is below the
+    true tail mass for T > T_c and above it for T < T_c (concavity / convexity of x^a)."""
+    s = setup
+    cache = _cache(s, "k16-float32", k=16)
+    batch = _batch(s, [0, 3])
+    valid = batch["labels"] != IGNORE
+    logits = _dense_teacher_logits(s, batch)[valid].double()  # (n, V)
+    for temperature in (2.0, 0.5):
+        topk = cache.topk_for([0, 3], batch["labels"], temperature=temperature)
+        ids, est = topk.ids[valid], topk.logprobs[valid].double()
+        est_tail = torch.log1p(-est.exp().sum(-1))
+        log_p = F.log_softmax(logits / temperature, -1)
+        true_tail = log_p.scatter(-1, ids, -math.inf).logsumexp(-1)
+        # Top-k buckets relative to each other: exact, as log p_i - log p_1 (1e-5: fp32 storage).
+        rel = (est - est[:, :1]) - (log_p.gather(-1, ids) - log_p.gather(-1, ids[:, :1]))
+        assert rel.abs().max() < 1e-5, f"T={temperature}: max |diff| {rel.abs().max():.3g}"
+        gap = (est_tail - true_tail) if temperature > 1 else (true_tail - est_tail)
+        assert gap.max() < 1e-5, f"T={temperature}: the tail estimate is on the wrong side by {gap.max():.3g}"
+
+
+def test_mismatched_cache_is_refused(setup, tmp_path):
+    s = setup
+    _cache(s, "k16-float32", k=16)
+    path = s["root"] / "k16-float32"
+    kwargs = dict(tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN, examples=s["examples"])
+
+    backend = Backend.from_file(str(s["tok_dir"] / "tokenizer.json"))
+    backend.add_tokens(["<extra>"])
+    other_tok = tmp_path / "tok"
+    other_tok.mkdir()
+    backend.save(str(other_tok / "tokenizer.json"))
+    shutil.copy(s["tok_dir"] / "tokenizer_config.json", other_tok)
+    with pytest.raises(ValueError, match="tokenizer_fingerprint differs"):
+        TeacherCache.open(path, **{**kwargs, "tokenizer": load_tokenizer(other_tok)})
+
+    other_data = tmp_path / "data.jsonl"
+    other_data.write_text(s["data"].read_text().replace("Paris", "Lyon"))
+    with pytest.raises(ValueError, match="data_sha256 differs"):
+        TeacherCache.open(path, **{**kwargs, "data_path": other_data})
+    with pytest.raises(ValueError, match="seq_len is 40 in the cache, 64 here"):
+        TeacherCache.open(path, **{**kwargs, "seq_len": 64})
+    with pytest.raises(ValueError, match="tokenization changed"):
+        TeacherCache.open(path, **{**kwargs, "examples": s["examples"][:-1]})
+    with pytest.raises(FileNotFoundError, match="not a teacher cache"):
+        TeacherCache.open(tmp_path, **kwargs)
+
+    # A batch whose rows are not the examples named: caught by its count of labelled positions.
+    cache = TeacherCache.open(path, **kwargs)
+    with pytest.raises(ValueError, match="does not come from the cached data"):
+        cache.topk_for([1, 0], _batch(s, [0, 1])["labels"])
+
+    # Continuing a cache with another k is refused, naming the field.
+    with pytest.raises(ValueError, match="holds a cache with k=16, this run has 8"):
+        write_cache(path, s["teacher"], s["examples"], _spec(s, k=8))
+
+
+def _run_script(args: list[str]) -> None:
+    spec = importlib.util.spec_from_file_location("cache_teacher", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(args)
+
+
+def test_interrupted_run_resumes_to_identical_files(setup, tmp_path, capsys):
+    s = setup
+    common = ["--teacher", str(s["teacher_dir"]), "--data", str(s["data"]), "--top-k", "8",
+              "--seq-len", str(SEQ_LEN), "--dtype", "bfloat16", "--teacher-dtype", "fp32",
+              "--batch-size", "2", "--examples-per-shard", "2"]
+    _run_script([*common, "--out", str(tmp_path / "full")])
+
+    part = tmp_path / "part"
+    _run_script([*common, "--out", str(part), "--max-shards", "1"])
+    kwargs = dict(tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN, examples=s["examples"])
+    with pytest.raises(ValueError, match=r"incomplete \(1 shards written\)"):
+        TeacherCache.open(part, **kwargs)
+    # A crash mid-shard leaves a temporary file; one after the shard's rename but before the
+    # manifest's leaves a shard the manifest does not list. Neither may disturb the resume.
+    (part / "shard-00001.safetensors.tmp").write_bytes(b"half a shard")
+    (part / "shard-00002.safetensors").write_bytes(b"a shard the manifest never listed")
+    _run_script([*common, "--out", str(part)])
+
+    full_files = sorted(p.name for p in (tmp_path / "full").iterdir())
+    assert full_files == sorted(p.name for p in part.iterdir()) == [
+        "manifest.json", *(f"shard-{i:05d}.safetensors" for i in range(4))]
+    for name in full_files:
+        assert (tmp_path / "full" / name).read_bytes() == (part / name).read_bytes(), f"{name} differs"
+    assert len(TeacherCache.open(part, **kwargs)) == len(s["examples"])
+
+    # User errors: one line, exit status 1, no traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        _run_script([*common, "--out", str(part), "--top-k", "9999"])
+    assert str(exit_info.value).startswith("error: --top-k 9999 must be in 1..512")
