@@ -43,6 +43,7 @@ from kd.chunked_loss import chunked_distillation_loss
 from kd.config import TrainConfig, help_text, load_config
 from kd.data import IGNORE, Batches, collate, load_examples
 from kd.eval import accumulate, summarize, token_metrics
+from kd.losses import TopK
 from kd.model import ModelConfig, Transformer
 from kd.optim import build_optimizer, lr_at
 from kd.parallel import DTYPES, World
@@ -148,8 +149,14 @@ def forward_loss(student: Transformer, teachers: list[Transformer], batch: dict[
                  num_tokens: int, vocab: int, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the step's loss: its valid-token sum divided by the global N."""
     input_ids, labels = batch["input_ids"], batch["labels"]
-    t_hidden = t_head = None
-    if cfg.loss != "sft":
+    t_hidden = t_head = sft_placeholder = None
+    if cfg.loss == "sft":
+        # alpha = 0 weighs the divergence by 0, but chunked_distillation_loss wants some teacher:
+        # the cheapest is a one-token TopK (probability 1 on token 0). To be dropped once the
+        # loss accepts no teacher when alpha = 0.
+        zeros = torch.zeros((*labels.shape, 1), device=labels.device)
+        sft_placeholder = TopK(ids=zeros.long(), logprobs=zeros)
+    else:
         with torch.no_grad():
             t_hidden = [t(input_ids, output_fn=lambda h, w: h) for t in teachers]  # (B, T, H_t) each
         t_head = [t.head_weight for t in teachers]  # replicated (V_t, H_t): see kd/parallel.py
@@ -160,7 +167,7 @@ def forward_loss(student: Transformer, teachers: list[Transformer], batch: dict[
         # Runs inside the student's root forward: FSDP2 has gathered the (compute-dtype) head
         # weight, and the gradient of the loss reaches it and `hidden` through autograd.
         return chunked_distillation_loss(
-            hidden, head_weight[:vocab], t_hidden, t_head, labels,
+            hidden, head_weight[:vocab], t_hidden, t_head, labels, teacher_logits=sft_placeholder,
             chunk_size=cfg.chunk_size, divergence="forward_kl" if cfg.loss == "sft" else cfg.loss,
             temperature=cfg.temperature, alpha=0.0 if cfg.loss == "sft" else cfg.alpha, num_tokens=num_tokens,
             teacher_weights=cfg.teacher_weights or None, teacher_mixture=cfg.teacher_mixture,
@@ -352,7 +359,7 @@ def main(cfg: TrainConfig) -> None:
             norm = grad_norm.item()  # host sync
             if not math.isfinite(loss_sum) or (scaler is None and not math.isfinite(norm)):
                 kept = checkpoint.complete_checkpoints(out)
-                raise NonFiniteLoss(f"loss {loss_sum} / grad norm {norm} at step {step} is not finite; stopped "
+                raise NonFiniteLoss(f"loss {loss_sum:.4g}, grad norm {norm:.4g} at step {step}: not finite; stopped "
                                     f"without saving; last good checkpoint: {kept[-1] if kept else 'none'} "
                                     "(lower lr or check the data, then --resume=true)")
             now = time.perf_counter()
