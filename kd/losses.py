@@ -328,15 +328,7 @@ def loss_sums(
             f"labels {tuple(labels.shape)} must match student_logits {tuple(student_logits.shape)} "
             "without the vocab dim (logits[:, t] predicts labels[:, t]; shift before calling)"
         )
-    vocab = student_logits.shape[-1]
-    if not isinstance(teacher, TopK):
-        teachers = [teacher] if isinstance(teacher, Tensor) else list(teacher)
-        for t in teachers:
-            check_teacher_vocab(vocab, t.shape[-1], tokenizer_vocab_size)
-            if t.shape[:-1] != student_logits.shape[:-1]:
-                raise ValueError(f"teacher logits {tuple(t.shape)} do not match student {tuple(student_logits.shape)}")
-        teachers = [t[..., :vocab] for t in teachers]
-        teacher = teachers[0] if isinstance(teacher, Tensor) else teachers
+    teacher = _aligned_teacher(teacher, student_logits, tokenizer_vocab_size)
     dtype = _compute_dtype(student_logits)
     valid = labels != ignore_index  # from the labels, never from input_ids (always != -100)
 
@@ -344,17 +336,16 @@ def loss_sums(
     if divergence == "logit_mse":
         if isinstance(teacher, TopK) or (not isinstance(teacher, Tensor) and teacher_mixture != "logits"):
             raise ValueError("divergence='logit_mse' needs dense teacher logits (multi-teacher: teacher_mixture='logits')")
-        t = teacher if isinstance(teacher, Tensor) else _average_logits(teacher, _normalized_weights(teacher, teacher_weights), dtype)
-        div = logit_mse(student_logits, t.to(dtype), temperature=temperature)
+        if not isinstance(teacher, Tensor):
+            teacher = _average_logits(teacher, _normalized_weights(teacher, teacher_weights), dtype)
+        div = logit_mse(student_logits, teacher.to(dtype), temperature=temperature)
+    elif isinstance(teacher, TopK):
+        div = _PROB_DIVERGENCES[divergence](*_topk_buckets(teacher, log_q), **divergence_kwargs)
     else:
-        if isinstance(teacher, TopK):
-            log_p, log_q_div = _topk_buckets(teacher, log_q)
-        else:
-            log_p = _teacher_log_probs(
-                teacher, temperature, dtype, teacher_weights=teacher_weights, teacher_mixture=teacher_mixture
-            )
-            log_q_div = log_q
-        div = _PROB_DIVERGENCES[divergence](log_p, log_q_div, **divergence_kwargs)
+        log_p = _teacher_log_probs(
+            teacher, temperature, dtype, teacher_weights=teacher_weights, teacher_mixture=teacher_mixture
+        )
+        div = _PROB_DIVERGENCES[divergence](log_p, log_q, **divergence_kwargs)
 
     # CE of the student at T = 1 on the labels: -log q(y). Reuse log_q when T = 1.
     log_q1 = log_q if temperature == 1.0 else _log_probs(student_logits, 1.0, dtype)
@@ -364,6 +355,20 @@ def loss_sums(
     div_sum = torch.where(valid, div, 0.0).sum()
     ce_sum = torch.where(valid, ce, 0.0).sum()
     return alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum, div_sum, ce_sum
+
+
+def _aligned_teacher(teacher: Teacher, student_logits: Tensor, tokenizer_vocab_size: int | None) -> Teacher:
+    """Dense teacher logits checked against the student's shape, padded vocab rows sliced off."""
+    if isinstance(teacher, TopK):
+        return teacher  # shapes are checked in _topk_buckets
+    teachers = [teacher] if isinstance(teacher, Tensor) else list(teacher)
+    vocab = student_logits.shape[-1]
+    for t in teachers:
+        check_teacher_vocab(vocab, t.shape[-1], tokenizer_vocab_size)
+        if t.shape[:-1] != student_logits.shape[:-1]:
+            raise ValueError(f"teacher logits {tuple(t.shape)} do not match student_logits {tuple(student_logits.shape)}")
+    teachers = [t[..., :vocab] for t in teachers]
+    return teachers[0] if isinstance(teacher, Tensor) else teachers
 
 
 def _check_options(divergence: str, temperature: float, alpha: float, teacher_mixture: str) -> None:

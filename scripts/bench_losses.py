@@ -1,0 +1,142 @@
+"""Benchmark: peak memory and time of the naive materialized KD loss vs `chunked_distillation_loss`.
+
+One forward + backward of forward-KL distillation (alpha 0.5, T 2) from hidden states
+(N x H) through a student head (V x H) and a teacher head, gradients into the student hidden
+states and head. "naive" is the usual snippet: full fp32 logits of both models, F.kl_div +
+F.cross_entropy over all N x V entries. "chunked" is `kd.chunked_loss.chunked_distillation_loss`.
+
+Each (implementation, case) runs in a fresh subprocess so that peak memory is its own:
+on CPU the peak resident set (ru_maxrss) minus the resident set after the inputs are built;
+on CUDA torch.cuda.max_memory_allocated minus the inputs. Time is one forward + backward after
+a small warm-up (no repeats: CPU timings on a shared machine are noisy, read ratios loosely).
+Naive cases whose logits alone would exceed --max-naive-gib are skipped.
+
+Run:  .venv/bin/python scripts/bench_losses.py            # the issue's grid (slow on CPU)
+      .venv/bin/python scripts/bench_losses.py --quick    # ~1 min smoke run
+      .venv/bin/python scripts/bench_losses.py --device cuda
+      .venv/bin/python scripts/bench_losses.py --tokens 4096 8192 --shapes 576x49152
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kd.chunked_loss import chunked_distillation_loss  # noqa: E402
+
+TEMPERATURE, ALPHA = 2.0, 0.5
+NAIVE_COPIES = 7  # live (N x V) fp32 buffers at the naive peak (measured: 6.5)
+
+
+def naive_loss(h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The usual snippet: materialize both models' logits in fp32, then KL + CE over valid tokens."""
+    logits = (h @ w.T).float()  # (N, V)
+    with torch.no_grad():
+        teacher_logits = (th @ tw.T).float()  # (N, V)
+    log_q = F.log_softmax(logits / TEMPERATURE, dim=-1)
+    log_p = F.log_softmax(teacher_logits / TEMPERATURE, dim=-1)
+    kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || q) per token
+    ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
+    valid = labels != -100
+    return (ALPHA * TEMPERATURE**2 * (kl * valid).sum() + (1 - ALPHA) * (ce * valid).sum()) / valid.sum()
+
+
+def chunked_loss(h, w, th, tw, labels, *, chunk_size: int) -> torch.Tensor:
+    loss, _ = chunked_distillation_loss(
+        h, w, th, tw, labels, chunk_size=chunk_size, temperature=TEMPERATURE, alpha=ALPHA
+    )
+    return loss
+
+
+def make_inputs(n: int, hidden: int, vocab: int, device: str) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    h = (torch.randn(n, hidden, generator=g)).to(device).requires_grad_()
+    w = (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).to(device).requires_grad_()
+    th = torch.randn(n, hidden, generator=g).to(device)
+    tw = (torch.randn(vocab, hidden, generator=g) * hidden**-0.5).to(device)
+    labels = torch.randint(0, vocab, (n,), generator=g)
+    labels[::10] = -100  # some padding
+    return h, w, th, tw, labels.to(device)
+
+
+def run_one(impl: str, n: int, hidden: int, vocab: int, chunk_size: int, device: str) -> dict[str, float]:
+    """Measure one case in this (fresh) process."""
+    fn = naive_loss if impl == "naive" else (lambda *a: chunked_loss(*a, chunk_size=chunk_size))
+    small = make_inputs(64, hidden, 512, device)
+    fn(*small).backward()  # warm-up: kernels, allocator, lazy imports
+    del small
+    inputs = make_inputs(n, hidden, vocab, device)
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux: KiB)
+    start = time.perf_counter()
+    fn(*inputs).backward()
+    if cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    if cuda:
+        peak = torch.cuda.max_memory_allocated() - base
+    else:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return {"peak_mib": peak / 2**20, "seconds": seconds}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--shapes", nargs="+", default=["576x49152", "2048x128256"], help="HIDDENxVOCAB")
+    parser.add_argument("--chunk-size", type=int, default=256)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--max-naive-gib", type=float, default=10.0, help="skip naive cases estimated above this")
+    parser.add_argument("--quick", action="store_true", help="one small case (1024 tokens, 576x49152)")
+    parser.add_argument("--run-one", nargs=6, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.run_one:
+        impl, n, hidden, vocab, chunk, device = args.run_one
+        print(json.dumps(run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device)))
+        return
+    if args.quick:
+        args.tokens, args.shapes = [1024], ["576x49152"]
+
+    threads = torch.get_num_threads()
+    print(f"device {args.device}, torch {torch.__version__}, {threads} threads, chunk_size {args.chunk_size}")
+    print("| tokens | hidden | vocab | naive peak MiB | chunked peak MiB | mem ratio | naive s | chunked s | time ratio |")
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for shape in args.shapes:
+        hidden, vocab = (int(x) for x in shape.split("x"))
+        for n in args.tokens:
+            result = {}
+            for impl in ("naive", "chunked"):
+                estimate_gib = NAIVE_COPIES * n * vocab * 4 / 2**30
+                if impl == "naive" and estimate_gib > args.max_naive_gib:
+                    result[impl] = None
+                    continue
+                cmd = [sys.executable, __file__, "--run-one", impl, str(n), str(hidden), str(vocab), str(args.chunk_size), args.device]
+                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                result[impl] = json.loads(out.strip().splitlines()[-1])
+            naive, chunked = result["naive"], result["chunked"]
+            if naive is None:
+                print(f"| {n} | {hidden} | {vocab} | skipped (~{estimate_gib:.0f} GiB) | {chunked['peak_mib']:.0f} | - | - | {chunked['seconds']:.2f} | - |")
+            else:
+                print(
+                    f"| {n} | {hidden} | {vocab} | {naive['peak_mib']:.0f} | {chunked['peak_mib']:.0f} | "
+                    f"{chunked['peak_mib'] / naive['peak_mib']:.2f} | {naive['seconds']:.2f} | {chunked['seconds']:.2f} | "
+                    f"{chunked['seconds'] / naive['seconds']:.2f} |",
+                    flush=True,
+                )
+
+
+if __name__ == "__main__":
+    main()
