@@ -25,6 +25,7 @@ dtypes: student master weights and AdamW state fp32, compute in `precision` via 
 MixedPrecisionPolicy, gradients reduced in fp32; teacher weights stored in `precision`;
 softmax and every loss in fp32 (kd/losses.py).
 """
+import datetime
 import json
 import math
 import os
@@ -214,6 +215,23 @@ def peak_memory_gb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB -> GiB, this process
 
 
+def gpu_peak_flops(device: torch.device) -> float | None:
+    """This GPU's dense bf16 peak from PEAK_BF16_FLOPS; None on CPU or an unlisted GPU (no MFU then)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def format_step(r: dict, max_steps: int) -> str:
+    """The one console line of a log step; metrics.jsonl gets the same numbers as JSON."""
+    parts = [f"step {r['step']}/{max_steps}",
+             f"loss {r['loss']:.4f}" + (f" (div {r['divergence']:.4f}, ce {r['ce']:.4f})" if "divergence" in r else ""),
+             f"lr {r['lr']:.2e}", f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:.0f} tok/s",
+             f"mem {r['peak_mem_gb']:.2f} GB", f"eta {datetime.timedelta(seconds=round(r['eta_s']))}"]
+    return " | ".join(parts + ([f"mfu {r['mfu']:.1%}"] if "mfu" in r else []))
+
+
 def log_record(out: Path, record: dict, world: World) -> None:
     """Append one JSON line to OUT/metrics.jsonl (rank 0)."""
     if world.is_main:
@@ -316,6 +334,7 @@ def main(cfg: TrainConfig) -> None:
     signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
     if eval_examples and cfg.eval_every and step == 0:
         run_eval()
+    peak_flops = gpu_peak_flops(world.device)
     start_step, t_start = step, time.perf_counter()
     t_last, tokens_since_log = t_start, 0.0
     while step < cfg.max_steps:
@@ -363,20 +382,16 @@ def main(cfg: TrainConfig) -> None:
                                     f"without saving; last good checkpoint: {kept[-1] if kept else 'none'} "
                                     "(lower lr or check the data, then --resume=true)")
             now = time.perf_counter()
-            record = {"step": step, "loss": loss_sum, "divergence": div_sum / num_tokens, "ce": ce_sum / num_tokens,
+            record = {"step": step, "loss": loss_sum, "ce": ce_sum / num_tokens,
+                      **({} if cfg.loss == "sft" else {"divergence": div_sum / num_tokens}),
                       "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_since_log / (now - t_last),
                       "peak_mem_gb": peak_memory_gb(world.device),
                       "eta_s": (cfg.max_steps - step) * (now - t_start) / (step - start_step)}
-            peak = next((v for k, v in PEAK_BF16_FLOPS.items() if k in torch.cuda.get_device_name()), None) \
-                if world.device.type == "cuda" else None
-            if peak:
-                record["mfu"] = flops * record["tokens_per_s"] / (peak * world.world_size)
+            if peak_flops:
+                record["mfu"] = flops * record["tokens_per_s"] / (peak_flops * world.world_size)
             t_last, tokens_since_log = now, 0.0
             log_record(out, record, world)
-            say(f"step {step}/{cfg.max_steps} | loss {loss_sum:.4f} (div {record['divergence']:.4f}, "
-                      f"ce {record['ce']:.4f}) | lr {lr:.2e} | grad {norm:.3f} | {record['tokens_per_s']:.0f} tok/s | "
-                      f"mem {record['peak_mem_gb']:.2f} GB | eta {record['eta_s']:.0f}s"
-                      + (f" | mfu {record['mfu']:.1%}" if "mfu" in record else ""))
+            say(format_step(record, cfg.max_steps))
         if eval_now:
             run_eval()
         if save_now:

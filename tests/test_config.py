@@ -7,6 +7,7 @@ one-line ValueErrors naming the setting, and that the saved `to_toml()` loads ba
 Run: .venv/bin/python -m pytest -q tests/test_config.py
 """
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +74,10 @@ def test_unknown_key_in_toml_and_missing_file(tmp_path):
     toml.write_text("teacher = [\n")
     with pytest.raises(ValueError, match="invalid TOML"):
         load_config([f"--config={toml}"])
+
+
+def test_every_example_config_loads():
+    configs = sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.toml"))
+    assert len(configs) >= 7
+    for path in configs:
+        load_config(["--config", str(path)])  # parses and validates; paths are checked at run time

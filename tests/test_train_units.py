@@ -9,6 +9,7 @@
 Run: .venv/bin/python -m pytest -q tests/test_train_units.py
 """
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -72,3 +73,17 @@ def test_flops_per_token_by_hand():
     attention = 4 * 32 * 16  # per layer: 2 * 2 * seq_len * heads * head_dim
     expected = (2 * matmul_params(teacher) + 4 * attention) + 3 * (2 * matmul_params(student) + 2 * attention)
     assert flops_per_token([teacher], student, seq_len=16) == expected
+
+
+def test_plot_metrics_writes_a_png(tmp_path):
+    import json
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    import plot_metrics
+
+    records = [{"step": s, "loss": 3.0 / s, "divergence": 1.0 / s, "ce": 5.0 / s} for s in range(1, 5)]
+    records += [{"step": s, "eval_kl": 1.0 / (s + 1), "eval_top1_agreement": 0.5 + s / 10} for s in (0, 4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert plot_metrics.main([str(tmp_path)]) == 0
+    assert (tmp_path / "metrics.png").stat().st_size > 0
+    assert plot_metrics.main([str(tmp_path / "missing")]) == 1
