@@ -70,7 +70,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 d_weight.addmm_(g.T.to(d_weight.dtype), h.to(d_weight.dtype))
             sums += torch.stack([total.detach(), div_sum.detach(), ce_sum.detach()]).to(sums.dtype)
             del logits  # the chunk's logits and their graph go here: one chunk alive at a time
-        ctx.save_for_backward(d_hidden, None if d_weight is None else d_weight.to(weight.dtype))
+        # Kept as attributes, not save_for_backward: they are our own results, and backward scales
+        # them in place and drops them, instead of allocating another (V x H) copy.
+        ctx.d_hidden, ctx.d_weight = d_hidden, None if d_weight is None else d_weight.to(weight.dtype)
         div_sum, ce_sum = sums[1].clone(), sums[2].clone()
         ctx.mark_non_differentiable(div_sum, ce_sum)
         return sums[0] / denom, div_sum, ce_sum
@@ -78,11 +80,11 @@ class _ChunkedHeadLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_loss: Tensor, _grad_div: Tensor, _grad_ce: Tensor) -> tuple[Tensor | None, ...]:
-        d_hidden, d_weight = ctx.saved_tensors  # dL/dh and dL/dW, final since the forward
-        if d_hidden is not None:
-            d_hidden = d_hidden * grad_loss.to(d_hidden.dtype)
-        if d_weight is not None:
-            d_weight = d_weight * grad_loss.to(d_weight.dtype)
+        d_hidden, d_weight = ctx.d_hidden, ctx.d_weight  # dL/dh and dL/dW, final since the forward
+        del ctx.d_hidden, ctx.d_weight
+        for d in (d_hidden, d_weight):
+            if d is not None:
+                d.mul_(grad_loss.to(d.dtype))  # chain rule through the scalar loss
         return d_hidden, d_weight, None, None, None, None, None, None, None
 
 
