@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kd.model import Transformer
+
 
 def _check_sampling_args(*, temperature: float, top_k: int, top_p: float) -> None:
     if temperature < 0:
@@ -95,7 +97,7 @@ def _last_logits(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tenso
 
 @torch.inference_mode()
 def generate(
-    model: torch.nn.Module,
+    model: Transformer,
     prompts: list[list[int]],
     *,
     max_new_tokens: int,
@@ -112,8 +114,9 @@ def generate(
 
     model: a `kd.model.Transformer`; its KV cache is set up for this batch and dropped at the end.
     prompts: token ids, any lengths (each non-empty); left-padded with pad_id, masked out.
-    max_seq_len: cache slots per row, default longest prompt + max_new_tokens; generation
-        also stops when the cache is full.
+    max_seq_len: cache slots per row; the last sampled token is never fed back, so the
+        default, longest prompt + max_new_tokens - 1, is exactly enough. A smaller cache
+        stops generation when it is full.
     seed: seeds a generator on the model's device; None draws from torch's global RNG.
     on_token: called after every step with the sampled ids (B,) on the model's device; rows
         that had already finished hold pad_id. Reading the ids is a host-device sync.
@@ -125,11 +128,12 @@ def generate(
     _check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p)
     device = model.head_weight.device
     B, P = len(prompts), max(len(p) for p in prompts)
-    S = max_seq_len or P + max_new_tokens
-    if P >= S:
+    S = max_seq_len or P + max_new_tokens - 1
+    if P > S:
         raise ValueError(f"the longest prompt ({P} tokens) does not fit max_seq_len={S}: raise it or shorten")
-    # Each decode step writes the previous token at slot P + i, so S - P slots give S - P tokens.
-    steps = min(max_new_tokens, S - P)
+    # Decode step i writes the token sampled at step i at slot P + i and samples token i + 1;
+    # the last token is not written, so S slots give S - P + 1 tokens.
+    steps = min(max_new_tokens, S - P + 1)
 
     # Left padding: row b holds its prompt in slots P - len(b) .. P - 1. The mask is True on
     # every real slot, including all slots generation will write (causality hides the future).

@@ -163,3 +163,15 @@ def test_seeded_generation_is_reproducible(tiny_pair) -> None:
     kwargs = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, eos_token_ids=None, pad_id=0)
     a, b = (generate(model, PROMPTS, seed=7, **kwargs) for _ in range(2))
     assert a == b and a != generate(model, PROMPTS, seed=8, **kwargs)
+
+
+def test_a_full_cache_stops_generation(tiny_pair) -> None:
+    model, _ = tiny_pair
+    prompt = PROMPTS[0]
+    free = generate(model, [prompt], max_new_tokens=8, temperature=0.0, eos_token_ids=None, pad_id=0)[0]
+    # len(prompt) + 2 slots: the prompt, then two fed-back tokens, and a third sampled last.
+    short = generate(model, [prompt], max_new_tokens=8, temperature=0.0, eos_token_ids=None, pad_id=0,
+                     max_seq_len=len(prompt) + 2)[0]
+    assert short == free[:3]
+    with pytest.raises(ValueError, match="does not fit max_seq_len"):
+        generate(model, [prompt], max_new_tokens=8, eos_token_ids=None, pad_id=0, max_seq_len=len(prompt) - 1)
