@@ -466,9 +466,3 @@ def load_prompt_examples(path: str | Path, tokenizer: Tokenizer, *, method: str,
     prompts, stats = load_prompts(path, tokenizer, max_len=seq_len - max_new_tokens)
     return [Example(p.ids, [IGNORE] * len(p.ids), p.ids, 0) for p in prompts], stats
 
-
-def check_tokenizers(method: str, teacher: Tokenizer, student: Tokenizer | None) -> None:
-    """On-policy methods feed the student's sampled ids to the teacher: one vocabulary for both."""
-    if student is not None and student.fingerprint() != teacher.fingerprint():
-        raise ValueError(f"method={method}: the student's tokenizer differs from the teacher's, so the teacher "
-                         "would score token ids that mean other text; use a student with the teacher's tokenizer")

@@ -29,11 +29,20 @@ import torch.multiprocessing as mp
 from kd.data import IGNORE
 from kd.losses import distillation_loss, reverse_kl
 from kd.model import ModelConfig, Transformer
-from kd.onpolicy import (RolloutConfig, align, importance_weights, load_prompt_examples, check_tokenizers,
-                         minillm_batch, minillm_loss, on_policy, ppo_clipped_sum, returns, rollout,
+from kd.onpolicy import (RolloutConfig, align, importance_weights, load_prompt_examples, minillm_batch, minillm_loss, on_policy, ppo_clipped_sum, returns, rollout,
                          rollout_batch, rollout_metrics, rollout_sums, whiten)
 from kd.tokenizer import load_tokenizer
 from tests.tiny_tokenizer import make_tiny_tokenizer
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: on a busy 2-core machine, two intra-op threads spin-wait on each
+    other and make every matmul ~20x slower. One thread (torchrun's default too), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
 
 V = 16  # tiny vocabulary: sampling frequencies are measurable and models are fast
 EOS = 2
@@ -188,7 +197,8 @@ def test_minillm_loss_terms() -> None:
     single = reverse_kl(s_logits, t_logits)[valid].mean()
     pg = ppo_clipped_sum(batch["old_logprobs"], batch["old_logprobs"], batch["advantages"], batch["weights"], valid,
                          clip=0.2) / valid.sum()
-    assert abs(float(loss) - float(single + pg)) < 1e-5, f"|diff| {abs(float(loss) - float(single + pg)):.2e}"
+    diff = abs(float(loss.detach()) - float(single + pg))
+    assert diff < 1e-5, f"|diff| {diff:.2e}"  # fp32 sums of ~10 terms
     assert abs(float(metrics["divergence"]) - float(single)) < 1e-5
     loss.backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in student.parameters())
@@ -231,8 +241,9 @@ def test_on_policy_training_lowers_reverse_kl(method: str) -> None:
         loss.backward()
         optimizer.step()
     after = seq_reverse_kl(student, teacher, prompts, seed=100)
-    # Seeded: the drop is large (about 3x here); half is a margin against platform rounding.
-    assert after < 0.5 * before, f"{method}: reverse KL {before:.3f} -> {after:.3f}"
+    # Seeded: 45.9 -> 0.4 (GKD) and 1.0 (MiniLLM) here; a 4x drop leaves a wide margin for
+    # platform rounding while a student that does not learn (or learns the wrong way) fails.
+    assert after < 0.25 * before, f"{method}: reverse KL {before:.3f} -> {after:.3f}"
 
 
 # ----------------------------------------------------------------------------- GKD coin and logging
@@ -275,6 +286,11 @@ def test_text_records_are_refused_for_on_policy_methods(tmp_path: Path) -> None:
 
 
 def test_tokenizer_mismatch_is_an_error(tmp_path: Path) -> None:
+    """train.py checks every model's tokenizer against the teacher's, for every method: on-policy
+    ones feed the student's sampled ids to the teacher, so one vocabulary is a must there."""
+    from kd.config import TrainConfig
+    from train import check_tokenizer
+
     teacher_dir = make_tiny_tokenizer(tmp_path / "teacher")
     student_dir = make_tiny_tokenizer(tmp_path / "student")
     spec = json.loads((student_dir / "tokenizer.json").read_text())
@@ -282,11 +298,9 @@ def test_tokenizer_mismatch_is_an_error(tmp_path: Path) -> None:
     a, b = sorted(vocab, key=vocab.get)[300:302]
     vocab[a], vocab[b] = vocab[b], vocab[a]  # same tokens, two ids swapped: other text per id
     (student_dir / "tokenizer.json").write_text(json.dumps(spec))
-    teacher, student = load_tokenizer(teacher_dir), load_tokenizer(student_dir)
-    check_tokenizers("minillm", teacher, load_tokenizer(teacher_dir))  # equal: fine
-    check_tokenizers("minillm", teacher, None)  # student without a tokenizer: the teacher's is used
-    with pytest.raises(ValueError, match="method=minillm: the student's tokenizer differs"):
-        check_tokenizers("minillm", teacher, student)
+    cfg = TrainConfig(teacher=(str(teacher_dir),), student=str(student_dir), data=("prompts.jsonl",))
+    with pytest.raises(ValueError, match="differs from the teacher's"):
+        check_tokenizer(cfg)
 
 
 # ----------------------------------------------------------------------------- 2 ranks
@@ -299,6 +313,7 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
 
     from kd import parallel
 
+    torch.set_num_threads(1)  # as torchrun would: 2 ranks on 2 cores
     world = parallel.init_distributed()
     try:
         student, teacher = tiny_model(seed=0, head_std=0.4, layers=2), tiny_model(seed=1, head_std=0.4, layers=2)
