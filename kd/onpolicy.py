@@ -60,7 +60,6 @@ from kd.sampling import sample_from_probs, sampling_probs
 from kd.tokenizer import Tokenizer
 
 Tensor = torch.Tensor
-METHODS = ("offpolicy", "gkd", "minillm")
 _COIN_KEY, _SAMPLE_KEY = 3, 4  # RNG key kinds; kd/data.py uses 1 and 2
 
 
@@ -161,7 +160,7 @@ def rollout(
     sampled = {"student": alpha < 1.0, "teacher": alpha > 0.0}  # which models the sampler mixes
     device = models[0].model.embed_tokens.weight.device
     B, P, N, V = len(prompts), max(len(p) for p in prompts), config.max_new_tokens, config.vocab_size
-    S = P + N
+    S = P + N - 1  # decode step i writes token i at slot P + i; the last token is never fed back
 
     # Left padding: row b holds its prompt in slots P - len(b) .. P - 1; True = real slot.
     tokens = torch.full((B, P), config.pad_id, dtype=torch.long)
@@ -244,6 +243,11 @@ def align(r: Rollout, values: Tensor, width: int) -> Tensor:
     # Masked tokens sit past their row's last label, so they can only write zeros to unused columns.
     wide.scatter_(1, cols, torch.where(r.response_mask, values, 0))
     return wide[:, :width]
+
+
+def sample_seed(*, seed: int, step: int, micro_batch: int, rank: int) -> int:
+    """A sampling seed per (step, micro-batch, rank): reproducible, and different on each rank."""
+    return int(np.random.default_rng((_SAMPLE_KEY, seed, step, micro_batch, rank)).integers(2**62))
 
 
 # ----------------------------------------------------------------------------- MiniLLM pieces
@@ -360,17 +364,28 @@ def minillm_loss(student: Transformer, teacher: Transformer, batch: dict[str, Te
     return student(input_ids, output_fn=loss_fn)
 
 
+def minillm_micro_batches(student: Transformer, teacher: Transformer, micro_examples: list[list[Example]],
+                          config: RolloutConfig, *, step: int, seed: int, rank: int, teacher_mix_alpha: float = 0.2,
+                          length_norm: bool = True, all_done: Callable[[bool], bool] = this_rank_only,
+                          all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+                          cache_dtype: torch.dtype | None = None) -> tuple[list[dict[str, Tensor]], list[Rollout]]:
+    """This rank's micro-batches of one MiniLLM step (`minillm_batch` of a teacher-mixed rollout
+    of each micro-batch's prompts), and the rollouts."""
+    rollouts = [rollout(student, teacher, [e.prompt_ids for e in examples], config, teacher_mix_alpha=teacher_mix_alpha,
+                        seed=sample_seed(seed=seed, step=step, micro_batch=m, rank=rank), all_done=all_done,
+                        cache_dtype=cache_dtype)
+                for m, examples in enumerate(micro_examples)]
+    batches = [minillm_batch(r, pad_id=config.pad_id, length_norm=length_norm, all_reduce_sum=all_reduce_sum)
+               for r in rollouts]
+    return batches, rollouts
+
+
 # ----------------------------------------------------------------------------- GKD
 
 
 def on_policy(*, seed: int, step: int, micro_batch: int, lmbda: float) -> bool:
     """GKD's coin: is this micro-batch student-generated? Probability lmbda, the same on every rank."""
     return bool(np.random.default_rng((_COIN_KEY, seed, step, micro_batch)).random() < lmbda)
-
-
-def sample_seed(*, seed: int, step: int, micro_batch: int, rank: int) -> int:
-    """A sampling seed per (step, micro-batch, rank): reproducible, and different on each rank."""
-    return int(np.random.default_rng((_SAMPLE_KEY, seed, step, micro_batch, rank)).integers(2**62))
 
 
 def gkd_micro_batches(student: Transformer, teacher: Transformer, micro_examples: list[list[Example]],

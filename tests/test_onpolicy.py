@@ -26,11 +26,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from kd.data import IGNORE
+from kd.data import IGNORE, Example
 from kd.losses import distillation_loss, reverse_kl
 from kd.model import ModelConfig, Transformer
-from kd.onpolicy import (RolloutConfig, align, importance_weights, load_prompt_examples, minillm_batch, minillm_loss, on_policy, ppo_clipped_sum, returns, rollout,
-                         rollout_batch, rollout_metrics, rollout_sums, whiten)
+from kd.onpolicy import (RolloutConfig, align, gkd_micro_batches, importance_weights, load_prompt_examples,
+                         minillm_batch, minillm_loss, minillm_micro_batches, on_policy, ppo_clipped_sum, returns,
+                         rollout, rollout_batch, rollout_metrics, rollout_sums, whiten)
 from kd.tokenizer import load_tokenizer
 from tests.tiny_tokenizer import make_tiny_tokenizer
 
@@ -259,6 +260,22 @@ def test_gkd_coin_is_deterministic_and_has_rate_lmbda() -> None:
     assert not any(on_policy(seed=1, step=s, micro_batch=0, lmbda=0.0) for s in range(50))
 
 
+def test_gkd_micro_batches_mix_student_data_and_teacher_batches() -> None:
+    student, teacher = tiny_model(seed=0, head_std=0.5), tiny_model(seed=1, head_std=0.5)
+    data = Example([5, 7, 3, 9, 9], [IGNORE, IGNORE, 9, 9, IGNORE], [5, 7, 3], 2)  # prompt [5, 7, 3], response [9, 9]
+    micro = [[data, data] for _ in range(6)]
+    for seq_kd in (False, True):
+        batches, rollouts = gkd_micro_batches(student, teacher, micro, config(4), step=3, seed=0, rank=0, lmbda=0.5,
+                                              seq_kd=seq_kd)
+        flips = [on_policy(seed=0, step=3, micro_batch=m, lmbda=0.5) for m in range(6)]
+        assert len(batches) == 6 and len(rollouts) == sum(flips) and 0 < sum(flips) < 6  # both kinds occur
+        for batch, student_made in zip(batches, flips):
+            from_data = batch["input_ids"][0, :5].tolist() == data.input_ids and batch["labels"][0].tolist() == data.labels
+            assert from_data == (not student_made and not seq_kd)  # seq_kd: sampled by the teacher instead
+            assert batch["input_ids"][0, :3].tolist() == [5, 7, 3]
+    assert all(r.student_logprobs is not None and r.teacher_logprobs is not None for r in rollouts)
+
+
 def test_rollout_metrics() -> None:
     student, teacher = tiny_model(seed=0, head_std=0.5), tiny_model(seed=1, head_std=0.5)
     r = rollout(student, teacher, [[5, 7, 3], [9]], config(6), seed=0)
@@ -327,9 +344,10 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
 
         # Different prompt lengths and seeds per rank: the ranks' rows end at different steps.
         prompts = [[5, 7, 3], [9]] if rank == 0 else [[4, 4, 8, 1, 6, 2, 9]]
-        r = rollout(student, teacher, prompts, config(24, eos=frozenset({EOS, 3})), teacher_mix_alpha=0.2,
-                    seed=10 + rank, all_done=all_done)
-        batch = minillm_batch(r, pad_id=0, all_reduce_sum=parallel.all_reduce_sum)
+        examples = [[Example(p, [IGNORE] * len(p), p, 0) for p in prompts]]
+        (batch,), (r,) = minillm_micro_batches(student, teacher, examples, config(24, eos=frozenset({EOS, 3})),
+                                               step=0, seed=10, rank=rank, all_done=all_done,
+                                               all_reduce_sum=parallel.all_reduce_sum)
         n = parallel.agree([float((batch["labels"] != IGNORE).sum())])[0]
         loss, _ = minillm_loss(student, teacher, batch, num_tokens=int(n), vocab=V)
         loss.backward()
