@@ -23,8 +23,9 @@ from pathlib import Path
 import torch
 
 from kd.hf import load_model
+from kd.model import Transformer
 from kd.sampling import generate
-from kd.tokenizer import load_tokenizer
+from kd.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -54,7 +55,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def prompt_ids(tokenizer, record: dict, *, chat: bool, system: str | None) -> list[int]:
+def prompt_ids(tokenizer: Tokenizer, record: dict, *, chat: bool, system: str | None) -> list[int]:
     """Token ids of one record: chat-templated ('messages', or 'prompt' with --chat) or raw."""
     if "messages" in record:
         text = tokenizer.apply_chat_template(record["messages"], add_generation_prompt=True)
@@ -126,7 +127,8 @@ def read_partial(partial: Path, records: list[dict]) -> int:
     return done
 
 
-def run_file(model, tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int) -> None:
+def run_file(model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int],
+             pad_id: int) -> None:
     records, line_numbers = read_records(args.prompts_file)
     if args.output.exists():
         raise ValueError(f"{args.output} exists: delete it or choose another --output")
@@ -161,7 +163,8 @@ def run_file(model, tokenizer, args: argparse.Namespace, eos: set[int], pad_id: 
     os.replace(partial, args.output)
 
 
-def run_one(model, tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int) -> None:
+def run_one(model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int],
+            pad_id: int) -> None:
     record = {"prompt": args.prompt}
     ids = prompt_ids(tokenizer, record, chat=args.chat, system=args.system)
     new: list[int] = []

@@ -1,0 +1,154 @@
+"""Generation speed: kd's `generate` against `transformers.generate` on the same model, in one run.
+
+Greedy decoding of --new-tokens tokens (EOS ignored, so every run makes exactly that many) at
+batch 1 and 8, fp32 and bf16; then our cached decoding against uncached decoding (a full
+forward over the whole sequence for every token); then the memory-bandwidth bound: a decode
+step must read every weight once, so tokens/s <= batch * copy bandwidth / weight bytes, with
+the bandwidth measured here by copying a 1 GiB tensor (read + write bytes per second).
+tokens/s = new tokens of all rows / wall time of the generate call, prefill included.
+
+    .venv/bin/python scripts/bench_generate.py [--model DIR] [--new-tokens 256] [--repeats 2]
+
+Prints a markdown table (docs/benchmarks.md, "## Generation", has the recorded one).
+"""
+import argparse
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+from transformers.utils import logging as hf_logging
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kd.hf import load_model  # noqa: E402
+from kd.sampling import generate  # noqa: E402
+from kd.tokenizer import load_tokenizer  # noqa: E402
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a short story about a robot who learns to paint.",
+    "Explain how a rainbow forms.",
+    "Give me three tips for learning a new language.",
+    "Why is the sky blue?",
+    "Describe the water cycle in simple terms.",
+    "What are the benefits of regular exercise?",
+    "Summarize the plot of Romeo and Juliet.",
+]
+
+
+def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
+    """Bytes moved per second (read + write) by the best of `repeats` copies of a 1 GiB tensor."""
+    src = torch.ones(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best
+
+
+def ours(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[float, list[list[int]]]:
+    t0 = time.perf_counter()
+    out = generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0, eos_token_ids=None, pad_id=pad_id)
+    elapsed = time.perf_counter() - t0
+    assert all(len(r) == new_tokens for r in out)
+    return len(prompts) * new_tokens / elapsed, out
+
+
+def theirs(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[float, list[list[int]]]:
+    """transformers.generate on the same left-padded batch, with its default (dynamic) cache."""
+    P = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                             use_cache=True, pad_token_id=pad_id)
+    elapsed = time.perf_counter() - t0
+    assert out.shape[1] == P + new_tokens
+    return len(prompts) * new_tokens / elapsed, out[:, P:].tolist()
+
+
+@torch.inference_mode()
+def uncached(model, prompt: list[int], new_tokens: int) -> float:
+    """Greedy decoding with a full forward over the whole sequence for every new token."""
+    seq = torch.tensor([prompt])
+    t0 = time.perf_counter()
+    for _ in range(new_tokens):
+        next_id = model(seq, output_fn=lambda h, w: h[:, -1] @ w.T).argmax(-1)  # (1,)
+        seq = torch.cat([seq, next_id[:, None]], dim=1)
+    return new_tokens / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="models/smollm2-135m-instruct")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
+    args = p.parse_args()
+    n = args.new_tokens
+    hf_logging.disable_progress_bar()
+
+    tok = load_tokenizer(args.model)
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(tok.eos_token_ids)
+    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
+                          add_special_tokens=False) for q in QUESTIONS]
+    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}; "
+          f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {n} new tokens, greedy, "
+          f"best of {args.repeats}", flush=True)
+
+    rows = []  # (what, ours tokens/s, theirs tokens/s, same tokens)
+    cached_fp32_b1 = None
+    weight_bytes = {}
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = load_model(args.model, dtype=dtype).eval()
+        hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
+        hf.generation_config.eos_token_id = None  # run exactly n tokens, as ours does
+        weight_bytes[dtype_name] = sum(t.numel() * t.element_size() for t in model.parameters())
+        ours(model, prompts[:1], 8, pad_id), theirs(hf, prompts[:1], 8, pad_id)  # warm-up
+        for batch in (1, 8):
+            batch_prompts = prompts[:batch]
+            # Alternate the two and keep each one's best run: other processes on a shared
+            # machine only ever slow a run down, so the best is the least disturbed.
+            ours_tps = theirs_tps = 0.0
+            for _ in range(args.repeats):
+                tps, ours_out = ours(model, batch_prompts, n, pad_id)
+                ours_tps = max(ours_tps, tps)
+                tps, theirs_out = theirs(hf, batch_prompts, n, pad_id)
+                theirs_tps = max(theirs_tps, tps)
+            same = sum(a == b for a, b in zip(ours_out, theirs_out))
+            rows.append((f"{dtype_name}, batch {batch}", ours_tps, theirs_tps, f"{same}/{batch}"))
+            print(f"{rows[-1][0]}: ours {ours_tps:.1f}, transformers {theirs_tps:.1f} tokens/s", flush=True)
+            if (dtype_name, batch) == ("fp32", 1):
+                cached_fp32_b1 = ours_tps
+                uncached_tps = max(uncached(model, batch_prompts[0], n) for _ in range(args.repeats))
+                print(f"fp32, batch 1, uncached: {uncached_tps:.1f} tokens/s", flush=True)
+        del model, hf
+
+    bandwidth = copy_bandwidth()
+    print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
+    print("\n| greedy, batch | kd tokens/s | transformers tokens/s | kd / transformers | same tokens |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for what, a, b, same in rows:
+        print(f"| {what} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {same} |")
+    print("\n| fp32, batch 1 | tokens/s | ratio |")
+    print("| --- | ---: | ---: |")
+    print(f"| cached (kd generate) | {cached_fp32_b1:.1f} | {cached_fp32_b1 / uncached_tps:.1f}x |")
+    print(f"| uncached (full forward per token) | {uncached_tps:.1f} | 1.0x |")
+    print(f"\nCopy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write of a 1 GiB tensor).")
+    print("| batch 1 | weight bytes per step | bound tokens/s | kd tokens/s | kd / bound |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for what, a, _, _ in rows:
+        if what.endswith("batch 1"):
+            wb = weight_bytes[what.split(",")[0]]
+            bound = bandwidth / wb
+            print(f"| {what.split(',')[0]} | {wb / 1e6:.0f} MB | {bound:.1f} | {a:.1f} | {a / bound:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
