@@ -297,6 +297,8 @@ def test_text_records_are_refused_for_on_policy_methods(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data.jsonl:2: method=minillm .* has none"):
         load_prompt_examples(path, tokenizer, method="minillm", seq_len=64, max_new_tokens=16, needs_responses=False)
     path.write_text('{"prompt": "What is the capital of France?"}\n')
+    with pytest.raises(ValueError, match=r'data.jsonl:1: no "response".*set lmbda = 1'):
+        load_prompt_examples(path, tokenizer, method="gkd", seq_len=64, max_new_tokens=16, needs_responses=True)
     examples, _ = load_prompt_examples(path, tokenizer, method="gkd", seq_len=64, max_new_tokens=16,
                                        needs_responses=False)
     assert examples[0].prompt_ids and examples[0].num_targets == 0
