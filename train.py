@@ -78,17 +78,17 @@ def matmul_params(model: Transformer) -> int:
     return n if model.config.tie_word_embeddings else n - model.model.embed_tokens.weight.numel()
 
 
+def forward_flops_per_token(model: Transformer, *, seq_len: int) -> float:
+    """Forward FLOPs per token: 2 per matmul parameter, plus attention's q k^T and a v,
+    2 * 2 * seq_len * (heads * head_dim) per layer (counted non-causal, as PaLM, arXiv 2204.02311)."""
+    c = model.config
+    return 2 * matmul_params(model) + 4 * c.num_hidden_layers * seq_len * c.num_attention_heads * c.head_dim
+
+
 def flops_per_token(teachers: list[Transformer], student: Transformer, *, seq_len: int) -> float:
-    """Model FLOPs per trained token: 2 N per forward matmul parameter, x3 for forward+backward.
-
-    Attention adds, per layer, 2 * 2 * seq_len * (heads * head_dim) forward (q k^T and a v,
-    counted non-causal as in PaLM, arXiv 2204.02311, appendix B).
-    """
-    def forward(model: Transformer) -> float:
-        c = model.config
-        return 2 * matmul_params(model) + 4 * c.num_hidden_layers * seq_len * c.num_attention_heads * c.head_dim
-
-    return sum(forward(t) for t in teachers) + 3 * forward(student)
+    """Model FLOPs per trained token: teacher forwards, plus the student's forward and backward (x3)."""
+    return sum(forward_flops_per_token(t, seq_len=seq_len) for t in teachers) + \
+        3 * forward_flops_per_token(student, seq_len=seq_len)
 
 
 def check_tokenizer(cfg: TrainConfig) -> Tokenizer:
@@ -135,6 +135,33 @@ def common_vocab(cfg: TrainConfig, teachers: list[ModelConfig], student: ModelCo
     return min(sizes)
 
 
+def build_models(cfg: TrainConfig, world: World, tokenizer: Tokenizer) -> tuple[Transformer, list[Transformer], int]:
+    """(student, teachers, vocab rows the loss compares), sharded and loaded on every rank."""
+    # On the meta device: configs and shapes, no memory yet.
+    teacher_configs = [hf.load_config(path) for path in cfg.teacher]
+    s_config = student_config(cfg, teacher_configs[0])
+    vocab = common_vocab(cfg, teacher_configs, s_config, tokenizer)
+    compute_dtype = DTYPES[cfg.precision]
+    teachers = [build_on_meta(c, compute_dtype) for c in teacher_configs]
+    student = build_on_meta(s_config, torch.float32)  # fp32 master weights
+
+    # Shard: FSDP2 per block, then the root; allocate only this rank's shards.
+    parallel.shard_student(student, precision=cfg.precision, activation_checkpointing=cfg.activation_checkpointing,
+                           compile=cfg.compile)
+    for t in teachers:
+        parallel.shard_teacher(t, compile=cfg.compile)
+    for model in (student, *teachers):
+        model.to_empty(device=world.device)
+
+    # Load: rank 0 reads each checkpoint (keys and shapes checked), every rank receives its shards.
+    for t, path in zip(teachers, cfg.teacher):
+        parallel.load_full_state_dict(t, parallel.run_on_rank0(lambda: hf._check_state_dict(
+            hf.load_state_dict(path, dtype=compute_dtype), build_on_meta(t.config, compute_dtype), path)))
+    parallel.load_full_state_dict(student, parallel.run_on_rank0(lambda: hf._check_state_dict(
+        student_weights(cfg), build_on_meta(s_config, torch.float32), cfg.init_from or cfg.student or cfg.teacher[0])))
+    return student, teachers, vocab
+
+
 # ----------------------------------------------------------------------------- the step
 
 
@@ -175,6 +202,33 @@ def forward_loss(student: Transformer, teachers: list[Transformer], batch: dict[
             tokenizer_vocab_size=vocab, **divergence_kwargs(cfg))
 
     return student(input_ids, output_fn=loss_fn)
+
+
+def train_step(student: Transformer, teachers: list[Transformer], micro_batches: list[dict[str, torch.Tensor]], *,
+               num_tokens: int, vocab: int, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
+               scaler: torch.amp.GradScaler | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step over this rank's micro-batches. Returns, as device tensors (no sync),
+    this rank's (loss, divergence sum, CE sum) and the global gradient norm before clipping."""
+    device = student.model.embed_tokens.weight.device
+    sums = torch.zeros(3, device=device)
+    for i, batch in enumerate(micro_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        # Reduce-scatter the gradients only after the last micro-batch; before, they accumulate locally.
+        parallel.set_gradient_sync(student, i == len(micro_batches) - 1)
+        loss, metrics = forward_loss(student, teachers, batch, num_tokens=num_tokens, vocab=vocab, cfg=cfg)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        n = metrics["valid_tokens"]
+        sums += torch.stack([loss.detach(), metrics["divergence"] * n, metrics["ce"] * n])
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    grad_norm = parallel.clip_grad_norm_([p for p in student.parameters() if p.requires_grad], cfg.grad_clip)
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/NaN
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
 
 
 @torch.no_grad()
@@ -276,36 +330,16 @@ def main(cfg: TrainConfig) -> None:
                       world_size=world.world_size, seed=cfg.seed, pad_id=pad_id)
     eval_examples = load_examples(cfg.eval_data, tokenizer, seq_len=cfg.seq_len)[0] if cfg.eval_data else None
 
-    # --- models on the meta device: configs and shapes, no memory yet.
-    teacher_configs = [hf.load_config(path) for path in cfg.teacher]
-    s_config = student_config(cfg, teacher_configs[0])
-    vocab = common_vocab(cfg, teacher_configs, s_config, tokenizer)
-    compute_dtype = DTYPES[cfg.precision]
-    teachers = [build_on_meta(c, compute_dtype) for c in teacher_configs]
-    student = build_on_meta(s_config, torch.float32)  # fp32 master weights
+    # --- student and teacher(s): meta device -> FSDP2 shards -> weights from rank 0.
+    student, teachers, vocab = build_models(cfg, world, tokenizer)
+    s_config = student.config
     flops = flops_per_token([] if cfg.loss == "sft" else teachers, student, seq_len=cfg.seq_len)
     say(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
         f"teacher(s): {', '.join(f'{sum(p.numel() for p in t.parameters()) / 1e6:.1f}M' for t in teachers)}")
 
-    # --- shard: FSDP2 per block, then the root; allocate only this rank's shards.
-    parallel.shard_student(student, precision=cfg.precision, activation_checkpointing=cfg.activation_checkpointing,
-                           compile=cfg.compile)
-    for t in teachers:
-        parallel.shard_teacher(t, compile=cfg.compile)
-    for model in (student, *teachers):
-        model.to_empty(device=world.device)
-
-    # --- load weights: rank 0 reads each checkpoint, every rank receives its shards.
-    for t, path in zip(teachers, cfg.teacher):
-        parallel.load_full_state_dict(t, parallel.run_on_rank0(
-            lambda: hf._check_state_dict(hf.load_state_dict(path, dtype=compute_dtype), build_on_meta(t.config, compute_dtype), path)))
-    parallel.load_full_state_dict(student, parallel.run_on_rank0(
-        lambda: hf._check_state_dict(student_weights(cfg), build_on_meta(s_config, torch.float32), "student weights")))
-
     # --- optimizer and LR schedule (a pure function of the step: nothing else to checkpoint).
     optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=world.device.type == "cuda")
     scaler = parallel.grad_scaler(cfg.precision, world.device)
-    params = [p for p in student.parameters() if p.requires_grad]
 
     # --- resume: model, optimizer, RNG, step (= data position), grad scaler.
     step = 0
@@ -351,23 +385,8 @@ def main(cfg: TrainConfig) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        sums = torch.zeros(3, device=world.device)  # this rank's (loss, divergence sum, CE sum)
-        for i, batch in enumerate(micro_batches):
-            batch = {k: v.to(world.device, non_blocking=True) for k, v in batch.items()}
-            parallel.set_gradient_sync(student, i == len(micro_batches) - 1)
-            loss, metrics = forward_loss(student, teachers, batch, num_tokens=int(num_tokens), vocab=vocab, cfg=cfg)
-            (loss if scaler is None else scaler.scale(loss)).backward()
-            n = metrics["valid_tokens"]
-            sums += torch.stack([loss.detach(), metrics["divergence"] * n, metrics["ce"] * n])
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = parallel.clip_grad_norm_(params, cfg.grad_clip)
-        if scaler is None:
-            optimizer.step()
-        else:
-            scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/NaN
-            scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        sums, grad_norm = train_step(student, teachers, micro_batches, num_tokens=int(num_tokens), vocab=vocab,
+                                     cfg=cfg, optimizer=optimizer, scaler=scaler)
         tokens_since_log += step_tokens
 
         # --- log, check, evaluate, save. Reading values back is a device sync: only on these steps.

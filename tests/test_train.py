@@ -4,14 +4,14 @@ A tiny random llama teacher (4 layers, the tiny BPE tokenizer's 512-token vocabu
 2-layer student cut from it (`student_layers=0,2`) train for a few AdamW steps in fp32:
 - 2 ranks (torchrun, gloo) and 1 process give the same losses and final weights, and so do
   1, 2 or 4 micro-batches per step (same global batch of 4);
-- a run killed with SIGKILL after a checkpoint, then resumed, ends with weights bitwise
-  equal to the uninterrupted run;
+- a run killed with SIGKILL after a checkpoint, or stopped by SIGTERM (which checkpoints),
+  then resumed, ends with weights bitwise equal to the uninterrupted run;
 - OUT/final loads in `transformers` with the logits of kd's own model;
 - on a peaky synthetic teacher, KD lowers held-out KL to the teacher faster than SFT;
 - multi-teacher, two-stage (`init_from`) and response distillation (generate.py writes the
   data) run through the same loop.
 
-Run: .venv/bin/python -m pytest -q tests/test_train.py   (add `-m slow` for the last two, ~1 min)
+Run: .venv/bin/python -m pytest -q tests/test_train.py   (`-m slow`: SIGTERM, KD vs SFT, methods)
 """
 import json
 import os
@@ -126,6 +126,26 @@ def test_sigkill_then_resume_is_exact(assets, baseline):
     assert diff == 0.0, f"resumed run must equal the uninterrupted one bit for bit; max |diff| {diff}"
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(steps), f"metrics.jsonl must not repeat the steps redone after the kill: {steps}"
+
+
+@pytest.mark.slow
+def test_sigterm_saves_then_resume_is_exact(assets, baseline):
+    out = assets["dir"] / "terminated"
+    argv = args(assets, out, "--batch_size=4", "--grad_accum=1", f"--eval_data={assets['eval']}")  # save_every=0
+    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], env=ENV,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        while not (out / "metrics.jsonl").is_file() and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+    finally:
+        stderr = process.communicate()[1]
+    assert process.returncode == 0, stderr
+    saved = sorted((out / "checkpoints").iterdir())
+    assert len(saved) == 1 and not (out / "final").exists(), f"one checkpoint at the stop, no export: {saved}"
+    run([*argv, "--resume=true"])
+    diff = max_weight_diff(out, baseline)
+    assert diff == 0.0, f"stopped by SIGTERM and resumed must equal the uninterrupted run; max |diff| {diff}"
 
 
 def test_export_loads_in_transformers(baseline):

@@ -1,0 +1,191 @@
+"""Benchmark of one distillation step: ours vs its parts vs the usual transformers way.
+
+    .venv/bin/python scripts/bench_train.py                  # SmolLM2-135M teacher (make teacher)
+    .venv/bin/python scripts/bench_train.py --steps 5 --batch-size 8 --seq-len 256
+
+Cases, each in a fresh subprocess so that its peak memory (max RSS on CPU, max allocated on
+CUDA) is its own, on the same random tokens (every position trained):
+  (a) sft        our SFT step: train.train_step with loss=sft (FSDP2, bf16 compute, chunked CE, AdamW)
+  (b) teacher    the teacher's forward alone, to full logits, bf16, no_grad
+  (c) kd         our KD step: train.train_step with loss=forward_kl, alpha=0.5 (teacher + student + chunked loss)
+  (d) naive      the same KD the usual way: transformers models, bf16 autocast, both (B, T, V)
+                 logits materialized, KL + CE on them, AdamW, a plain loop
+Efficiency = (time a + time b) / time c: how close KD gets to "an SFT step plus a teacher
+forward" (the loss overhead); speed-up = tokens/s of c over d; memory ratio = peak c / peak d.
+Achieved FLOP/s = model FLOPs per token (train.flops_per_token: 2 N_teacher + 6 N_student
++ attention) x tokens/s, over the peak of a 2048^3 matmul measured in the same run.
+The student is 10 of the teacher's 30 blocks, as configs/smollm2_kd.toml.
+"""
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
+
+
+def peak_memory_gb() -> float:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(step, *, steps: int) -> float:
+    """Seconds per call of step(), after one warm-up call."""
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return (time.perf_counter() - start) / steps
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a 2048^3 matmul: the practical peak of this machine in that dtype."""
+    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
+    return 2 * 2048**3 / timed(lambda: a @ b, steps=5)
+
+
+def random_batch(vocab: int, *, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, vocab, (batch_size, seq_len + 1), generator=g)
+    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}  # labels already shifted, all trained
+
+
+def run_ours(case: str, args: argparse.Namespace) -> dict:
+    import train
+    from kd import parallel
+    from kd.config import TrainConfig
+    from kd.optim import build_optimizer
+    from kd.tokenizer import load_tokenizer
+
+    cfg = TrainConfig(teacher=(args.teacher,), student_layers=LAYERS, data=("unused",), precision="bf16",
+                      loss="sft" if case == "sft" else "forward_kl", alpha=0.5, chunk_size=args.chunk_size,
+                      batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4)
+    world = parallel.init_distributed()
+    student, teachers, vocab = train.build_models(cfg, world, load_tokenizer(args.teacher))
+    batch = {k: v.to(world.device) for k, v in random_batch(vocab, batch_size=args.batch_size, seq_len=args.seq_len).items()}
+    if case == "teacher":
+        with torch.no_grad():
+            seconds = timed(lambda: teachers[0](batch["input_ids"]), steps=args.steps)
+        flops = train.forward_flops_per_token(teachers[0], seq_len=args.seq_len)
+    else:
+        optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=0.1, fused=world.device.type == "cuda")
+        n = args.batch_size * args.seq_len
+        seconds = timed(lambda: train.train_step(student, teachers, [batch], num_tokens=n, vocab=vocab, cfg=cfg,
+                                                 optimizer=optimizer, scaler=None), steps=args.steps)
+        flops = train.flops_per_token([] if case == "sft" else teachers, student, seq_len=args.seq_len)
+    parallel.shutdown()
+    return {"seconds": seconds, "flops_per_token": flops}
+
+
+def run_naive(args: argparse.Namespace) -> dict:
+    """The usual way: transformers models, autocast, full logits, KL + CE, plain AdamW loop."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from kd import hf
+    from kd.student import layer_subset_state_dict
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.bfloat16).to(device).eval()
+    config = LlamaConfig.from_pretrained(args.teacher, num_hidden_layers=len(LAYERS))
+    student = LlamaForCausalLM(config).to(device)
+    weights = layer_subset_state_dict(hf.load_state_dict(args.teacher, dtype=torch.float32), list(LAYERS))
+    missing, unexpected = student.load_state_dict(weights, strict=False)
+    if set(missing) - {"lm_head.weight"} or unexpected:  # a tied model's lm_head is the embedding
+        raise RuntimeError(f"naive student: missing {missing}, unexpected {unexpected}")
+    optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, weight_decay=0.1)
+    batch = {k: v.to(device) for k, v in random_batch(config.vocab_size, batch_size=args.batch_size,
+                                                       seq_len=args.seq_len).items()}
+
+    def step() -> None:
+        labels = batch["labels"]
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.no_grad():
+                t_logits = teacher(batch["input_ids"]).logits  # (B, T, V)
+            s_logits = student(batch["input_ids"]).logits  # (B, T, V)
+        log_q = F.log_softmax(s_logits.float(), dim=-1)
+        log_p = F.log_softmax(t_logits.float(), dim=-1)
+        kl = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
+        ce = F.cross_entropy(s_logits.float().flatten(0, 1), labels.flatten(), reduction="none").view_as(kl)
+        mask = labels != -100
+        loss = ((0.5 * kl + 0.5 * ce) * mask).sum() / mask.sum()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    return {"seconds": timed(step, steps=args.steps)}
+
+
+def run_case(case: str, args: argparse.Namespace) -> dict:
+    result = run_naive(args) if case == "naive" else run_ours(case, args)
+    tokens = args.batch_size * args.seq_len
+    return {"case": case, **result, "tokens_per_s": tokens / result["seconds"], "peak_memory_gb": peak_memory_gb()}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default=str(REPO / "models" / "smollm2-135m-instruct"), help="HF teacher directory")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of our loss")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case, after one warm-up step")
+    parser.add_argument("--case", choices=["sft", "teacher", "kd", "naive"], help="run one case (used internally)")
+    args = parser.parse_args()
+    if not (Path(args.teacher) / "config.json").is_file():
+        print(f"error: no teacher at {args.teacher}; run `make teacher` or pass --teacher", file=sys.stderr)
+        return 1
+    if args.case:
+        print(json.dumps(run_case(args.case, args)))
+        return 0
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    results = {}
+    for case in ("sft", "teacher", "kd", "naive"):
+        command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher, "--batch-size", str(args.batch_size),
+                   "--seq-len", str(args.seq_len), "--chunk-size", str(args.chunk_size), "--steps", str(args.steps)]
+        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+        if out.returncode != 0:
+            print(out.stderr[-2000:], file=sys.stderr)
+            return 1
+        results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+
+    a, b, c, d = (results[k] for k in ("sft", "teacher", "kd", "naive"))
+    print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}; "
+          f"batch {args.batch_size} x {args.seq_len} tokens; load average {os.getloadavg()[0]:.1f}")
+    print(f"matmul 2048^3 peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
+    print(f"{'case':<10}{'s/step':>9}{'tokens/s':>11}{'peak GB':>10}{'GFLOP/s':>10}{'of bf16 peak':>14}")
+    for name, r in results.items():
+        achieved = r.get("flops_per_token", c["flops_per_token"]) * r["tokens_per_s"]  # naive: same model FLOPs as ours
+        r["achieved_flops"] = achieved
+        print(f"{name:<10}{r['seconds']:>9.2f}{r['tokens_per_s']:>11.0f}{r['peak_memory_gb']:>10.2f}"
+              f"{achieved / 1e9:>10.0f}{achieved / peaks['bf16']:>14.1%}")
+    summary = {"efficiency": (a["seconds"] + b["seconds"]) / c["seconds"],
+               "speedup_vs_naive": c["tokens_per_s"] / d["tokens_per_s"],
+               "memory_vs_naive": c["peak_memory_gb"] / d["peak_memory_gb"]}
+    print(f"efficiency (a + b) / c = {summary['efficiency']:.2f} (target >= 0.9); "
+          f"ours vs naive: {summary['speedup_vs_naive']:.2f}x tokens/s (target >= 1.5), "
+          f"{summary['memory_vs_naive']:.2f}x peak memory (target <= 0.7)")
+    print(json.dumps({"peaks": peaks, "results": results, **summary}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
