@@ -53,8 +53,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         n_tokens = hidden.shape[0]
         d_hidden = torch.empty_like(hidden) if grad_hidden else None
         acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        d_weight = torch.zeros(weight.shape, dtype=acc_dtype) if grad_weight else None  # fp32 across chunks
-        sums = torch.zeros(3, dtype=acc_dtype)  # (total, divergence, CE) sums over chunks
+        d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if grad_weight else None
+        sums = torch.zeros(3, dtype=acc_dtype, device=hidden.device)  # (total, divergence, CE) over chunks
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end]  # (n, H)

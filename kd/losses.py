@@ -62,12 +62,15 @@ def _floor(log_probs: Tensor) -> Tensor:
     # Entries masked to -inf (padded vocab rows) would give 0 * (-inf - x) = NaN in p (log p -
     # log q), and NaN gradients through where(). Flooring log 0 at the most negative finite
     # float keeps p = exp(floor) = 0 exactly, so p * (finite) = 0 and every gradient is finite.
-    return log_probs.clamp(min=torch.finfo(log_probs.dtype).min)
+    floor = torch.finfo(log_probs.dtype).min
+    # In place where autograd does not need the original (the teacher): one allocation fewer.
+    return log_probs.clamp(min=floor) if log_probs.requires_grad else log_probs.clamp_(min=floor)
 
 
 def _log_probs(logits: Tensor, temperature: float, dtype: torch.dtype) -> Tensor:
     """log softmax(logits / T) in `dtype`, -inf floored (see `_floor`)."""
-    return _floor(F.log_softmax(logits.to(dtype) / temperature, dim=-1))
+    logits = logits.to(dtype)
+    return _floor(F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1))
 
 
 def _mix(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
@@ -347,9 +350,14 @@ def loss_sums(
         )
         div = _PROB_DIVERGENCES[divergence](log_p, log_q, **divergence_kwargs)
 
-    # CE of the student at T = 1 on the labels: -log q(y). Reuse log_q when T = 1.
-    log_q1 = log_q if temperature == 1.0 else _log_probs(student_logits, 1.0, dtype)
-    ce = -log_q1.gather(-1, labels.masked_fill(~valid, 0).long().unsqueeze(-1)).squeeze(-1)
+    # CE of the student at T = 1 on the labels: -log q(y); reuses log_q when T = 1, otherwise
+    # F.cross_entropy (one fused log-softmax + gather) on the raw logits.
+    safe_labels = labels.masked_fill(~valid, 0).long()
+    if temperature == 1.0:
+        ce = -log_q.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
+    else:
+        logits = student_logits.to(dtype)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe_labels.reshape(-1), reduction="none").view(labels.shape)
 
     # where(), not multiply: a padded position with an infinite divergence must add 0, not NaN.
     div_sum = torch.where(valid, div, 0.0).sum()
@@ -393,7 +401,7 @@ def token_count(labels: Tensor, num_tokens: int | Tensor | None, *, ignore_index
         return valid_count, num_tokens.clamp(min=1)
     if num_tokens <= 0:
         raise ValueError(f"num_tokens={num_tokens} must be > 0 (the valid-token count over all micro-batches and ranks)")
-    return valid_count, torch.tensor(float(num_tokens))
+    return valid_count, torch.tensor(float(num_tokens), device=labels.device)
 
 
 def metrics_from_sums(div_sum: Tensor, ce_sum: Tensor, valid_count: Tensor) -> dict[str, Tensor]:

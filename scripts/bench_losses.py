@@ -8,7 +8,9 @@ F.cross_entropy over all N x V entries. "chunked" is `kd.chunked_loss.chunked_di
 Each (implementation, case) runs in a fresh subprocess so that peak memory is its own:
 on CPU the peak resident set (ru_maxrss) minus the resident set after the inputs are built;
 on CUDA torch.cuda.max_memory_allocated minus the inputs. Time is one forward + backward after
-a small warm-up (no repeats: CPU timings on a shared machine are noisy, read ratios loosely).
+a small warm-up, as wall-clock seconds and as CPU seconds of the process (all threads): on a
+shared machine the wall clock also counts time other processes held the cores, CPU time less so.
+No repeats: read the time ratios loosely.
 Naive cases whose logits alone would exceed --max-naive-gib are skipped.
 
 Run:  .venv/bin/python scripts/bench_losses.py            # the grid (slow on CPU)
@@ -81,16 +83,20 @@ def run_one(impl: str, n: int, hidden: int, vocab: int, chunk_size: int, device:
         base = torch.cuda.memory_allocated()
     else:
         base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # bytes (Linux: KiB)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     fn(*inputs).backward()
     if cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     if cuda:
         peak = torch.cuda.max_memory_allocated() - base
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
-    return {"peak_mib": peak / 2**20, "seconds": seconds}
+    return {"peak_mib": peak / 2**20, "seconds": seconds, "cpu_seconds": cpu_seconds}
+
+
+def _times(result: dict[str, float]) -> str:
+    return f"{result['seconds']:.1f} ({result['cpu_seconds']:.1f})"
 
 
 def main() -> None:
@@ -112,7 +118,10 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     print(f"device {args.device}, torch {torch.__version__}, {threads} threads, chunk_size {args.chunk_size}")
-    print("| tokens | hidden | vocab | naive peak MiB | chunked peak MiB | mem ratio | naive s | chunked s | time ratio |")
+    print(
+        "| tokens | hidden | vocab | naive peak MiB | chunked peak MiB | mem ratio "
+        "| naive s (CPU s) | chunked s (CPU s) | time ratio (CPU) |"
+    )
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for shape in args.shapes:
         hidden, vocab = (int(x) for x in shape.split("x"))
@@ -128,12 +137,12 @@ def main() -> None:
                 result[impl] = json.loads(out.strip().splitlines()[-1])
             naive, chunked = result["naive"], result["chunked"]
             if naive is None:
-                print(f"| {n} | {hidden} | {vocab} | skipped (~{estimate_gib:.0f} GiB) | {chunked['peak_mib']:.0f} | - | - | {chunked['seconds']:.2f} | - |")
+                print(f"| {n} | {hidden} | {vocab} | skipped (~{estimate_gib:.0f} GiB) | {chunked['peak_mib']:.0f} | - | - | {_times(chunked)} | - |")
             else:
                 print(
                     f"| {n} | {hidden} | {vocab} | {naive['peak_mib']:.0f} | {chunked['peak_mib']:.0f} | "
-                    f"{chunked['peak_mib'] / naive['peak_mib']:.2f} | {naive['seconds']:.2f} | {chunked['seconds']:.2f} | "
-                    f"{chunked['seconds'] / naive['seconds']:.2f} |",
+                    f"{chunked['peak_mib'] / naive['peak_mib']:.2f} | {_times(naive)} | {_times(chunked)} | "
+                    f"{chunked['seconds'] / naive['seconds']:.2f} ({chunked['cpu_seconds'] / naive['cpu_seconds']:.2f}) |",
                     flush=True,
                 )
 
