@@ -43,7 +43,7 @@ class TrainConfig:
     temperature: float = 1.0  # softmax temperature T of both models inside the divergence; 1-2
     beta: float = 0.5  # jsd: mixture M = beta * p_teacher + (1 - beta) * q_student (GKD, arXiv 2306.13649)
     skew_alpha: float = 0.1  # skew KLs: weight of the other distribution in the mix (DistiLLM, arXiv 2402.03898)
-    chunk_size: int = 1024  # tokens per chunk of the loss; full logits are never materialized
+    chunk_size: int = 256  # tokens per chunk of the loss (memory ~ a few chunk x vocab fp32 buffers); logits never whole
     # --- optimization ---
     max_steps: int = 1000  # optimizer steps
     lr: float = 3e-4  # peak learning rate after warmup; 1e-4..1e-3 for small students

@@ -30,6 +30,8 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from kd.config import TrainConfig  # noqa: E402  (after the path set-up)
+
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
 
 
@@ -70,7 +72,6 @@ def random_batch(vocab: int, *, batch_size: int, seq_len: int) -> dict[str, torc
 def run_ours(case: str, args: argparse.Namespace) -> dict:
     import train
     from kd import parallel
-    from kd.config import TrainConfig
     from kd.optim import build_optimizer
     from kd.tokenizer import load_tokenizer
 
@@ -144,7 +145,7 @@ def main() -> int:
     parser.add_argument("--teacher", default=str(REPO / "models" / "smollm2-135m-instruct"), help="HF teacher directory")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--chunk-size", type=int, default=1024, help="tokens per chunk of our loss")
+    parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size, help="tokens per chunk of our loss")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case, after one warm-up step")
     parser.add_argument("--case", choices=["sft", "teacher", "kd", "naive"], help="run one case (used internally)")
     args = parser.parse_args()
