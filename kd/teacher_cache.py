@@ -174,8 +174,9 @@ def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], 
     Resumes after the last shard the manifest lists, if the existing manifest has the same
     spec (else ValueError: another run's cache is there). `max_shards` stops after writing that
     many shards (a long job split into pieces; the next call continues). `info` goes into the
-    manifest as is (e.g. teacher and data paths). `on_batch(examples_done)` reports progress (once at the start, then per batch).
-    Examples are batched only within a shard, so a resumed cache is byte-identical.
+    manifest as is (e.g. teacher and data paths). `on_batch(examples_done)` reports progress,
+    once at the start, then per batch. Examples are batched only within a shard, so a resumed
+    cache is byte-identical.
     """
     out = Path(out)
     if spec.num_examples != len(examples):

@@ -11,21 +11,27 @@ Checks, on a tiny random llama teacher (vocab 512) and the tiny BPE tokenizer:
 - a cache for another tokenizer, data file, seq_len or tokenization, or an unfinished one, is
   refused with the field named; a batch not from the cached data is refused;
 - an interrupted caching run (scripts/cache_teacher.py --max-shards 1, plus leftovers of a
-  crash mid-shard) resumes and yields byte-identical files to an uninterrupted run.
+  crash mid-shard) resumes and yields byte-identical files to an uninterrupted run;
+- (slow, once train.py has `teacher_cache`) train.py from a k = V cache equals online KD.
 
-Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~10 s on 2 cores).
+Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~10 s on 2 cores);
+`-m slow` for the train.py run.
 """
 from __future__ import annotations
 
 import importlib.util
 import json
 import math
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_file
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 from tokenizers import Tokenizer as Backend
@@ -33,7 +39,7 @@ from tokenizers import Tokenizer as Backend
 from kd.chunked_loss import chunked_distillation_loss
 from kd.data import IGNORE, collate, load_examples
 from kd.hf import load_model
-from kd.losses import TopK, distillation_loss
+from kd.losses import distillation_loss
 from kd.teacher_cache import CacheSpec, TeacherCache, config_sha256, file_sha256, teacher_topk, write_cache
 from kd.tokenizer import load_tokenizer
 
@@ -48,7 +54,8 @@ RECORDS = [
     {"text": "Café, naïve, façade and résumé keep their accents; 東京 and 北京 are capitals."},
     {"prompt": "Name a planet.", "response": "Mars."},
 ]
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "cache_teacher.py"
+REPO = Path(__file__).resolve().parent.parent
+SCRIPT = REPO / "scripts" / "cache_teacher.py"
 
 
 @pytest.fixture(scope="module")
@@ -117,13 +124,14 @@ def test_round_trip_is_exact(setup, dtype):
     assert (log_tail - tail).abs().max() < 1e-5, f"max |diff| {(log_tail - tail).abs().max():.3g}"
 
     # topk_for puts the rows at the labelled positions, in order; at T = T_c it only renormalizes
-    # the k + 1 buckets (fp32: ~1e-7; fp16: the storage rounding it corrects, < 2e-3 relative).
+    # the k + 1 buckets. Tolerance: fp32 ~1e-7 per entry, so 1e-6; fp16 rounds |log p| < 16 by
+    # < 2^-7 and renormalizing shifts every entry by about as much again, so 2e-2.
     topk = cache.topk_for([0, 3, 6], batch["labels"])
     valid = batch["labels"] != IGNORE
     assert topk.ids.shape == (3, batch["labels"].shape[1], 16)
     assert torch.equal(topk.ids[valid], ids)
-    tol = 1e-6 if dtype == "float32" else 2e-2
-    assert (topk.logprobs[valid] - logprobs).abs().max() < tol, f"max |diff| {(topk.logprobs[valid] - logprobs).abs().max():.3g}"
+    diff = (topk.logprobs[valid] - logprobs).abs().max()
+    assert diff < (1e-6 if dtype == "float32" else 2e-2), f"max |diff| {diff:.3g}"
 
 
 def test_ids_are_16_bit_and_bytes_per_token(setup):
@@ -283,3 +291,45 @@ def test_interrupted_run_resumes_to_identical_files(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _run_script([*common, "--out", str(part), "--top-k", "9999"])
     assert str(exit_info.value).startswith("error: --top-k 9999 must be in 1..512")
+
+
+def _train_has_teacher_cache() -> bool:
+    from kd.config import TrainConfig
+
+    return "teacher_cache" in TrainConfig.__dataclass_fields__
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _train_has_teacher_cache(), reason="train.py has no teacher_cache setting yet")
+def test_train_py_from_cache_equals_online(setup, tmp_path):
+    """train.py end to end (~1-2 min): a k = V cache at T = 2 reproduces online KD's losses and weights."""
+    s = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread: same fp32 sum order
+
+    def run(*argv: str) -> None:
+        result = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+
+    cache = tmp_path / "cache"
+    run(str(SCRIPT), f"--teacher={s['teacher_dir']}", f"--data={s['data']}", f"--out={cache}",
+        f"--top-k={TINY_VOCAB_SIZE}", f"--seq-len={SEQ_LEN}", "--dtype=float32", "--teacher-dtype=fp32")
+    common = [str(REPO / "train.py"), f"--teacher={s['teacher_dir']}", f"--data={s['data']}", "--student_layers=0",
+              "--max_steps=6", f"--seq_len={SEQ_LEN}", "--batch_size=2", "--lr=1e-2", "--warmup_steps=2",
+              "--min_lr=1e-3", "--precision=fp32", "--log_every=1", "--chunk_size=64", "--loss=forward_kl",
+              "--temperature=2.0"]
+    run(*common, f"--out={tmp_path / 'online'}")
+    run(*common, f"--out={tmp_path / 'cached'}", f"--teacher_cache={cache}")
+
+    def losses(out: Path) -> list[float]:
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in records if "loss" in r]
+
+    online, cached = losses(tmp_path / "online"), losses(tmp_path / "cached")
+    assert len(online) == len(cached) == 6
+    # 1e-5 as in the in-process test: teacher log-probs computed in other batches differ by ~1e-6.
+    diff = max(abs(a - b) for a, b in zip(online, cached))
+    assert diff < 1e-5, f"losses: max |diff| {diff:.3g}"
+    wa, wb = (load_file(tmp_path / run_dir / "final" / "model.safetensors") for run_dir in ("online", "cached"))
+    w_diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
+    # 1e-4: those differences pass through 6 Adam steps of lr 1e-2 (weights move by ~5e-2).
+    assert w_diff < 1e-4, f"final weights: max |diff| {w_diff:.3g}"
