@@ -21,6 +21,12 @@ Methods, all this one loop: logit KD with any divergence (loss=...), SFT (loss=s
 distillation (SFT or KD on teacher-written data from generate.py), multi-teacher (several
 `teacher`s), two-stage (stage 2 `init_from` stage 1's OUT/final). See configs/.
 
+Outputs in `out`: train_config.toml (the resolved settings), metrics.jsonl (one JSON object per
+log step and per evaluation; scripts/plot_metrics.py draws it), checkpoints/step_N/ (every
+`save_every` steps and on SIGTERM; `resume=true` continues exactly) and final/, the student
+as an HF directory. To export a checkpoint on request, resume it with max_steps set to its
+step: `train.py --config X --resume=true --max_steps=N` only writes final/.
+
 dtypes: student master weights and AdamW state fp32, compute in `precision` via FSDP2's
 MixedPrecisionPolicy, gradients reduced in fp32; teacher weights stored in `precision`;
 softmax and every loss in fp32 (kd/losses.py).
@@ -332,7 +338,6 @@ def main(cfg: TrainConfig) -> None:
 
     # --- student and teacher(s): meta device -> FSDP2 shards -> weights from rank 0.
     student, teachers, vocab = build_models(cfg, world, tokenizer)
-    s_config = student.config
     flops = flops_per_token([] if cfg.loss == "sft" else teachers, student, seq_len=cfg.seq_len)
     say(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
         f"teacher(s): {', '.join(f'{sum(p.numel() for p in t.parameters()) / 1e6:.1f}M' for t in teachers)}")
@@ -421,7 +426,7 @@ def main(cfg: TrainConfig) -> None:
     # --- export the student as an HF directory (transformers and generate.py load it).
     state_dict = parallel.full_state_dict(student)  # every rank takes part; rank 0 gets the tensors
     if world.is_main:
-        hf.save_state_dict(state_dict, s_config, out / "final", tokenizer_from=cfg.teacher[0])
+        hf.save_state_dict(state_dict, student.config, out / "final", tokenizer_from=cfg.teacher[0])
     say(f"exported the student to {out / 'final'}")
     parallel.barrier()
 
