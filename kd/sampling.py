@@ -85,7 +85,8 @@ def sample_next(
     """Next token ids (B,) from last-position logits (B, V); temperature 0 is greedy argmax."""
     if temperature == 0:
         _check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p)
-        return logits.argmax(dim=-1)
+        # In fp32: argmax over bf16 is ~3x slower on CPU (~2 ms for 8 x 49152), same answer.
+        return logits.float().argmax(dim=-1)
     probs = sampling_probs(logits, temperature=temperature, top_k=top_k, top_p=top_p)
     return sample_from_probs(probs, generator=generator)
 
