@@ -115,7 +115,8 @@ def chunked_distillation_loss(
         teachers (combined as in `distillation_loss`, with `teacher_weights`). The teacher part
         runs without gradients. V_t > V only with `tokenizer_vocab_size` (rows are sliced).
     teacher_logits: instead of teacher hidden states (pass None, None for those): precomputed
-        logits (..., V_t), a list of them, or a `TopK` of cached top-k log-probs.
+        logits (..., V_t), a list of them, or a `TopK` of cached top-k log-probs. No teacher at
+        all (None, None and no teacher_logits) is plain SFT and needs alpha = 0.
     chunk_size: tokens per chunk; peak extra memory is a few (chunk_size x V) fp32 buffers
         (measured ~0.4 GiB at 256 for V = 49152 and 128256) plus dL/dW in fp32, whatever the
         token count. 256 is Liger-Kernel's choice for V / H ~ 64; larger chunks run the
@@ -174,6 +175,8 @@ def _teacher_chunks(
     tokenizer_vocab_size: int | None,
 ) -> Callable[[int, int], Teacher]:
     """A function (start, end) -> the teacher for those token rows, in the form `loss_sums` takes."""
+    if teacher_logits is None and teacher_hidden is None and teacher_head_weight is None:
+        return lambda s, e: None  # no teacher: plain SFT, allowed with alpha = 0 only
     if (teacher_logits is None) == (teacher_hidden is None or teacher_head_weight is None):
         raise ValueError(
             "pass either teacher_hidden and teacher_head_weight, or teacher_logits= (with None, None "

@@ -308,7 +308,7 @@ def check_teacher_vocab(student_vocab: int, teacher_vocab: int, tokenizer_vocab_
 
 def loss_sums(
     student_logits: Tensor,
-    teacher: Teacher,
+    teacher: Teacher | None,
     labels: Tensor,
     *,
     divergence: str = "forward_kl",
@@ -336,7 +336,11 @@ def loss_sums(
     valid = labels != ignore_index  # from the labels, never from input_ids (always != -100)
 
     log_q = _log_probs(student_logits, temperature, dtype)
-    if divergence == "logit_mse":
+    if teacher is None:  # plain SFT: no teacher forward at all
+        if alpha != 0.0:
+            raise ValueError(f"no teacher given with alpha={alpha}; pass a teacher, or alpha=0 for plain SFT")
+        div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
+    elif divergence == "logit_mse":
         if isinstance(teacher, TopK) or (not isinstance(teacher, Tensor) and teacher_mixture != "logits"):
             raise ValueError("divergence='logit_mse' needs dense teacher logits (multi-teacher: teacher_mixture='logits')")
         if not isinstance(teacher, Tensor):
@@ -365,9 +369,9 @@ def loss_sums(
     return alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum, div_sum, ce_sum
 
 
-def _aligned_teacher(teacher: Teacher, student_logits: Tensor, tokenizer_vocab_size: int | None) -> Teacher:
+def _aligned_teacher(teacher: Teacher | None, student_logits: Tensor, tokenizer_vocab_size: int | None) -> Teacher | None:
     """Dense teacher logits checked against the student's shape, padded vocab rows sliced off."""
-    if isinstance(teacher, TopK):
+    if teacher is None or isinstance(teacher, TopK):
         return teacher  # shapes are checked in _topk_buckets
     teachers = [teacher] if isinstance(teacher, Tensor) else list(teacher)
     vocab = student_logits.shape[-1]
@@ -412,7 +416,7 @@ def metrics_from_sums(div_sum: Tensor, ce_sum: Tensor, valid_count: Tensor) -> d
 
 def distillation_loss(
     student_logits: Tensor,
-    teacher_logits: Teacher,
+    teacher_logits: Teacher | None,
     labels: Tensor,
     *,
     divergence: str = "forward_kl",
@@ -432,6 +436,7 @@ def distillation_loss(
         uniform, combined by `teacher_mixture` 'probs' = sum_i w_i p_i, or 'logits' =
         softmax(sum_i w_i z_i)); or a `TopK` of cached top-k log-probs at temperature T.
         V' > V only with `tokenizer_vocab_size` (padding rows, see `check_teacher_vocab`).
+        None only with alpha = 0 (plain SFT; the divergence metric is then 0).
     labels: (...) token ids; positions equal to `ignore_index` count nowhere.
     num_tokens: the divisor; default the valid count here, but under gradient accumulation
         and data parallelism pass the count over all micro-batches and ranks, so every token

@@ -4,8 +4,8 @@ Checks values and gradients (student hidden states and head weight) against the 
 for every divergence and several chunk sizes (including ones that do not divide the token
 count), every teacher form (hidden states, precomputed logits, top-k, several teachers),
 padded teacher vocab, (B, T, H) inputs, bf16 inputs (bf16 gradients, fp32 loss), micro-batch
-invariance with a global `num_tokens`, a batch with no valid token, no-grad use, and that no
-saved tensor is larger than one chunk of logits.
+invariance with a global `num_tokens`, a batch with no valid token, no-grad use, SFT without a
+teacher, and that no saved tensor is larger than one chunk of logits.
 
 Run: .venv/bin/python -m pytest -q tests/test_chunked_loss.py
 """
@@ -123,6 +123,10 @@ def test_no_valid_token_and_no_grad():
     with torch.no_grad():
         loss, _ = chunked_distillation_loss(h, w, th, tw, labels, chunk_size=8)
     assert not loss.requires_grad
+    sft, metrics = chunked_distillation_loss(h, w, None, None, labels, chunk_size=8, alpha=0.0)
+    dense_sft, _ = distillation_loss(h @ w.T, None, labels, alpha=0.0)
+    assert_close([sft] + grads(sft, h, w), [dense_sft] + grads(dense_sft, h, w), 1e-12)  # float64
+    assert float(metrics["divergence"]) == 0.0
     frozen_head = w.detach()  # a frozen head: only the hidden states get a gradient
     loss, _ = chunked_distillation_loss(h, frozen_head, th, tw, labels, chunk_size=8)
     dense, _ = distillation_loss(h @ frozen_head.T, th @ tw.T, labels)
@@ -149,7 +153,8 @@ def test_input_errors_are_value_errors():
     bad = [
         lambda: chunked_distillation_loss(h, w, th, tw, labels, chunk_size=0),
         lambda: chunked_distillation_loss(h, w, th, tw, labels, teacher_logits=th @ tw.T),
-        lambda: chunked_distillation_loss(h, w, None, None, labels),
+        lambda: chunked_distillation_loss(h, w, None, None, labels),  # no teacher needs alpha = 0
+        lambda: chunked_distillation_loss(h, w, th, None, labels),
         lambda: chunked_distillation_loss(h, w, th, tw, labels[:-1]),
         lambda: chunked_distillation_loss(h, w, [th, th], [tw], labels),
         lambda: chunked_distillation_loss(h, w, th, torch.cat([tw, tw]), labels),

@@ -230,6 +230,10 @@ def test_alpha_zero_is_sft_and_ignores_padding():
     loss, metrics = distillation_loss(s, t, labels, alpha=0.0, temperature=2.0)
     ce = F.cross_entropy(s.reshape(-1, 50), labels.reshape(-1), ignore_index=-100)
     assert abs(float(loss - ce)) < 1e-12 and abs(float(metrics["ce"] - ce)) < 1e-12  # float64 rounding
+    no_teacher, _ = distillation_loss(s, None, labels, alpha=0.0, temperature=2.0)
+    assert abs(float(no_teacher - ce)) < 1e-12, abs(float(no_teacher - ce))  # float64 rounding
+    with pytest.raises(ValueError, match="alpha=0"):
+        distillation_loss(s, None, labels, alpha=0.5)
 
 
 def test_no_valid_token_gives_connected_zero():
