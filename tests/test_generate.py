@@ -5,6 +5,7 @@ one-line errors; plus the real teacher's greedy answer to a factual question.
 Run: `.venv/bin/python -m pytest -q tests/test_generate.py` (the teacher test needs `make teacher`).
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,16 @@ from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine every op of a
+    2-thread run waits for both threads to be scheduled (~100x slower small ops)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny random llama with the tiny tokenizer's vocabulary, both in one directory."""
@@ -32,7 +43,8 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], cwd=REPO,
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as one_thread, for the child process
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
