@@ -343,8 +343,8 @@ def main(cfg: TrainConfig) -> None:
         f"teacher(s): {', '.join(f'{sum(p.numel() for p in t.parameters()) / 1e6:.1f}M' for t in teachers)}")
 
     # --- optimizer and LR schedule (a pure function of the step: nothing else to checkpoint).
-    optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=world.device.type == "cuda")
     scaler = parallel.grad_scaler(cfg.precision, world.device)
+    optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=scaler is None)
 
     # --- resume: model, optimizer, RNG, step (= data position), grad scaler.
     step = 0

@@ -86,7 +86,7 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
             seconds = timed(lambda: teachers[0](batch["input_ids"]), steps=args.steps)
         flops = train.forward_flops_per_token(teachers[0], seq_len=args.seq_len)
     else:
-        optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=0.1, fused=world.device.type == "cuda")
+        optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=0.1)
         n = args.batch_size * args.seq_len
         seconds = timed(lambda: train.train_step(student, teachers, [batch], num_tokens=n, vocab=vocab, cfg=cfg,
                                                  optimizer=optimizer, scaler=None), steps=args.steps)

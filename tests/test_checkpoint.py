@@ -32,7 +32,7 @@ def make(seed: int = 0) -> tuple[Transformer, torch.optim.Optimizer]:
     reference = Transformer(CONFIG)
     reference.init_weights(seed=seed)
     parallel.load_full_state_dict(model, reference.state_dict())
-    return model, build_optimizer(model, lr=1e-2, weight_decay=0.1, fused=False)
+    return model, build_optimizer(model, lr=1e-2, weight_decay=0.1)
 
 
 def train(model: Transformer, optimizer: torch.optim.Optimizer, steps: range) -> None:

@@ -37,7 +37,7 @@ def test_lr_schedule_landmarks():
 
 def test_weight_decay_only_on_matrices():
     model = Transformer(TINY)
-    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1, fused=False)
+    opt = build_optimizer(model, lr=1e-3, weight_decay=0.1)
     decay, no_decay = opt.param_groups
     assert decay["weight_decay"] == 0.1 and all(p.ndim == 2 for p in decay["params"])
     assert no_decay["weight_decay"] == 0.0 and all(p.ndim == 1 for p in no_decay["params"])
