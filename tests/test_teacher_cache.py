@@ -14,7 +14,7 @@ Checks, on a tiny random llama teacher (vocab 512) and the tiny BPE tokenizer:
   crash mid-shard) resumes and yields byte-identical files to an uninterrupted run;
 - (slow, once train.py has `teacher_cache`) train.py from a k = V cache equals online KD.
 
-Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~10 s on 2 cores);
+Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~15 s of CPU time);
 `-m slow` for the train.py run.
 """
 from __future__ import annotations
