@@ -22,11 +22,11 @@ Ctrl-C and a rerun resume where the run stopped; training resumes from its last 
 import argparse
 import json
 import os
-import resource
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,34 +76,27 @@ def train_args(args: argparse.Namespace, overrides: list[str], precision: str) -
 
 
 class Clock:
-    """Wall and CPU seconds per stage (children included): CPU seconds / cores estimates the
-    wall time on an otherwise idle machine when other work shares the cores."""
+    """Wall seconds per stage, for the progress lines and the report's time table."""
 
     def __init__(self) -> None:
         self.t0, self.rows = time.perf_counter(), []
 
-    @staticmethod
-    def cpu() -> float:
-        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-    def stage(self, n: int, name: str, done: Path, work) -> None:
+    def stage(self, n: int, name: str, done: Path, work: Callable[[], None]) -> None:
         """Run `work()` unless `done` exists; print a header and the time it took."""
         print(f"\n[{n}/6] {name}", flush=True)
         if done.exists():
             print(f"  done already: {done}")
-            self.rows.append((name, None, None))
+            self.rows.append((name, None))
             return
-        wall, cpu = time.perf_counter(), self.cpu()
+        t0 = time.perf_counter()
         work()
-        wall, cpu = time.perf_counter() - wall, self.cpu() - cpu
-        self.rows.append((name, wall, cpu))
-        print(f"  {wall:.0f} s (CPU {cpu:.0f} s), {time.perf_counter() - self.t0:.0f} s since start", flush=True)
+        self.rows.append((name, time.perf_counter() - t0))
+        print(f"  {self.rows[-1][1]:.0f} s; {time.perf_counter() - self.t0:.0f} s since the start", flush=True)
 
     def table(self) -> str:
-        lines = ["| stage | wall s | CPU s |", "| --- | ---: | ---: |"]
-        for name, wall, cpu in self.rows:
-            lines.append(f"| {name} | " + ("skipped (done earlier) | |" if wall is None else f"{wall:.0f} | {cpu:.0f} |"))
+        lines = ["| stage | wall time |", "| --- | ---: |"]
+        lines += [f"| {name} | " + ("skipped (done earlier) |" if wall is None else f"{wall:.0f} s |")
+                  for name, wall in self.rows]
         return "\n".join(lines)
 
 
@@ -224,8 +217,7 @@ def write_report(args: argparse.Namespace, cfg: TrainConfig, eval_set, results: 
         table, "", "Distilled vs before:", *lines, "",
         *(["## Training curves", "", "![training curves](curves.png)", ""] if curves else []),
         "## Answers side by side (the first held-out prompts)", "", examples_markdown(eval_set, results), "",
-        "## Time", "", clock.table(), "",
-        "CPU s counts this process and its children; CPU s / cores estimates the wall time on an idle machine.",
+        "## Time", "", clock.table(),
     ])
     path = args.out / "report.md"
     tmp = path.with_name(path.name + ".tmp")
@@ -274,7 +266,8 @@ def main(argv: list[str]) -> None:
 
     def get_teacher() -> Transformer:  # loaded once, only if an evaluation still has to run
         nonlocal teacher
-        teacher = teacher or for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
+        if teacher is None:
+            teacher = for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
         return teacher
 
     clock.stage(3, "evaluate the student before distillation", evals / "student_before.json",
@@ -286,6 +279,7 @@ def main(argv: list[str]) -> None:
     clock.stage(4, f"distill: {cfg.max_steps} steps of train.py ({cfg.loss})", train_dir / "final",
                 lambda: run_child([sys.executable, str(ROOT / "train.py"), *train_args(args, overrides, precision),
                                    *resume]))
+
     def evaluate_after() -> None:
         if not (evals / "student_after.json").exists():  # done before an interrupted teacher evaluation
             student = for_eval(hf.load_model(train_dir / "final", dtype=dtype), device, dtype)

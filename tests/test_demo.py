@@ -21,6 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("demo_script", REPO / "scripts" / "demo.py")
 demo = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(demo)
+spec = importlib.util.spec_from_file_location("compare_methods_script", REPO / "scripts" / "compare_methods.py")
+compare = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(compare)
 
 # A few steps of a 2-layer student of a 4-layer teacher on 6 answers; short answers everywhere.
 TINY_SETTINGS = ["--student_layers=0,3", "--max_steps=4", "--batch_size=2", "--seq_len=64", "--warmup_steps=1",
@@ -78,6 +81,25 @@ def test_demo_runs_end_to_end_skips_finished_stages_and_resumes(tiny, capfd) -> 
     assert "--resume=true" in log and "resumed from" in log and "step_000004" in log
     assert "step 1/4" not in log and log.count("done already") == 3
     assert (out / "train" / "final" / "config.json").is_file() and (out / "eval" / "teacher.json").is_file()
+
+
+def test_compare_methods_writes_results(tiny, tmp_path, capfd) -> None:
+    demo_out = tiny["root"] / "run"  # the demo run above supplies the data and its own evaluation
+    if not (demo_out / "eval" / "teacher.json").is_file():
+        run_demo(demo_out, tiny["args"], capfd)
+    results = tmp_path / "results.md"
+    settings = [a for a in TINY_SETTINGS if not a.startswith(("--eval_every", "--save_every", "--max_steps"))]
+    compare.main(["--demo", str(demo_out), "--out", str(tmp_path / "compare"), "--teacher", tiny["args"][1],
+                  "--methods", "sft,jsd", "--results", str(results), "--max-new-tokens", "8", "--batch-size", "4", *settings,
+                  "--max_steps=2"])
+    text = results.read_text()
+    print(text)
+    assert "## make demo" in text and "## Methods at equal steps and data" in text and "Machine: " in text
+    for row in ("| teacher |", "| student before |", "| student after |", "| sft |", "| jsd |"):
+        assert row in text
+    assert "2 steps x 2 examples" in text
+    with pytest.raises(ValueError, match="unknown method 'dpo'"):
+        compare.main(["--demo", str(demo_out), "--methods", "dpo"])
 
 
 @pytest.mark.parametrize("args, error, message", [

@@ -1,0 +1,169 @@
+"""Compare distillation methods at equal steps and data, and write docs/results.md.
+
+    .venv/bin/python scripts/compare_methods.py                  # after `make demo` (it writes the data)
+    .venv/bin/python scripts/compare_methods.py --methods sft,jsd --max_steps=50   # --key=value: train.py
+
+Every method trains the demo's student (configs/demo.toml: the teacher's layers 0, 3, ..., 24, 29)
+for the same steps on the same data, the teacher's greedy answers to the 320 training prompts
+(runs/demo/data/, written by `make demo`), and is evaluated like the demo (kd/evaluate.py) on
+the 64 held-out prompts. The methods, each pure (alpha = 1, no cross-entropy mixed in):
+  sft         cross-entropy on the teacher's text: sequence-level KD (Kim & Rush, arXiv 1606.07947)
+  forward_kl  KL(p || q) at every token of it (Hinton et al., arXiv 1503.02531)
+  reverse_kl  KL(q || p), mode-seeking (as in MiniLLM's single-step term, arXiv 2306.08543)
+  jsd         JSD(beta = 0.5) (GKD's default divergence, arXiv 2306.13649), off-policy
+  gkd         JSD on the student's own samples (GKD, lmbda = 1), once train.py has `method`
+Runs live in OUT/<method>/ (default runs/compare); each stage is skipped when its output
+exists, so an interrupted comparison resumes. docs/results.md gets the demo's table (from
+runs/demo/eval/) and this comparison, with the settings and the machine.
+"""
+import argparse
+import json
+import sys
+import time
+from dataclasses import fields
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+import demo  # noqa: E402  (the demo's stages: run_child, student_before, evaluation, verdict)
+from kd import checkpoint, hf  # noqa: E402
+from kd.config import TrainConfig, load_config  # noqa: E402
+from kd.evaluate import describe_machine, fast_dtype, format_table, load_eval_set  # noqa: E402
+from kd.tokenizer import load_tokenizer  # noqa: E402
+
+METHODS = {
+    "sft": ["--loss=sft"],
+    "forward_kl": ["--loss=forward_kl", "--alpha=1.0"],
+    "reverse_kl": ["--loss=reverse_kl", "--alpha=1.0"],
+    "jsd": ["--loss=jsd", "--alpha=1.0", "--beta=0.5"],
+    "gkd": ["--method=gkd", "--loss=jsd", "--alpha=1.0", "--beta=0.5"],
+}
+
+
+def available_methods() -> list[str]:
+    """GKD needs on-policy training in train.py (its `method` setting); the rest always run."""
+    has_method = any(f.name == "method" for f in fields(TrainConfig))
+    return [m for m in METHODS if m != "gkd" or has_method]
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Other --key=value arguments override "
+                                "configs/demo.toml settings of train.py for every method.")
+    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="run directory (default runs/compare)")
+    p.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo's run directory (data, eval)")
+    p.add_argument("--teacher", default="models/smollm2-135m-instruct", help="teacher HF directory")
+    p.add_argument("--config", type=Path, default=ROOT.parent / "configs/demo.toml", help="train.py settings")
+    p.add_argument("--methods", default=",".join(available_methods()), help="comma-separated, from: "
+                   + ", ".join(METHODS))
+    p.add_argument("--results", type=Path, default=ROOT.parent / "docs/results.md", help="markdown file to write")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest greedy answer")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
+    args, rest = p.parse_known_args(argv)
+    args.methods = [m for m in args.methods.split(",") if m]
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    missing = [m for m in args.methods if m not in available_methods()]
+    if missing:
+        raise ValueError(f"method {missing[0]!r} needs on-policy training in train.py (its `method` setting), "
+                         "which this checkout lacks")
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise ValueError(f"unexpected argument {bad[0]!r}: train.py settings are given as --key=value")
+    for name in ("train.jsonl", "heldout.jsonl"):
+        if not (args.demo / "data" / name).is_file():
+            raise FileNotFoundError(f"{args.demo / 'data' / name} not found: run `make demo` first (its stages 1-2 "
+                                    "write the teacher's answers), or pass --demo DIR")
+    return args, rest
+
+
+def method_args(args: argparse.Namespace, method: str, overrides: list[str], precision: str) -> list[str]:
+    """train.py's arguments for one method, in demo.train_args' order: config, paths, method, overrides."""
+    demo_args = argparse.Namespace(config=args.config, teacher=args.teacher, out=args.demo)
+    common = demo.train_args(demo_args, [], precision)
+    return [*common, f"--out={args.out / method}", *METHODS[method], *overrides]
+
+
+def settings_lines(cfg: TrainConfig, args: argparse.Namespace, n_train: int, n_heldout: int) -> list[str]:
+    return [f"- student: teacher layers {list(cfg.student_layers)} of {Path(cfg.teacher[0]).name}",
+            f"- data: {n_train} training prompts answered greedily by the teacher (<= {args.max_new_tokens} "
+            f"tokens); evaluation on {n_heldout} held-out prompts and the teacher's greedy answers",
+            f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples, seq_len {cfg.seq_len}, "
+            f"lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to {cfg.min_lr}), weight decay {cfg.weight_decay}, "
+            f"precision {cfg.precision}, seed {cfg.seed}"]
+
+
+def main(argv: list[str]) -> None:
+    args, overrides = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = fast_dtype(device)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    configs = {m: load_config(method_args(args, m, overrides, precision)) for m in args.methods}  # check all first
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = load_tokenizer(args.teacher)
+    eval_set = load_eval_set(args.demo / "data" / "heldout.jsonl", tokenizer)
+    teacher = demo.for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
+    eval_args = argparse.Namespace(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    seconds = {}
+    for method, cfg in configs.items():
+        print(f"\n=== {method}", flush=True)
+        run = args.out / method
+        if not (run / "final").exists():
+            resume = ["--resume=true"] if checkpoint.complete_checkpoints(run) else []
+            t0 = time.perf_counter()
+            demo.run_child([sys.executable, str(ROOT.parent / "train.py"),
+                            *method_args(args, method, overrides, precision), *resume])
+            seconds[method] = time.perf_counter() - t0
+        if not (args.out / f"{method}.json").exists():
+            student = demo.for_eval(hf.load_model(run / "final", dtype=dtype), device, dtype)
+            demo.evaluate_stage(method, student, teacher, tokenizer, eval_set, args.out, eval_args)
+    for name, model in (("student_before", lambda: demo.student_before(next(iter(configs.values())))),
+                        ("teacher", lambda: teacher)):
+        if not (args.out / f"{name}.json").exists():
+            demo.evaluate_stage(name, demo.for_eval(model(), device, dtype), teacher, tokenizer, eval_set, args.out,
+                                eval_args)
+
+    def read(path: Path) -> dict:
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    rows = {"teacher": read(args.out / "teacher.json"), "student before": read(args.out / "student_before.json")}
+    rows |= {m: read(args.out / f"{m}.json") for m in configs}
+    cfg = next(iter(configs.values()))
+    n_train = len((args.demo / "data" / "train.jsonl").read_text().splitlines())
+    lines = ["# Results", "", f"Machine: {describe_machine(device)}.", ""]
+    demo_evals = args.demo / "eval"
+    if all((demo_evals / f"{n}.json").is_file() for n in ("teacher", "student_before", "student_after")):
+        demo_rows = {n.replace("_", " "): read(demo_evals / f"{n}.json")
+                     for n in ("teacher", "student_before", "student_after")}
+        demo_cfg = load_config(demo.train_args(argparse.Namespace(config=args.config, teacher=args.teacher,
+                                                                  out=args.demo), [], precision))
+        verdict, _ = demo.verdict(demo_rows["student before"], demo_rows["student after"])
+        lines += ["## make demo", "", f"`configs/demo.toml`: {demo_cfg.loss} (alpha {demo_cfg.alpha}) on the "
+                  "teacher's answers; full report in runs/demo/report.md.", "",
+                  *settings_lines(demo_cfg, args, n_train, len(eval_set.prompts)), "",
+                  format_table(demo_rows), "", *verdict, ""]
+    lines += ["## Methods at equal steps and data", "", "Made by `scripts/compare_methods.py`. Every method starts "
+              "from the same student and sees the same batches in the same order; alpha = 1 (no cross-entropy mixed "
+              "in) except SFT, which is cross-entropy only.", "",
+              *settings_lines(cfg, args, n_train, len(eval_set.prompts)), "", format_table(rows), "",
+              "KL, perplexity and top-1 agreement are per token of the teacher's greedy held-out answers "
+              "(teacher-forced); Rouge-L F1 (MiniLLM protocol) compares each model's greedy answer with the "
+              f"teacher's; tokens/s is batched greedy generation at batch {args.batch_size}."]
+    if seconds:
+        lines += ["", "Training wall time this run: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + "."]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    print(f"\n{format_table(rows)}\n\nwrote {args.results}")
+
+
+if __name__ == "__main__":
+    try:
+        main(sys.argv[1:])
+    except (ValueError, FileNotFoundError, demo.ChildFailed) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        print("interrupted: run it again to resume where it stopped", file=sys.stderr)
+        sys.exit(130)
