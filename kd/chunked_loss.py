@@ -4,9 +4,8 @@ With N tokens and a vocabulary V, the (N x V) fp32 logits of student and teacher
 memory bottleneck of distillation (N = 8192, V = 128256: 4 GiB per copy, and a naive
 forward + backward keeps several copies). `chunked_distillation_loss` takes hidden states and
 head weights instead of logits and walks the tokens `chunk_size` rows at a time: per chunk it
-computes both heads' logits, the loss (`kd.losses.loss_sums`, the same code as the dense
-`distillation_loss`), and, by autograd on that chunk alone, the gradient of the loss with
-respect to the chunk's logits G (n x V). Then
+computes both heads' logits, the loss and the gradient of the loss with respect to the chunk's
+logits G (n x V). Then
 
     dL/dh_chunk = G W          (n x H)     dL/dW += G^T h_chunk      (V x H)
 
@@ -15,6 +14,15 @@ front, so the gradients are final when the forward ends (the approach of Liger-K
 linear losses, arXiv 2410.10989): backward only scales them by the incoming gradient, and no
 second pass over the head is needed. Peak extra memory is one chunk of logits and its
 intermediates, instead of all of them.
+
+G comes one of two ways, chosen in `_loss_and_logit_grad` (the one dispatch point):
+- analytic (`_analytic_loss_and_grad`), for forward KL and reverse KL against dense teacher
+  logits (one teacher or several), and for plain SFT (alpha = 0, no teacher); the formulas are
+  derived there. It skips autograd's saved intermediates and backward kernels and works in
+  place: ~2x less CPU time per chunk than autograd (256 x 49152, measured). Its log-probs come
+  from kd.losses' functions; the tests check its sums and G against the autograd path.
+- autograd on the chunk's `kd.losses.loss_sums` (the code of the dense `distillation_loss`),
+  for every other divergence and for top-k teachers.
 
 dtypes: hidden states and weights may be bf16 (FSDP2 mixed precision): the matmuls run in that
 dtype, softmax and loss in fp32 (float64 for float64 inputs), the gradients come back in the
@@ -28,8 +36,21 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
-from kd.losses import Teacher, TopK, check_teacher_vocab, loss_sums, metrics_from_sums, token_count
+from kd.losses import (
+    Teacher,
+    TopK,
+    _aligned_teacher,
+    _check_options,
+    _compute_dtype,
+    _log_probs,
+    _teacher_log_probs,
+    check_teacher_vocab,
+    loss_sums,
+    metrics_from_sums,
+    token_count,
+)
 
 Tensor = torch.Tensor
 
@@ -59,17 +80,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end]  # (n, H)
             logits = h @ weight.T  # (n, V) in the input dtype; forward() runs without autograd
-            with torch.enable_grad():
-                logits.requires_grad_(grad_hidden or grad_weight)
-                total, div_sum, ce_sum = loss_sums(logits, teacher_chunk(start, end), labels[start:end], **options)
-                if logits.requires_grad:
-                    (g,) = torch.autograd.grad(total / denom, logits)  # (n, V) = dL/dlogits
+            total, div_sum, ce_sum, g = _loss_and_logit_grad(
+                logits, teacher_chunk(start, end), labels[start:end], denom, options, grad_hidden or grad_weight
+            )  # g: (n, V) = dL/dlogits in the logits' dtype, or None
             if grad_hidden:
                 d_hidden[start:end] = g @ weight
             if grad_weight:
                 d_weight.addmm_(g.T.to(d_weight.dtype), h.to(d_weight.dtype))
-            sums += torch.stack([total.detach(), div_sum.detach(), ce_sum.detach()]).to(sums.dtype)
-            del logits  # the chunk's logits and their graph go here: one chunk alive at a time
+            sums += torch.stack([total, div_sum, ce_sum]).to(sums.dtype)
+            del logits, g  # the chunk's logits and gradient go here: one chunk alive at a time
         # Kept as attributes, not save_for_backward: they are our own results, and backward scales
         # them in place and drops them, instead of allocating another (V x H) copy.
         ctx.d_hidden, ctx.d_weight = d_hidden, None if d_weight is None else d_weight.to(weight.dtype)
@@ -87,6 +106,117 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 d.mul_(grad_loss.to(d.dtype))  # chain rule through the scalar loss
         return d_hidden, d_weight, None, None, None, None, None, None, None
 
+
+# Divergences whose gradient wrt the student logits `_analytic_loss_and_grad` writes out.
+_ANALYTIC_DIVERGENCES = ("forward_kl", "reverse_kl")
+
+
+def _loss_and_logit_grad(
+    logits: Tensor, teacher: Teacher | None, labels: Tensor, denom: Tensor, options: dict[str, Any], need_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """(total, div, CE) sums over the chunk's valid tokens and G = d(total / denom)/dlogits (or None).
+
+    The dispatch point: the analytic gradient where it is written out (forward/reverse KL against
+    dense teacher logits, or SFT: no teacher, alpha = 0), autograd through `loss_sums` otherwise.
+    Both give the same values and, up to rounding, the same G (tests/test_chunked_loss.py).
+    """
+    analytic = (teacher is None and options["alpha"] == 0.0) or (
+        teacher is not None and not isinstance(teacher, TopK) and options["divergence"] in _ANALYTIC_DIVERGENCES
+    )
+    if analytic:
+        return _analytic_loss_and_grad(logits, teacher, labels, denom, need_grad=need_grad, **options)
+    return _autograd_loss_and_grad(logits, teacher, labels, denom, options, need_grad)
+
+
+def _autograd_loss_and_grad(
+    logits: Tensor, teacher: Teacher | None, labels: Tensor, denom: Tensor, options: dict[str, Any], need_grad: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """`loss_sums` on the chunk, and G by autograd on that chunk alone (any divergence and teacher)."""
+    with torch.enable_grad():
+        logits = logits.detach().requires_grad_(need_grad)
+        total, div_sum, ce_sum = loss_sums(logits, teacher, labels, **options)
+        g = torch.autograd.grad(total / denom, logits)[0] if need_grad else None  # (n, V)
+    return total.detach(), div_sum.detach(), ce_sum.detach(), g
+
+
+def _analytic_loss_and_grad(
+    logits: Tensor,
+    teacher: Teacher | None,
+    labels: Tensor,
+    denom: Tensor,
+    *,
+    need_grad: bool,
+    divergence: str,
+    temperature: float,
+    alpha: float,
+    ignore_index: int,
+    teacher_weights: Sequence[float] | None,
+    teacher_mixture: str,
+    tokenizer_vocab_size: int | None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """`_autograd_loss_and_grad` for forward KL, reverse KL (dense teachers) and SFT, G written out.
+
+    Per valid token, with z the student logits, u = z / T, q = softmax(u), p = the teacher's
+    softmax(z_t / T), s = softmax(z) and y the label, the loss is
+        l = alpha T^2 D + (1 - alpha) CE,   CE = -log s_y,
+    and G = dl/dz / denom (0 on ignored tokens). Using dq_v/du_j = q_v (delta_vj - q_j):
+      CE:          dCE/dz = s - onehot(y)
+      forward KL:  D = sum_v p_v (log p_v - log q_v);  dD/du = q - p
+      reverse KL:  D = sum_v q_v (log q_v - log p_v);  dD/du_j = sum_v (log q_v - log p_v + 1) q_v (delta_vj - q_j)
+                   = q_j (log q_j - log p_j - D)        (the +1 terms cancel: sum_v q_v (delta_vj - q_j) = 0)
+    and du/dz = 1/T, so alpha T^2 dD/dz = alpha T dD/du. Hence
+      G = [alpha T (q - p) + (1 - alpha)(s - onehot(y))] / denom                 forward KL
+      G = [alpha T q (log q - log p - D) + (1 - alpha)(s - onehot(y))] / denom   reverse KL
+    (Liger-Kernel's fused linear losses use the same closed forms, arXiv 2410.10989.)
+    The log-probs come from kd.losses' own functions (T, -inf floor, teacher mixtures); D is
+    `kd.losses._kl` written out in place, since (n x V) temporaries cost page faults on CPU.
+    -inf logits (masked vocab entries): log q and log p are floored at the most negative finite
+    float (`kd.losses._floor`), so q = p = 0 there exactly, log q - log p stays finite and G = 0
+    at entries masked in both models, as in autograd (whose gradient through the floor is 0).
+    """
+    _check_options(divergence, temperature, alpha, teacher_mixture)
+    dtype = _compute_dtype(logits)
+    z = logits.to(dtype)  # (n, V); fp32 for bf16 logits
+    valid = labels != ignore_index  # (n,)
+    safe_labels = labels.masked_fill(~valid, 0).long().unsqueeze(-1)  # (n, 1)
+    # Row weights: 1 / denom on valid tokens, 0 on ignored ones (`loss_sums` drops them by where()).
+    row = (valid.to(dtype) / denom).unsqueeze(-1)  # (n, 1)
+
+    log_q = _log_probs(z, temperature, dtype) if teacher is not None or temperature == 1.0 else None  # log softmax(z / T)
+    log_s = log_q if temperature == 1.0 else F.log_softmax(z, dim=-1)  # log softmax(z), for CE at T = 1
+    ce = -log_s.gather(-1, safe_labels).squeeze(-1)  # (n,) -log s_y
+    # From here on the (n, V) buffers are overwritten in place once their last reader is done.
+    g = None  # (n, V): G
+    if teacher is None:
+        div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)  # plain SFT (alpha = 0)
+    else:
+        teacher = _aligned_teacher(teacher, logits, tokenizer_vocab_size)
+        log_p = _teacher_log_probs(
+            teacher, temperature, dtype, teacher_weights=teacher_weights, teacher_mixture=teacher_mixture
+        )  # (n, V) log p, floored
+        if divergence == "forward_kl":
+            p = log_p.exp()
+            div = log_p.sub_(log_q).mul_(p).sum(-1)  # D = sum_v p (log p - log q)
+            if need_grad and alpha != 0.0:
+                q = log_q.exp_() if log_s is not log_q else log_q.exp()  # at T = 1, log_q is also log s
+                g = q.sub_(p).mul_(row * (alpha * temperature))  # alpha T (q - p) / denom
+        else:
+            log_ratio = log_p.sub_(log_q).neg_()  # log q - log p
+            q = log_q.exp_() if log_s is not log_q else log_q.exp()
+            div = (q * log_ratio).sum(-1)  # D = sum_v q (log q - log p)
+            if need_grad and alpha != 0.0:
+                g = q.mul_(log_ratio.sub_(div.unsqueeze(-1))).mul_(row * (alpha * temperature))  # alpha T q (log q - log p - D) / denom
+    div_sum = torch.where(valid, div, 0.0).sum()
+    ce_sum = torch.where(valid, ce, 0.0).sum()
+    total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
+    if not need_grad:
+        return total, div_sum, ce_sum, None
+    if alpha != 1.0:
+        ce_row = row * (1.0 - alpha)  # (n, 1)
+        s = log_s.exp_()  # softmax(z); log s is not read after this
+        g = s.mul_(ce_row) if g is None else g.addcmul_(s, ce_row)  # + (1 - alpha) s / denom
+        g.scatter_add_(-1, safe_labels, -ce_row)  # - (1 - alpha) onehot(y) / denom
+    return total, div_sum, ce_sum, g.to(logits.dtype)
 
 def chunked_distillation_loss(
     student_hidden: Tensor,
