@@ -26,12 +26,20 @@ Calling conventions of `Transformer.forward(input_ids, *, input_pos, attention_m
   K/V of shape (B, n_kv_heads, S, head_dim) per layer. Each call passes `input_pos` (T,),
   the cache slots this call writes (prefill: `arange(P)`; decode: `tensor([P + i])`); a
   query attends to slots <= its own slot. Batched prompts of different lengths are LEFT
-  padded to a common length P and `attention_mask` is (B, S) bool, True on the slots that
+  padded to a common length P and `attention_mask` is (B, L) bool, True on the slots that
   hold real tokens (the prompt's real tokens, then every generated slot), False on pad
-  slots; pass the same full-length mask on every call. The RoPE position of slot s in row
-  b is the number of real slots before it, `cumsum(attention_mask[b])[s] - 1`, so a
-  left-padded row sees exactly the positions and keys it would see alone, and its logits
-  equal the unpadded prompt's (up to float rounding). Logits at pad slots are garbage.
+  slots. The RoPE position of slot s in row b is the number of real slots before it,
+  `cumsum(attention_mask[b])[s] - 1`, so a left-padded row sees exactly the positions and
+  keys it would see alone, and its logits equal the unpadded prompt's (up to float
+  rounding). Logits at pad slots are garbage.
+  The mask's length L (<= S) is how many cache slots the call reads: attention runs over
+  slots 0..L-1 only, so every slot in `input_pos` must be < L. The full-length mask
+  (L = S) always works; a generate loop that knows the used length on the host passes
+  `mask[:, :P + i + 1]` at decode step i (prefill: `mask[:, :P]`) and attention costs
+  O(used slots) instead of O(S), with no host-device sync. Without a mask every call
+  reads all S slots (unwritten ones are in the future, so causality hides them).
+  The cache is fp32 for bf16/fp16 weights on a CPU (see `setup_cache`); attention runs in
+  the wider of the cache's and the activations' dtypes and its output is cast back.
   `model.clear_cache()` frees the cache; `setup_cache` again to reuse.
 * `output_fn(hidden, head_weight)`: instead of logits, return whatever the function returns,
   given the final-normed hidden state (B, T, H) and the (V, H) output weight. The training
@@ -263,11 +271,16 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at slots input_pos (T,); return the whole cache."""
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, n_kv_heads, T, head_dim) at slots input_pos (T,); return slots 0..length-1.
+
+        The returned K/V are views (no copy) in the wider of the two dtypes: a bf16 cache
+        under fp32 activations is cast up, an fp32 cache under bf16 ones stays fp32.
+        """
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        return self.k.to(k.dtype), self.v.to(v.dtype)
+        dtype = torch.promote_types(k.dtype, self.k.dtype)
+        return self.k[:, :, :length].to(dtype), self.v[:, :, :length].to(dtype)  # (B, n_kv, length, head_dim)
 
 
 class Attention(nn.Module):
@@ -291,11 +304,13 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
-            k, v = self.kv_cache.update(input_pos, k, v)  # (B, n_kv, S, head_dim)
+            # With a cache the mask is never None and spans exactly the L slots this call reads.
+            k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1])  # (B, n_kv, L, head_dim)
+            q = q.to(k.dtype)
         # softmax(q k^T / sqrt(head_dim)) v; SDPA's softmax accumulates in fp32. Each K/V head
         # serves n_heads / n_kv_heads query heads (enable_gqa), with no copy of K and V.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+                                           enable_gqa=self.n_kv_heads != self.n_heads).to(x.dtype)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H)
 
 
@@ -383,14 +398,20 @@ class Transformer(nn.Module):
                     device: torch.device | str | None = None) -> None:
         """Allocate a zeroed static KV cache of max_seq_len slots per row in every layer.
 
-        dtype/device default to those of the embedding weight; pass the compute dtype
-        (e.g. bf16) when the parameters are fp32 masters.
+        device defaults to the embedding weight's. dtype defaults to its dtype too, except
+        bf16/fp16 weights on a CPU get an fp32 cache: PyTorch's CPU SDPA kernel is ~9x
+        slower in bf16 than in fp32 at decode shapes (1 query, ~300 keys: 3.6 vs 0.39 ms
+        at batch 8), and attention runs in the cache's dtype when it is the wider one.
+        Pass the compute dtype (e.g. bf16) when the parameters are fp32 masters.
         """
         w = self.model.embed_tokens.weight
+        device = torch.device(device or w.device)
+        if dtype is None:
+            dtype = torch.float32 if device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) else w.dtype
         c = self.config
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, c.num_key_value_heads, max_seq_len, c.head_dim,
-                                               dtype=dtype or w.dtype, device=device or w.device)
+                                               dtype=dtype, device=device)
 
     def clear_cache(self) -> None:
         """Drop the KV cache (frees its memory); forward is cache-free again."""
@@ -414,11 +435,14 @@ class Transformer(nn.Module):
                 raise ValueError(f"batch size {B} differs from the cache's {cache.k.shape[0]}: call setup_cache again")
             if tuple(input_pos.shape) != (T,):
                 raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},): one slot per token")
+            # S: the slots this call reads, all of them or the mask's length (see the docstring).
             S, q_slots = cache.k.shape[2], input_pos
+            if attention_mask is not None and attention_mask.shape[-1] <= S:
+                S = attention_mask.shape[-1]
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, S):
                 raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
-                                 "(batch, sequence length without a cache / cache length with one)")
+                                 "(batch, sequence length without a cache / at most the cache length with one)")
             attention_mask = attention_mask.bool()  # a 0/1 integer mask (transformers' habit) works too
 
         # Positions: a slot's position counts the real slots before it, so left padding is

@@ -149,14 +149,24 @@ def generate(
     # On a CPU every op has finished when it returns, so checking "all rows done" costs
     # nothing; on an accelerator each check drains the queue, so check every few steps.
     check_every = 1 if device.type == "cpu" else 8
+    # A bf16 decode step on a CPU with one row multiplies one vector by every weight matrix.
+    # There PyTorch's own bf16 kernel streams the weights ~2x faster than oneDNN's matmul
+    # (measured, 1 thread: ~14 vs ~6.5 GB/s of weights); from a few rows on (and in the
+    # prefill) oneDNN is ~3x faster. So those decode steps run with oneDNN off: a process-wide
+    # flag, restored on return.
+    one_row_bf16 = device.type == "cpu" and B == 1 and model.head_weight.dtype == torch.bfloat16
+    mkldnn_enabled = torch.backends.mkldnn.enabled
 
     model.setup_cache(B, S, device=device)
     try:
-        logits = model(tokens, input_pos=torch.arange(P, device=device), attention_mask=mask,
+        # Each call passes the mask up to the last slot it writes: attention then reads only
+        # the used slots, not all S (kd/model.py's docstring), and the host knows that length.
+        logits = model(tokens, input_pos=torch.arange(P, device=device), attention_mask=mask[:, :P],
                        output_fn=_last_logits)  # (B, V)
         out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         pos = torch.tensor([P], device=device)  # (1,): the slot the next decode step writes
+        torch.backends.mkldnn.enabled = mkldnn_enabled and not one_row_bf16
         for i in range(steps):
             next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
                                    generator=generator)
@@ -167,9 +177,10 @@ def generate(
             done |= torch.isin(next_ids, eos)
             if i + 1 == steps or ((i + 1) % check_every == 0 and bool(done.all())):  # host-device sync
                 break
-            logits = model(next_ids[:, None], input_pos=pos, attention_mask=mask)[:, -1]  # (B, V)
+            logits = model(next_ids[:, None], input_pos=pos, attention_mask=mask[:, :P + i + 1])[:, -1]  # (B, V)
             pos += 1
     finally:
+        torch.backends.mkldnn.enabled = mkldnn_enabled
         model.clear_cache()
 
     # Cut each row after its first EOS (one host-device sync for the whole batch).

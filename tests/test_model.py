@@ -4,9 +4,10 @@ Checks: logits equal transformers' on tiny random checkpoints written by `save_p
 (llama GQA tied, llama3 RoPE scaling untied and sharded, qwen2 biases, mistral sliding
 window shorter than the sequence) and, the other way, transformers loads what `save_model`
 writes with the same logits; cached decoding (prefill, then one token at a time) equals the full
-forward; a left-padded batch decodes like each prompt alone; `ModelConfig.from_hf` reads
-both RoPE spellings; meta-device build + `init_weights` starts at loss ~ln(V); `output_fn`
-sees the final hidden state and head weight.
+forward; a left-padded batch decodes like each prompt alone; a mask of only the used cache
+slots equals the full-length one; bf16 weights get an fp32 cache on CPU;
+`ModelConfig.from_hf` reads both RoPE spellings; meta-device build + `init_weights` starts
+at loss ~ln(V); `output_fn` sees the final hidden state and head weight.
 
 Run: `.venv/bin/python -m pytest -q tests/test_model.py -s` (-s prints the max differences).
 """
@@ -116,6 +117,37 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny):
         diffs.append((batched[b, P - n:] - alone).abs().max().item())
     print(f"{arch}: max |left-padded batch - alone| = {max(diffs):.2e}")
     assert max(diffs) < CACHE_ATOL, f"{arch}: padded rows differ from unpadded runs by {diffs}"
+
+
+@torch.no_grad()
+def test_mask_of_the_used_slots_equals_the_full_length_mask(tiny):
+    """A (B, L) mask with L < cache length reads only slots 0..L-1: same logits as the full mask."""
+    arch, _, model, _ = tiny
+    P, new, S = 6, 8, 20
+    ids = torch.randint(3, model.config.vocab_size, (2, P + new), generator=torch.Generator().manual_seed(7))
+    mask = torch.ones(2, S, dtype=torch.bool)
+    mask[0, :3] = False  # row 0: 3 pad slots on the left
+
+    def run(sliced: bool) -> torch.Tensor:
+        model.setup_cache(2, S)
+        try:
+            out = [model(ids[:, :P], input_pos=torch.arange(P), attention_mask=mask[:, :P] if sliced else mask)]
+            for t in range(P, P + new):
+                out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t]),
+                                 attention_mask=mask[:, :t + 1] if sliced else mask))
+        finally:
+            model.clear_cache()
+        return torch.cat(out, dim=1)
+
+    diff = (run(sliced=True) - run(sliced=False)).abs().max().item()
+    # Same keys, fewer masked-out ones: SDPA may block the sum differently, fp32 rounding.
+    assert diff < CACHE_ATOL, f"{arch}: sliced mask differs from the full-length mask by {diff:.2e}"
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        model.setup_cache(2, S)
+        try:
+            model(ids[:, :P], input_pos=torch.arange(P), attention_mask=torch.ones(2, S + 1, dtype=torch.bool))
+        finally:
+            model.clear_cache()
 
 
 @torch.no_grad()
@@ -237,6 +269,8 @@ def test_bf16_forward_and_cache(tiny):
     full = model(ids)
     assert full.dtype == torch.bfloat16
     model.setup_cache(2, 16)
+    # On a CPU the cache of bf16 weights is fp32: bf16 SDPA is ~9x slower there at decode shapes.
+    assert model.model.layers[0].self_attn.kv_cache.k.dtype == torch.float32
     steps = [model(ids[:, :4], input_pos=torch.arange(4))]
     steps += [model(ids[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(4, 12)]
     diff = (torch.cat(steps, dim=1).float() - full.float()).abs().max().item()
