@@ -5,7 +5,11 @@ batch 1 and 8, fp32 and bf16; then our cached decoding against uncached decoding
 forward over the whole sequence for every token); then the memory-bandwidth bound: a decode
 step must read every weight once, so tokens/s <= batch * copy bandwidth / weight bytes, with
 the bandwidth measured here by copying a 1 GiB tensor (read + write bytes per second).
-tokens/s = new tokens of all rows / wall time of the generate call, prefill included.
+tokens/s = new tokens of all rows / wall time of the generate call, prefill included. The
+ratios are given in wall time and in process CPU time (on a shared machine the CPU time
+counts only the time this process ran, so it moves less with the load). kd's generate turns
+oneDNN off for single-row bf16 decode steps (kd/sampling.py); for reference, transformers
+is also timed at bf16 batch 1 under that same switch.
 
     .venv/bin/python scripts/bench_generate.py [--model DIR] [--new-tokens 256] [--repeats 2]
 
@@ -51,26 +55,28 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def ours(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[float, list[list[int]]]:
-    t0 = time.perf_counter()
+def ours(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[float, float, list[list[int]]]:
+    """(tokens/s of wall time, tokens/s of process CPU time, new tokens) of kd's generate."""
+    t0, c0 = time.perf_counter(), time.process_time()
     out = generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0, eos_token_ids=None, pad_id=pad_id)
-    elapsed = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert all(len(r) == new_tokens for r in out)
-    return len(prompts) * new_tokens / elapsed, out
+    return len(prompts) * new_tokens / wall, len(prompts) * new_tokens / cpu, out
 
 
-def theirs(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[float, list[list[int]]]:
-    """transformers.generate on the same left-padded batch, with its default (dynamic) cache."""
+def theirs(model, prompts: list[list[int]], new_tokens: int, pad_id: int, *,
+           onednn: bool = True) -> tuple[float, float, list[list[int]]]:
+    """The same for transformers.generate on the same left-padded batch (default dynamic cache)."""
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
-    t0 = time.perf_counter()
-    with torch.inference_mode():
+    t0, c0 = time.perf_counter(), time.process_time()
+    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=onednn):
         out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
                              use_cache=True, pad_token_id=pad_id)
-    elapsed = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape[1] == P + new_tokens
-    return len(prompts) * new_tokens / elapsed, out[:, P:].tolist()
+    return len(prompts) * new_tokens / wall, len(prompts) * new_tokens / cpu, out[:, P:].tolist()
 
 
 @torch.inference_mode()
@@ -102,7 +108,7 @@ def main() -> None:
           f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {n} new tokens, greedy, "
           f"best of {args.repeats}", flush=True)
 
-    rows = []  # (what, ours tokens/s, theirs tokens/s, same tokens)
+    rows = []  # (what, ours tokens/s, theirs tokens/s, ours / theirs in CPU time, same tokens)
     cached_fp32_b1 = None
     weight_bytes = {}
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
@@ -115,15 +121,19 @@ def main() -> None:
             batch_prompts = prompts[:batch]
             # Alternate the two and keep each one's best run: other processes on a shared
             # machine only ever slow a run down, so the best is the least disturbed.
-            ours_tps = theirs_tps = 0.0
-            for _ in range(args.repeats):
-                tps, ours_out = ours(model, batch_prompts, n, pad_id)
-                ours_tps = max(ours_tps, tps)
-                tps, theirs_out = theirs(hf, batch_prompts, n, pad_id)
-                theirs_tps = max(theirs_tps, tps)
-            same = sum(a == b for a, b in zip(ours_out, theirs_out))
-            rows.append((f"{dtype_name}, batch {batch}", ours_tps, theirs_tps, f"{same}/{batch}"))
-            print(f"{rows[-1][0]}: ours {ours_tps:.1f}, transformers {theirs_tps:.1f} tokens/s", flush=True)
+            variants = [("", True)] + [(" (transformers with oneDNN off too)", False)] * (
+                (dtype_name, batch) == ("bf16", 1))
+            for label, onednn in variants:
+                ours_tps = ours_cpu = theirs_tps = theirs_cpu = 0.0
+                for _ in range(args.repeats):
+                    tps, cpu, ours_out = ours(model, batch_prompts, n, pad_id)
+                    ours_tps, ours_cpu = max(ours_tps, tps), max(ours_cpu, cpu)
+                    tps, cpu, theirs_out = theirs(hf, batch_prompts, n, pad_id, onednn=onednn)
+                    theirs_tps, theirs_cpu = max(theirs_tps, tps), max(theirs_cpu, cpu)
+                same = sum(a == b for a, b in zip(ours_out, theirs_out))
+                rows.append((f"{dtype_name}, batch {batch}{label}", ours_tps, theirs_tps, ours_cpu / theirs_cpu,
+                             f"{same}/{batch}"))
+                print(f"{rows[-1][0]}: ours {ours_tps:.1f}, transformers {theirs_tps:.1f} tokens/s", flush=True)
             if (dtype_name, batch) == ("fp32", 1):
                 cached_fp32_b1 = ours_tps
                 uncached_tps = max(uncached(model, batch_prompts[0], n) for _ in range(args.repeats))
@@ -132,10 +142,11 @@ def main() -> None:
 
     bandwidth = copy_bandwidth()
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
-    print("\n| greedy, batch | kd tokens/s | transformers tokens/s | kd / transformers | same tokens |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for what, a, b, same in rows:
-        print(f"| {what} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {same} |")
+    print("\n| greedy, batch | kd tokens/s | transformers tokens/s | kd / transformers | same, CPU time "
+          "| same tokens |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for what, a, b, cpu_ratio, same in rows:
+        print(f"| {what} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {cpu_ratio:.2f}x | {same} |")
     print("\n| fp32, batch 1 | tokens/s | ratio |")
     print("| --- | ---: | ---: |")
     print(f"| cached (kd generate) | {cached_fp32_b1:.1f} | {cached_fp32_b1 / uncached_tps:.1f}x |")
@@ -143,7 +154,7 @@ def main() -> None:
     print(f"\nCopy bandwidth {bandwidth / 1e9:.1f} GB/s (read + write of a 1 GiB tensor).")
     print("| batch 1 | weight bytes per step | bound tokens/s | kd tokens/s | kd / bound |")
     print("| --- | ---: | ---: | ---: | ---: |")
-    for what, a, _, _ in rows:
+    for what, a, _, _, _ in rows:
         if what.endswith("batch 1"):
             wb = weight_bytes[what.split(",")[0]]
             bound = bandwidth / wb
