@@ -3,7 +3,8 @@
 One forward + backward of forward-KL distillation (alpha 0.5, T 2) from hidden states
 (N x H) through a student head (V x H) and a teacher head, gradients into the student hidden
 states and head. "naive" is the usual snippet: full fp32 logits of both models, F.kl_div +
-F.cross_entropy over all N x V entries. "chunked" is `kd.chunked_loss.chunked_distillation_loss`.
+F.cross_entropy over all N x V entries. "chunked" is `kd.chunked_loss.chunked_distillation_loss`
+(for forward KL, its analytic-gradient path).
 
 Each (implementation, case) runs in a fresh subprocess so that peak memory is its own:
 on CPU the peak resident set (ru_maxrss) minus the resident set after the inputs are built;
