@@ -55,6 +55,7 @@ from kd.model import ModelConfig, Transformer
 from kd.optim import build_optimizer, lr_at
 from kd.parallel import DTYPES, World
 from kd.student import layer_subset_config, layer_subset_state_dict
+from kd.teacher_cache import TeacherCache
 from kd.tokenizer import Tokenizer, load_tokenizer
 
 # Dense bf16 tensor-core peak per GPU, for MFU (vendor datasheets, without sparsity).
@@ -148,7 +149,7 @@ def build_models(cfg: TrainConfig, world: World, tokenizer: Tokenizer) -> tuple[
     s_config = student_config(cfg, teacher_configs[0])
     vocab = common_vocab(cfg, teacher_configs, s_config, tokenizer)
     compute_dtype = DTYPES[cfg.precision]
-    teachers = [build_on_meta(c, compute_dtype) for c in teacher_configs]
+    teachers = [] if cfg.teacher_cache else [build_on_meta(c, compute_dtype) for c in teacher_configs]  # cache: none
     student = build_on_meta(s_config, torch.float32)  # fp32 master weights
 
     # Shard: FSDP2 per block, then the root; allocate only this rank's shards.
@@ -183,14 +184,10 @@ def forward_loss(student: Transformer, teachers: list[Transformer], batch: dict[
                  num_tokens: int, vocab: int, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """This micro-batch's share of the step's loss: its valid-token sum divided by the global N."""
     input_ids, labels = batch["input_ids"], batch["labels"]
-    t_hidden = t_head = sft_placeholder = None
-    if cfg.loss == "sft":
-        # alpha = 0 weighs the divergence by 0, but chunked_distillation_loss wants some teacher:
-        # the cheapest is a one-token TopK (probability 1 on token 0). To be dropped once the
-        # loss accepts no teacher when alpha = 0.
-        zeros = torch.zeros((*labels.shape, 1), device=labels.device)
-        sft_placeholder = TopK(ids=zeros.long(), logprobs=zeros)
-    else:
+    t_hidden = t_head = teacher_logits = None
+    if "teacher_ids" in batch:  # teacher_cache: the teacher's top-k log-probs at T, read with the batch
+        teacher_logits = TopK(ids=batch["teacher_ids"], logprobs=batch["teacher_logprobs"])
+    elif cfg.loss != "sft":  # SFT (alpha = 0) needs no teacher forward at all
         with torch.no_grad():
             t_hidden = [t(input_ids, output_fn=lambda h, w: h) for t in teachers]  # (B, T, H_t) each
         t_head = [t.head_weight for t in teachers]  # replicated (V_t, H_t): see kd/parallel.py
@@ -201,7 +198,7 @@ def forward_loss(student: Transformer, teachers: list[Transformer], batch: dict[
         # Runs inside the student's root forward: FSDP2 has gathered the (compute-dtype) head
         # weight, and the gradient of the loss reaches it and `hidden` through autograd.
         return chunked_distillation_loss(
-            hidden, head_weight[:vocab], t_hidden, t_head, labels, teacher_logits=sft_placeholder,
+            hidden, head_weight[:vocab], t_hidden, t_head, labels, teacher_logits=teacher_logits,
             chunk_size=cfg.chunk_size, divergence="forward_kl" if cfg.loss == "sft" else cfg.loss,
             temperature=cfg.temperature, alpha=0.0 if cfg.loss == "sft" else cfg.alpha, num_tokens=num_tokens,
             teacher_weights=cfg.teacher_weights or None, teacher_mixture=cfg.teacher_mixture,
@@ -335,9 +332,15 @@ def main(cfg: TrainConfig) -> None:
     batches = Batches(sources, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=world.rank,
                       world_size=world.world_size, seed=cfg.seed, pad_id=pad_id)
     eval_examples = load_examples(cfg.eval_data, tokenizer, seq_len=cfg.seq_len)[0] if cfg.eval_data else None
+    cache = None
+    if cfg.teacher_cache:  # refuses a cache made for another tokenizer, data file or seq_len
+        cache = TeacherCache.open(cfg.teacher_cache, tokenizer=tokenizer, data_path=cfg.data[0], seq_len=cfg.seq_len,
+                                  examples=sources[0][0])
 
     # --- student and teacher(s): meta device -> FSDP2 shards -> weights from rank 0.
     student, teachers, vocab = build_models(cfg, world, tokenizer)
+    if cache is not None and cache.spec.vocab_size != vocab:
+        raise ValueError(f"{cfg.teacher_cache} was made by a teacher with {cache.spec.vocab_size} logits, the student has {vocab}")
     flops = flops_per_token([] if cfg.loss == "sft" else teachers, student, seq_len=cfg.seq_len)
     say(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
         f"teacher(s): {', '.join(f'{sum(p.numel() for p in t.parameters()) / 1e6:.1f}M' for t in teachers)}")
@@ -378,6 +381,10 @@ def main(cfg: TrainConfig) -> None:
     t_last, tokens_since_log = t_start, 0.0
     while step < cfg.max_steps:
         micro_batches = batches.micro_batches(step)  # this rank's grad_accum micro-batches, CPU
+        for b in micro_batches:
+            index = b.pop("index")
+            if cache is not None:  # the cached teacher, aligned with the labels, read on the CPU
+                b["teacher_ids"], b["teacher_logprobs"] = cache.topk_for(index, b["labels"], temperature=cfg.temperature)
         local = [sum(float((b["labels"] != IGNORE).sum()) for b in micro_batches),
                  sum(float(b["input_ids"].numel()) for b in micro_batches), float(stop_requested.is_set())]
         num_tokens, step_tokens, stop = parallel.agree(local)  # CPU all-reduce; no device sync

@@ -26,6 +26,7 @@ class TrainConfig:
     # --- models ---
     teacher: tuple[str, ...] = ()  # teacher HF dir; several (comma-separated) = multi-teacher
     teacher_weights: tuple[float, ...] = ()  # weight of each teacher in the mixture; default equal
+    teacher_cache: str = ""  # dir from scripts/cache_teacher.py: distill from the teacher's cached top-k, no teacher in memory
     teacher_mixture: str = "probs"  # multi-teacher target: probs = sum_i w_i p_i; logits = softmax(sum_i w_i z_i)
     student: str = ""  # student HF dir (architecture + initial weights); or use student_layers
     student_layers: tuple[int, ...] = ()  # teacher layer indices copied into a shallower student, e.g. 0,4,8,11
@@ -76,6 +77,10 @@ class TrainConfig:
             raise ValueError("setting 'data' is required: one or more training JSONL files")
         if self.data_weights and len(self.data_weights) != len(self.data):
             raise ValueError(f"data_weights has {len(self.data_weights)} values for {len(self.data)} data files; give one per file")
+        if self.teacher_cache and (len(self.teacher) != 1 or len(self.data) != 1):
+            raise ValueError("teacher_cache needs one teacher (for its tokenizer and config) and the one data file the cache was made from")
+        if self.teacher_cache and (self.eval_data or self.loss in ("sft", "logit_mse")):
+            raise ValueError("teacher_cache: set eval_data = \"\" (evaluation needs the teacher) and a loss other than sft, logit_mse")
         if self.loss not in LOSSES:
             raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)}")
         if self.teacher_mixture not in ("probs", "logits"):

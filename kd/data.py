@@ -54,6 +54,7 @@ class Example:
     labels: list[int]  # (T,) labels[t] = input_ids[t + 1] if trained else IGNORE; labels[-1] = IGNORE
     prompt_ids: list[int]  # tokens before the first trained response; [] for {"text"} records
     num_targets: int  # labels != IGNORE, kept so a step's token count costs no pass over labels
+    index: int = -1  # position in load_examples' list of its file: the row key of a teacher cache
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ def load_examples(path: str | Path, tokenizer: Tokenizer, *,
         if num_targets == 0:
             stats.dropped += 1
             continue
-        examples.append(Example(tokens, labels, prompt_ids, num_targets))
+        examples.append(Example(tokens, labels, prompt_ids, num_targets, len(examples)))
         stats.examples += 1
         stats.tokens += len(tokens)
         stats.targets += num_targets
@@ -317,7 +318,8 @@ def collate(examples: list[Example], *, pad_id: int) -> dict[str, torch.Tensor]:
     for i, e in enumerate(examples):
         input_ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
         labels[i, :len(e.labels)] = torch.tensor(e.labels)
-    return {"input_ids": input_ids, "labels": labels}
+    index = torch.tensor([e.index for e in examples])  # (B,) which examples (kd/teacher_cache.py)
+    return {"input_ids": input_ids, "labels": labels, "index": index}
 
 
 @lru_cache(maxsize=16)  # a global batch can straddle two epochs of each source
