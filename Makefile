@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TEACHER := models/smollm2-135m-instruct
 
-.PHONY: setup teacher test test-slow demo bench clean
+.PHONY: setup teacher test test-slow demo clean
 
 setup: .venv/.installed
 .venv/.installed: requirements.txt requirements-dev.txt scripts/setup_env.sh
@@ -21,7 +21,7 @@ test-slow: setup teacher
 	$(PY) -m pytest -q -m slow tests
 
 demo: setup teacher
-	@echo "make demo: not yet (see issue 'make demo')"
+	$(PY) scripts/demo.py
 
 clean:
 	rm -rf runs out .pytest_cache
