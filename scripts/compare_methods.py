@@ -87,9 +87,10 @@ def method_args(args: argparse.Namespace, method: str, overrides: list[str], pre
 
 
 def settings_lines(cfg: TrainConfig, args: argparse.Namespace, n_train: int, n_heldout: int) -> list[str]:
+    """The settings every row of a table shares, as markdown list items."""
     return [f"- student: teacher layers {list(cfg.student_layers)} of {Path(cfg.teacher[0]).name}",
-            f"- data: {n_train} training prompts answered greedily by the teacher (<= {args.max_new_tokens} "
-            f"tokens); evaluation on {n_heldout} held-out prompts and the teacher's greedy answers",
+            f"- data: the teacher's greedy answers to {n_train} training prompts ({args.demo / 'data'}); "
+            f"evaluation on {n_heldout} held-out prompts and the teacher's greedy answers to them",
             f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples, seq_len {cfg.seq_len}, "
             f"lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to {cfg.min_lr}), weight decay {cfg.weight_decay}, "
             f"precision {cfg.precision}, seed {cfg.seed}"]
@@ -137,11 +138,10 @@ def main(argv: list[str]) -> None:
     if all((demo_evals / f"{n}.json").is_file() for n in ("teacher", "student_before", "student_after")):
         demo_rows = {n.replace("_", " "): read(demo_evals / f"{n}.json")
                      for n in ("teacher", "student_before", "student_after")}
-        demo_cfg = load_config(demo.train_args(argparse.Namespace(config=args.config, teacher=args.teacher,
-                                                                  out=args.demo), [], precision))
+        demo_cfg = load_config([f"--config={args.demo / 'train' / 'train_config.toml'}"])  # as train.py ran it
         verdict, _ = demo.verdict(demo_rows["student before"], demo_rows["student after"])
         lines += ["## make demo", "", f"`configs/demo.toml`: {demo_cfg.loss} (alpha {demo_cfg.alpha}) on the "
-                  "teacher's answers; full report in runs/demo/report.md.", "",
+                  f"teacher's answers; full report in {args.demo / 'report.md'}.", "",
                   *settings_lines(demo_cfg, args, n_train, len(eval_set.prompts)), "",
                   format_table(demo_rows), "", *verdict, ""]
     lines += ["## Methods at equal steps and data", "", "Made by `scripts/compare_methods.py`. Every method starts "

@@ -275,10 +275,14 @@ def main(argv: list[str]) -> None:
                                        tokenizer, eval_set, evals, args))
 
     train_dir = args.out / "train"
-    resume = ["--resume=true"] if checkpoint.complete_checkpoints(train_dir) else []
-    clock.stage(4, f"distill: {cfg.max_steps} steps of train.py ({cfg.loss})", train_dir / "final",
-                lambda: run_child([sys.executable, str(ROOT / "train.py"), *train_args(args, overrides, precision),
-                                   *resume]))
+
+    def distill() -> None:
+        resume = ["--resume=true"] if checkpoint.complete_checkpoints(train_dir) else []
+        run_child([sys.executable, str(ROOT / "train.py"), *train_args(args, overrides, precision), *resume])
+        if not (train_dir / "final").is_dir():  # train.py stops early, with a checkpoint, on a SIGTERM
+            raise ChildFailed(f"train.py stopped before step {cfg.max_steps}; run the demo again to resume it")
+
+    clock.stage(4, f"distill: {cfg.max_steps} steps of train.py ({cfg.loss})", train_dir / "final", distill)
 
     def evaluate_after() -> None:
         if not (evals / "student_after.json").exists():  # done before an interrupted teacher evaluation

@@ -93,7 +93,6 @@ def test_compare_methods_writes_results(tiny, tmp_path, capfd) -> None:
                   "--methods", "sft,jsd", "--results", str(results), "--max-new-tokens", "8", "--batch-size", "4", *settings,
                   "--max_steps=2"])
     text = results.read_text()
-    print(text)
     assert "## make demo" in text and "## Methods at equal steps and data" in text and "Machine: " in text
     for row in ("| teacher |", "| student before |", "| student after |", "| sft |", "| jsd |"):
         assert row in text
