@@ -14,7 +14,8 @@ the 64 held-out prompts. The methods, each pure (alpha = 1, no cross-entropy mix
   gkd         JSD on the student's own samples (GKD, lmbda = 1), once train.py has `method`
 Runs live in OUT/<method>/ (default runs/compare); each stage is skipped when its output
 exists, so an interrupted comparison resumes. docs/results.md gets the demo's table (from
-runs/demo/eval/) and this comparison, with the settings and the machine.
+runs/demo/eval/) and this comparison, with the settings and the machine; `--methods ""`
+writes the demo's section alone.
 """
 import argparse
 import json
@@ -60,6 +61,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--results", type=Path, default=ROOT.parent / "docs/results.md", help="markdown file to write")
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest greedy answer")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
+    p.add_argument("--note", default="", help="a sentence on the conditions of the run, for the results file")
     args, rest = p.parse_known_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -96,19 +98,20 @@ def settings_lines(cfg: TrainConfig, args: argparse.Namespace, n_train: int, n_h
             f"precision {cfg.precision}, seed {cfg.seed}"]
 
 
-def main(argv: list[str]) -> None:
-    args, overrides = parse_args(argv)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = fast_dtype(device)
+def read(path: Path) -> dict:
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def run_methods(args: argparse.Namespace, configs: dict[str, TrainConfig], overrides: list[str], *,
+                device: torch.device, dtype: torch.dtype) -> tuple[dict[str, dict], dict[str, float]]:
+    """Train and evaluate each method (skipping what is done); the table's rows and training seconds."""
     precision = "bf16" if dtype == torch.bfloat16 else "fp32"
-    configs = {m: load_config(method_args(args, m, overrides, precision)) for m in args.methods}  # check all first
-    args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(args.teacher)
     eval_set = load_eval_set(args.demo / "data" / "heldout.jsonl", tokenizer)
     teacher = demo.for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
     eval_args = argparse.Namespace(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
     seconds = {}
-    for method, cfg in configs.items():
+    for method in configs:
         print(f"\n=== {method}", flush=True)
         run = args.out / method
         if not (run / "final").exists():
@@ -117,6 +120,8 @@ def main(argv: list[str]) -> None:
             demo.run_child([sys.executable, str(ROOT.parent / "train.py"),
                             *method_args(args, method, overrides, precision), *resume])
             seconds[method] = time.perf_counter() - t0
+            if not (run / "final").is_dir():  # train.py stops early, with a checkpoint, on a SIGTERM
+                raise demo.ChildFailed(f"train.py stopped early for {method}; run again to resume it")
         if not (args.out / f"{method}.json").exists():
             student = demo.for_eval(hf.load_model(run / "final", dtype=dtype), device, dtype)
             demo.evaluate_stage(method, student, teacher, tokenizer, eval_set, args.out, eval_args)
@@ -125,37 +130,45 @@ def main(argv: list[str]) -> None:
         if not (args.out / f"{name}.json").exists():
             demo.evaluate_stage(name, demo.for_eval(model(), device, dtype), teacher, tokenizer, eval_set, args.out,
                                 eval_args)
-
-    def read(path: Path) -> dict:
-        return json.loads(path.read_text(encoding="utf-8"))
-
     rows = {"teacher": read(args.out / "teacher.json"), "student before": read(args.out / "student_before.json")}
-    rows |= {m: read(args.out / f"{m}.json") for m in configs}
-    cfg = next(iter(configs.values()))
+    return rows | {m: read(args.out / f"{m}.json") for m in configs}, seconds
+
+
+def main(argv: list[str]) -> None:
+    args, overrides = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = fast_dtype(device)
+    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    configs = {m: load_config(method_args(args, m, overrides, precision)) for m in args.methods}  # check all first
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows, seconds = run_methods(args, configs, overrides, device=device, dtype=dtype) if configs else ({}, {})
+
     n_train = len((args.demo / "data" / "train.jsonl").read_text().splitlines())
-    lines = ["# Results", "", f"Machine: {describe_machine(device)}.", ""]
+    n_heldout = len((args.demo / "data" / "heldout.jsonl").read_text().splitlines())
+    metrics_note = ("KL, perplexity and top-1 agreement are per token of the teacher's greedy held-out answers "
+                    "(teacher-forced); Rouge-L F1 (MiniLLM protocol) compares each model's greedy answer with the "
+                    f"teacher's; tokens/s is batched greedy generation at batch {args.batch_size}.")
+    lines = ["# Results", "", f"Machine: {describe_machine(device)}." + (f" {args.note}" if args.note else ""), ""]
     demo_evals = args.demo / "eval"
-    if all((demo_evals / f"{n}.json").is_file() for n in ("teacher", "student_before", "student_after")):
-        demo_rows = {n.replace("_", " "): read(demo_evals / f"{n}.json")
-                     for n in ("teacher", "student_before", "student_after")}
+    names = ("teacher", "student_before", "student_after")
+    if all((demo_evals / f"{n}.json").is_file() for n in names):
+        demo_rows = {n.replace("_", " "): read(demo_evals / f"{n}.json") for n in names}
         demo_cfg = load_config([f"--config={args.demo / 'train' / 'train_config.toml'}"])  # as train.py ran it
         verdict, _ = demo.verdict(demo_rows["student before"], demo_rows["student after"])
-        lines += ["## make demo", "", f"`configs/demo.toml`: {demo_cfg.loss} (alpha {demo_cfg.alpha}) on the "
-                  f"teacher's answers; full report in {args.demo / 'report.md'}.", "",
-                  *settings_lines(demo_cfg, args, n_train, len(eval_set.prompts)), "",
-                  format_table(demo_rows), "", *verdict, ""]
-    lines += ["## Methods at equal steps and data", "", "Made by `scripts/compare_methods.py`. Every method starts "
-              "from the same student and sees the same batches in the same order; alpha = 1 (no cross-entropy mixed "
-              "in) except SFT, which is cross-entropy only.", "",
-              *settings_lines(cfg, args, n_train, len(eval_set.prompts)), "", format_table(rows), "",
-              "KL, perplexity and top-1 agreement are per token of the teacher's greedy held-out answers "
-              "(teacher-forced); Rouge-L F1 (MiniLLM protocol) compares each model's greedy answer with the "
-              f"teacher's; tokens/s is batched greedy generation at batch {args.batch_size}."]
+        lines += ["## make demo", "", f"{demo_cfg.loss} (alpha {demo_cfg.alpha}) on the teacher's answers; full "
+                  f"report in {args.demo / 'report.md'}.", "", *settings_lines(demo_cfg, args, n_train, n_heldout),
+                  "", format_table(demo_rows), "", metrics_note, "", *verdict, ""]
+    if configs:
+        lines += ["## Methods at equal steps and data", "", "Made by `scripts/compare_methods.py`. Every method "
+                  "starts from the same student and sees the same batches in the same order; alpha = 1 (no "
+                  "cross-entropy mixed in) except SFT, which is cross-entropy only.", "",
+                  *settings_lines(next(iter(configs.values())), args, n_train, n_heldout), "", format_table(rows),
+                  "", metrics_note]
     if seconds:
         lines += ["", "Training wall time this run: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + "."]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    print(f"\n{format_table(rows)}\n\nwrote {args.results}")
+    print(("\n" + format_table(rows) if rows else "") + f"\nwrote {args.results}")
 
 
 if __name__ == "__main__":

@@ -97,6 +97,9 @@ def test_compare_methods_writes_results(tiny, tmp_path, capfd) -> None:
     for row in ("| teacher |", "| student before |", "| student after |", "| sft |", "| jsd |"):
         assert row in text
     assert "2 steps x 2 examples" in text
+    compare.main(["--demo", str(demo_out), "--methods", "", "--results", str(results), "--note", "Shared CPU."])
+    text = results.read_text()
+    assert "## make demo" in text and "## Methods" not in text and "Shared CPU." in text
     with pytest.raises(ValueError, match="unknown method 'dpo'"):
         compare.main(["--demo", str(demo_out), "--methods", "dpo"])
 
