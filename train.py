@@ -19,7 +19,8 @@ One optimizer step:
   3. Clip the global gradient norm, AdamW step, learning rate = linear warmup + cosine.
 Methods, all this one loop: logit KD with any divergence (loss=...), SFT (loss=sft), response
 distillation (SFT or KD on teacher-written data from generate.py), multi-teacher (several
-`teacher`s), two-stage (stage 2 `init_from` stage 1's OUT/final). See configs/.
+`teacher`s), two-stage (stage 2 `init_from` stage 1's OUT/final), and on-policy GKD and MiniLLM
+(method=gkd|minillm: each step first samples the student's own answers, kd/onpolicy.py). See configs/.
 
 Outputs in `out`: train_config.toml (the resolved settings), metrics.jsonl (one JSON object per
 log step and per evaluation; scripts/plot_metrics.py draws it), checkpoints/step_N/ (every
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import torch
 
-from kd import checkpoint, hf, parallel
+from kd import checkpoint, hf, onpolicy, parallel
 from kd.chunked_loss import chunked_distillation_loss
 from kd.config import TrainConfig, help_text, load_config
 from kd.data import IGNORE, Batches, collate, load_examples
@@ -209,18 +210,27 @@ def forward_loss(student: Transformer, teachers: list[Transformer], batch: dict[
 
 def train_step(student: Transformer, teachers: list[Transformer], micro_batches: list[dict[str, torch.Tensor]], *,
                num_tokens: int, vocab: int, cfg: TrainConfig, optimizer: torch.optim.Optimizer,
-               scaler: torch.amp.GradScaler | None) -> tuple[torch.Tensor, torch.Tensor]:
+               scaler: torch.amp.GradScaler | None, lm_batches: list[dict[str, torch.Tensor]] | None = None,
+               lm_tokens: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimizer step over this rank's micro-batches. Returns, as device tensors (no sync),
-    this rank's (loss, divergence sum, CE sum) and the global gradient norm before clipping."""
+    this rank's (loss, divergence sum, CE sum) and the global gradient norm before clipping.
+    MiniLLM: micro_batches are rollouts (kd/onpolicy.py's loss); lm_batches (lm_data) add lm_loss_weight
+    times the ordinary loss over their lm_tokens; the divergence and CE sums count rollouts only."""
     device = student.model.embed_tokens.weight.device
     sums = torch.zeros(3, device=device)
-    for i, batch in enumerate(micro_batches):
+    work = [(batch, num_tokens, False) for batch in micro_batches] + [(b, lm_tokens, True) for b in lm_batches or []]
+    for i, (batch, tokens, is_lm) in enumerate(work):
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         # Reduce-scatter the gradients only after the last micro-batch; before, they accumulate locally.
-        parallel.set_gradient_sync(student, i == len(micro_batches) - 1)
-        loss, metrics = forward_loss(student, teachers, batch, num_tokens=num_tokens, vocab=vocab, cfg=cfg)
+        parallel.set_gradient_sync(student, i == len(work) - 1)
+        if cfg.method == "minillm" and not is_lm:  # rollouts: PPO + exact token reverse KL
+            loss, metrics = onpolicy.minillm_loss(student, teachers[0], batch, num_tokens=tokens, vocab=vocab,
+                                                  clip=cfg.ppo_clip, chunk_size=cfg.chunk_size)
+        else:
+            loss, metrics = forward_loss(student, teachers, batch, num_tokens=tokens, vocab=vocab, cfg=cfg)
+        loss = cfg.lm_loss_weight * loss if is_lm else loss
         (loss if scaler is None else scaler.scale(loss)).backward()
-        n = metrics["valid_tokens"]
+        n = 0.0 if is_lm else metrics["valid_tokens"]
         sums += torch.stack([loss.detach(), metrics["divergence"] * n, metrics["ce"] * n])
     if scaler is not None:
         scaler.unscale_(optimizer)
@@ -286,6 +296,9 @@ def format_step(r: dict, max_steps: int) -> str:
              f"loss {r['loss']:.4f}" + (f" (div {r['divergence']:.4f}, ce {r['ce']:.4f})" if "divergence" in r else ""),
              f"lr {r['lr']:.2e}", f"grad {r['grad_norm']:.3f}", f"{r['tokens_per_s']:.0f} tok/s",
              f"mem {r['peak_mem_gb']:.2f} GB", f"eta {datetime.timedelta(seconds=round(r['eta_s']))}"]
+    if "response_length" in r:  # on-policy methods: watch length and repetition for reward hacking
+        parts += [f"len {r['response_length']:.1f}", f"seq rkl {r['seq_reverse_kl']:.3f}",
+                  f"rep {r['repetition']:.2f}", f"on-policy {r['on_policy_fraction']:.2f}"]
     return " | ".join(parts + ([f"mfu {r['mfu']:.1%}"] if "mfu" in r else []))
 
 
@@ -326,12 +339,21 @@ def main(cfg: TrainConfig) -> None:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
     sources = []
     for path, weight in zip(cfg.data, cfg.data_weights or [1.0] * len(cfg.data)):
-        examples, stats = load_examples(path, tokenizer, seq_len=cfg.seq_len)
+        if cfg.method == "offpolicy":
+            examples, stats = load_examples(path, tokenizer, seq_len=cfg.seq_len)
+        else:  # prompts; responses only where GKD trains on the data's own
+            examples, stats = onpolicy.load_prompt_examples(
+                path, tokenizer, method=cfg.method, seq_len=cfg.seq_len, max_new_tokens=cfg.max_new_tokens,
+                needs_responses=cfg.method == "gkd" and cfg.lmbda < 1 and not cfg.seq_kd)
         sources.append((examples, weight))
         say(stats)
     batches = Batches(sources, batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=world.rank,
                       world_size=world.world_size, seed=cfg.seed, pad_id=pad_id)
     eval_examples = load_examples(cfg.eval_data, tokenizer, seq_len=cfg.seq_len)[0] if cfg.eval_data else None
+    # MiniLLM's language-modelling data: its own stream of batches, seeded apart from the prompts'.
+    lm_batches = Batches([(load_examples(path, tokenizer, seq_len=cfg.seq_len)[0], 1.0) for path in cfg.lm_data],
+                         batch_size=cfg.batch_size, grad_accum=cfg.grad_accum, rank=world.rank,
+                         world_size=world.world_size, seed=cfg.seed + 1, pad_id=pad_id) if cfg.lm_data else None
     cache = None
     if cfg.teacher_cache:  # refuses a cache made for another tokenizer, data file or seq_len
         cache = TeacherCache.open(cfg.teacher_cache, tokenizer=tokenizer, data_path=cfg.data[0], seq_len=cfg.seq_len,
@@ -341,6 +363,9 @@ def main(cfg: TrainConfig) -> None:
     student, teachers, vocab = build_models(cfg, world, tokenizer)
     if cache is not None and cache.spec.vocab_size != vocab:
         raise ValueError(f"{cfg.teacher_cache} was made by a teacher with {cache.spec.vocab_size} logits, the student has {vocab}")
+    rollout_config = onpolicy.RolloutConfig(
+        max_new_tokens=cfg.max_new_tokens, eos_token_ids=frozenset(tokenizer.eos_token_ids), pad_id=pad_id,
+        vocab_size=vocab, temperature=cfg.rollout_temperature, top_k=cfg.rollout_top_k, top_p=cfg.rollout_top_p)
     flops = flops_per_token([] if cfg.loss == "sft" else teachers, student, seq_len=cfg.seq_len)
     say(f"student: {sum(p.numel() for p in student.parameters()) / 1e6:.1f}M parameters, "
         f"teacher(s): {', '.join(f'{sum(p.numel() for p in t.parameters()) / 1e6:.1f}M' for t in teachers)}")
@@ -355,6 +380,8 @@ def main(cfg: TrainConfig) -> None:
         path = checkpoint.latest_checkpoint(out)
         meta = checkpoint.load_checkpoint(path, model=student, optimizer=optimizer, world=world)
         batches.load_state_dict(meta["data"])
+        if lm_batches:  # the same check for MiniLLM's lm_data stream
+            lm_batches.load_state_dict(meta.get("lm_data") or {})
         if scaler is not None:
             scaler.load_state_dict(meta["scaler"])
         step = meta["step"]
@@ -362,7 +389,8 @@ def main(cfg: TrainConfig) -> None:
         say(f"resumed from {path} at step {step}")
 
     def save() -> Path:
-        meta = {"data": batches.state_dict(), "scaler": scaler.state_dict() if scaler else None, "config": asdict(cfg)}
+        meta = {"data": batches.state_dict(), "lm_data": lm_batches.state_dict() if lm_batches else None,
+                "scaler": scaler.state_dict() if scaler else None, "config": asdict(cfg)}
         return checkpoint.save_checkpoint(out, step=step, model=student, optimizer=optimizer, meta=meta,
                                           world=world, keep=cfg.keep_checkpoints)
 
@@ -379,15 +407,28 @@ def main(cfg: TrainConfig) -> None:
     peak_flops = gpu_peak_flops(world.device)
     start_step, t_start = step, time.perf_counter()
     t_last, tokens_since_log = t_start, 0.0
+    rollout_log = []  # on-policy: each step's onpolicy.rollout_sums since the last log
     while step < cfg.max_steps:
-        micro_batches = batches.micro_batches(step)  # this rank's grad_accum micro-batches, CPU
-        for b in micro_batches:
+        # This rank's grad_accum micro-batches: the data's, or (gkd, minillm) answers sampled now.
+        # Every rank decodes until all ranks' rows are done (all_ranks), so FSDP's collectives line up.
+        if cfg.method == "offpolicy":
+            micro_batches = batches.micro_batches(step)
+        else:
+            micro_batches, rollout_sums = onpolicy.step_micro_batches(
+                cfg.method, student, teachers[0], batches.examples(step), rollout_config, step=step, seed=cfg.seed,
+                rank=world.rank, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd, teacher_mix_alpha=cfg.teacher_mix_alpha,
+                length_norm=cfg.length_norm, all_done=parallel.all_ranks, all_reduce_sum=parallel.all_reduce_sum,
+                cache_dtype=DTYPES[cfg.precision])
+            rollout_log.append(rollout_sums)
+        lm_micro_batches = lm_batches.micro_batches(step) if lm_batches else []
+        for b in micro_batches + lm_micro_batches:
             index = b.pop("index")
             if cache is not None:  # the cached teacher, aligned with the labels, read on the CPU
                 b["teacher_ids"], b["teacher_logprobs"] = cache.topk_for(index, b["labels"], temperature=cfg.temperature)
         local = [sum(float((b["labels"] != IGNORE).sum()) for b in micro_batches),
-                 sum(float(b["input_ids"].numel()) for b in micro_batches), float(stop_requested.is_set())]
-        num_tokens, step_tokens, stop = parallel.agree(local)  # CPU all-reduce; no device sync
+                 sum(float(b["input_ids"].numel()) for b in micro_batches + lm_micro_batches),
+                 float(stop_requested.is_set()), sum(float((b["labels"] != IGNORE).sum()) for b in lm_micro_batches)]
+        num_tokens, step_tokens, stop, lm_tokens = parallel.agree(local)  # CPU all-reduce; no device sync
         if stop:
             path = save() if not (checkpoint.checkpoint_root(out) / f"step_{step:06d}").exists() else None
             say(f"SIGTERM: stopped at step {step}; checkpoint {path or 'already saved'}; continue with --resume=true")
@@ -398,7 +439,8 @@ def main(cfg: TrainConfig) -> None:
             group["lr"] = lr
 
         sums, grad_norm = train_step(student, teachers, micro_batches, num_tokens=int(num_tokens), vocab=vocab,
-                                     cfg=cfg, optimizer=optimizer, scaler=scaler)
+                                     cfg=cfg, optimizer=optimizer, scaler=scaler, lm_batches=lm_micro_batches,
+                                     lm_tokens=int(lm_tokens))
         tokens_since_log += step_tokens
 
         # --- log, check, evaluate, save. Reading values back is a device sync: only on these steps.
@@ -418,6 +460,9 @@ def main(cfg: TrainConfig) -> None:
                       "lr": lr, "grad_norm": norm, "tokens_per_s": tokens_since_log / (now - t_last),
                       "peak_mem_gb": peak_memory_gb(world.device),
                       "eta_s": (cfg.max_steps - step) * (now - t_start) / (step - start_step)}
+            if rollout_log:  # on-policy: summed over the steps since the last log and over ranks (CPU)
+                record.update(onpolicy.rollout_metrics(parallel.agree([sum(col) for col in zip(*rollout_log)])))
+                rollout_log = []
             if peak_flops:
                 record["mfu"] = flops * record["tokens_per_s"] / (peak_flops * world.world_size)
             t_last, tokens_since_log = now, 0.0

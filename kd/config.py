@@ -19,6 +19,7 @@ from pathlib import Path
 
 LOSSES = ("sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse")
 PRECISIONS = ("bf16", "fp16", "fp32")
+METHODS = ("offpolicy", "gkd", "minillm")
 
 
 @dataclass
@@ -45,6 +46,19 @@ class TrainConfig:
     beta: float = 0.5  # jsd: mixture M = beta * p_teacher + (1 - beta) * q_student (GKD, arXiv 2306.13649)
     skew_alpha: float = 0.1  # skew KLs: weight of the other distribution in the mix (DistiLLM, arXiv 2402.03898)
     chunk_size: int = 256  # tokens per chunk of the loss (memory ~ a few chunk x vocab fp32 buffers); logits never whole
+    # --- on-policy distillation (kd/onpolicy.py, docs/onpolicy.md) ---
+    method: str = "offpolicy"  # offpolicy = KD on the data | gkd (arXiv 2306.13649) | minillm (arXiv 2306.08543): on student samples
+    max_new_tokens: int = 128  # gkd/minillm: response tokens sampled per prompt at most
+    rollout_temperature: float = 1.0  # gkd/minillm: sampler temperature; 1 keeps the gradient unbiased
+    rollout_top_k: int = 0  # gkd/minillm: sampler top-k; 0 = off (a cut sampler biases the gradient)
+    rollout_top_p: float = 1.0  # gkd/minillm: sampler nucleus mass; 1.0 = off
+    lmbda: float = 0.5  # gkd: probability that a micro-batch is student-generated; 1.0 = fully on-policy
+    seq_kd: bool = False  # gkd: the other micro-batches are teacher-generated instead of the data's responses
+    teacher_mix_alpha: float = 0.2  # minillm: sample from alpha * p_teacher + (1 - alpha) * q_student
+    ppo_clip: float = 0.2  # minillm: PPO clip range of the importance ratio
+    length_norm: bool = True  # minillm: divide each return by the number of response tokens left
+    lm_data: tuple[str, ...] = ()  # minillm: pretraining-text JSONL for the language-modelling loss (loss/alpha apply)
+    lm_loss_weight: float = 1.0  # minillm: weight of the loss on lm_data
     # --- optimization ---
     max_steps: int = 1000  # optimizer steps
     lr: float = 3e-4  # peak learning rate after warmup; 1e-4..1e-3 for small students
@@ -97,6 +111,25 @@ class TrainConfig:
             raise ValueError("alpha, beta and skew_alpha must lie in [0, 1]")
         if self.lr <= 0 or self.temperature <= 0:
             raise ValueError("lr and temperature must be > 0")
+        if self.method not in METHODS:
+            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
+        if self.method != "offpolicy":
+            if len(self.teacher) > 1:
+                raise ValueError(f"method={self.method} takes one teacher; give one 'teacher' or use method=offpolicy")
+            if self.teacher_cache:  # the teacher must score the student's fresh samples
+                raise ValueError(f"method={self.method} needs the live teacher to score samples; set teacher_cache = \"\"")
+            if self.max_new_tokens < 1 or self.rollout_top_k < 0 or self.rollout_temperature <= 0:
+                raise ValueError(f"max_new_tokens={self.max_new_tokens} must be >= 1, rollout_top_k={self.rollout_top_k} "
+                                 f">= 0 and rollout_temperature={self.rollout_temperature} > 0")
+            if not 0.0 < self.rollout_top_p <= 1.0:
+                raise ValueError(f"rollout_top_p={self.rollout_top_p} must lie in (0, 1]; 1.0 = off")
+        if not 0.0 <= self.lmbda <= 1.0 or not 0.0 <= self.teacher_mix_alpha <= 1.0 or not 0.0 <= self.ppo_clip < 1.0:
+            raise ValueError(f"lmbda={self.lmbda} and teacher_mix_alpha={self.teacher_mix_alpha} must lie in [0, 1], "
+                             f"ppo_clip={self.ppo_clip} in [0, 1)")
+        if self.lm_data and self.method != "minillm":
+            raise ValueError("lm_data is MiniLLM's language-modelling data; set method=minillm or add it to data")
+        if self.lm_loss_weight < 0:
+            raise ValueError(f"lm_loss_weight={self.lm_loss_weight} must be >= 0")
 
     def to_toml(self) -> str:
         """The resolved config as TOML, loadable again with `--config` (saved as OUT/train_config.toml)."""

@@ -417,6 +417,24 @@ def gkd_micro_batches(student: Transformer, teacher: Transformer, micro_examples
     return batches, rollouts
 
 
+def step_micro_batches(method: str, student: Transformer, teacher: Transformer, micro_examples: list[list[Example]],
+                       config: RolloutConfig, *, step: int, seed: int, rank: int, lmbda: float, seq_kd: bool,
+                       teacher_mix_alpha: float, length_norm: bool, all_done: Callable[[bool], bool] = this_rank_only,
+                       all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+                       cache_dtype: torch.dtype | None = None) -> tuple[list[dict[str, Tensor]], list[float]]:
+    """train.py's step of `method` (gkd or minillm): this rank's micro-batches, and the step's
+    `rollout_sums`, which train.py adds up over steps and ranks for the log."""
+    common = dict(step=step, seed=seed, rank=rank, all_done=all_done, cache_dtype=cache_dtype)
+    if method == "gkd":
+        batches, rollouts = gkd_micro_batches(student, teacher, micro_examples, config, lmbda=lmbda, seq_kd=seq_kd,
+                                              **common)
+    else:
+        batches, rollouts = minillm_micro_batches(student, teacher, micro_examples, config,
+                                                  teacher_mix_alpha=teacher_mix_alpha, length_norm=length_norm,
+                                                  all_reduce_sum=all_reduce_sum, **common)
+    return batches, rollout_sums(rollouts, micro_batches=len(batches))
+
+
 # ----------------------------------------------------------------------------- logging
 
 
@@ -431,10 +449,11 @@ def repeated_ngrams(tokens: list[int], n: int = 4) -> tuple[int, int]:
     return repeats, max(len(tokens) - n + 1, 0)
 
 
-def rollout_sums(rollouts: list[Rollout]) -> list[float]:
-    """[sequences, response tokens, sum of sequence reverse-KL estimates, repeated 4-grams, 4-grams].
+def rollout_sums(rollouts: list[Rollout], *, micro_batches: int) -> list[float]:
+    """[sequences, response tokens, sum of sequence reverse-KL estimates, repeated 4-grams, 4-grams,
+    rollouts (on-policy micro-batches), micro_batches] of one step's rollouts.
 
-    Sums, so that train.py adds them over micro-batches and ranks (one CPU all-reduce) before
+    Sums, so that train.py adds them over steps and ranks (one CPU all-reduce) before
     dividing (`rollout_metrics`). The estimate of KL_seq(q || p) of one sequence is
     sum_t log q(y_t) - log p(y_t): unbiased on student samples (alpha 0, temperature 1), lower
     than the truth on teacher-mixed ones.
@@ -449,14 +468,14 @@ def rollout_sums(rollouts: list[Rollout]) -> list[float]:
             repeats, grams = repeated_ngrams(row[:n])
             sums[3] += repeats
             sums[4] += grams
-    return sums
+    return sums + [len(rollouts), micro_batches]
 
 
-def rollout_metrics(sums: list[float], *, on_policy_batches: float, micro_batches: float) -> dict[str, float]:
+def rollout_metrics(sums: list[float]) -> dict[str, float]:
     """Log values from summed `rollout_sums`; NaN-free when a step had no rollout."""
     sequences = max(sums[0], 1.0)
     return {"response_length": sums[1] / sequences, "seq_reverse_kl": sums[2] / sequences,
-            "repetition": sums[3] / max(sums[4], 1.0), "on_policy_fraction": on_policy_batches / max(micro_batches, 1.0)}
+            "repetition": sums[3] / max(sums[4], 1.0), "on_policy_fraction": sums[5] / max(sums[6], 1.0)}
 
 
 # ----------------------------------------------------------------------------- data and checks

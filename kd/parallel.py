@@ -177,6 +177,12 @@ def agree(values: list[float]) -> list[float]:
     return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
+def all_ranks(flag: bool) -> bool:
+    """True only when `flag` is True on every rank (a CPU all-reduce): the done flag of on-policy
+    rollouts, so that every rank keeps decoding, and calling FSDP's collectives, until all are done."""
+    return agree([float(flag)])[0] == dist.get_world_size()
+
+
 # ----------------------------------------------------------------------------- DCP
 
 

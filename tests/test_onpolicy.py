@@ -279,8 +279,8 @@ def test_gkd_micro_batches_mix_student_data_and_teacher_batches() -> None:
 def test_rollout_metrics() -> None:
     student, teacher = tiny_model(seed=0, head_std=0.5), tiny_model(seed=1, head_std=0.5)
     r = rollout(student, teacher, [[5, 7, 3], [9]], config(6), seed=0)
-    sums = rollout_sums([r])
-    metrics = rollout_metrics(sums, on_policy_batches=1, micro_batches=4)
+    sums = rollout_sums([r], micro_batches=4)
+    metrics = rollout_metrics(sums)
     assert metrics["response_length"] == float(r.lengths.float().mean())
     want_kl = float((r.student_logprobs - r.teacher_logprobs).sum()) / 2
     assert abs(metrics["seq_reverse_kl"] - want_kl) < 1e-6 and metrics["on_policy_fraction"] == 0.25
