@@ -163,9 +163,9 @@ def build_models(cfg: TrainConfig, world: World, tokenizer: Tokenizer) -> tuple[
 
     # Load: rank 0 reads each checkpoint (keys and shapes checked), every rank receives its shards.
     for t, path in zip(teachers, cfg.teacher):
-        parallel.load_full_state_dict(t, parallel.run_on_rank0(lambda: hf._check_state_dict(
+        parallel.load_full_state_dict(t, parallel.run_on_rank0(lambda: hf.check_state_dict(
             hf.load_state_dict(path, dtype=compute_dtype), build_on_meta(t.config, compute_dtype), path)))
-    parallel.load_full_state_dict(student, parallel.run_on_rank0(lambda: hf._check_state_dict(
+    parallel.load_full_state_dict(student, parallel.run_on_rank0(lambda: hf.check_state_dict(
         student_weights(cfg), build_on_meta(s_config, torch.float32), cfg.init_from or cfg.student or cfg.teacher[0])))
     return student, teachers, vocab
 

@@ -87,7 +87,7 @@ def load_state_dict(path: str | Path, *, dtype: torch.dtype | None = None,
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: not a safetensors HF checkpoint")
 
 
-def _check_state_dict(state_dict: dict[str, Tensor], model: Transformer, source: str) -> dict[str, Tensor]:
+def check_state_dict(state_dict: dict[str, Tensor], model: Transformer, source: str) -> dict[str, Tensor]:
     """state_dict with exactly `model`'s keys and shapes, or a one-line ValueError saying what differs."""
     sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints
     # A tied model has no lm_head; some tied checkpoints still carry a copy of the embeddings.
@@ -121,7 +121,7 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = torch.float32,
     config = load_config(path)
     with torch.device("meta"):
         model = Transformer(config)
-    state_dict = _check_state_dict(load_state_dict(path, dtype=dtype, device=device), model, str(path))
+    state_dict = check_state_dict(load_state_dict(path, dtype=dtype, device=device), model, str(path))
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
@@ -186,7 +186,7 @@ def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, path: st
             raise FileNotFoundError(f"tokenizer_from={tokenizer_from} is not a directory")
     with torch.device("meta"):
         skeleton = Transformer(config)
-    state_dict = _check_state_dict(state_dict, skeleton, "state dict to save")
+    state_dict = check_state_dict(state_dict, skeleton, "state dict to save")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
