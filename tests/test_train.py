@@ -165,7 +165,6 @@ def test_export_loads_in_transformers(baseline):
     assert (final / "tokenizer.json").is_file()
 
 
-@pytest.mark.slow
 def test_kd_beats_sft_on_held_out_kl(assets):
     """A peaky teacher (head x 4) and a 1-layer student of half the width; 16 steps each."""
     d = assets["dir"]
