@@ -4,7 +4,7 @@
 # torch: if the system python already has torch (e.g. a CUDA build on a GPU machine) the
 # venv reuses it through --system-site-packages. Otherwise, on a machine with an NVIDIA
 # GPU we install the default (CUDA) wheel; on a CPU-only machine the CPU wheel
-# (torch==X+cpu from the PyTorch CPU index), never the multi-GB CUDA build.
+# (torch==X+cpu, from a local wheel or the PyTorch CPU index), never the multi-GB CUDA build.
 set -euo pipefail
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
@@ -24,8 +24,11 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     echo "setup: installing torch==$TORCH_VERSION (CUDA build)"
     $PIP install "torch==$TORCH_VERSION"
   else
+    # A local wheel or mirror may already hold the +cpu build (pip's own config decides);
+    # otherwise take it from the PyTorch CPU index. Both avoid the multi-GB CUDA wheel.
     echo "setup: installing torch==$TORCH_VERSION+cpu (no GPU found)"
-    $PIP install "torch==$TORCH_VERSION+cpu" --extra-index-url https://download.pytorch.org/whl/cpu
+    $PIP install "torch==$TORCH_VERSION+cpu" 2>/dev/null ||
+      $PIP install "torch==$TORCH_VERSION" --index-url https://download.pytorch.org/whl/cpu
   fi
 fi
 $PIP install -r requirements.txt -r requirements-dev.txt
