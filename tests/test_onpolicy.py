@@ -355,6 +355,7 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
         loss.backward()
         results[rank] = {"steps": r.tokens.shape[1], "longest": int(r.lengths.max()),
                          "grad_finite": all(torch.isfinite(p.grad.full_tensor()).all() for p in student.parameters())}
+        parallel.barrier()  # leave together: the group must not go away under a peer's last collective
     finally:
         parallel.shutdown()
 

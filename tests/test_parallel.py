@@ -85,6 +85,9 @@ def worker(rank: int, port: int) -> None:
             raise ValueError("rank 0 could not read the weights")
         with pytest.raises(ValueError, match="rank 0 could not read"):
             parallel.run_on_rank0(fail)  # rank 1 must raise too, not wait in a broadcast
+        # Leave together: rank 0 hosts the rendezvous store, and tearing the group down while
+        # rank 1 still reads the last broadcast aborts rank 1 ("terminate called ...").
+        parallel.barrier()
     finally:
         parallel.shutdown()
 
