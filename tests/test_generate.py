@@ -23,14 +23,7 @@ from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 REPO = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine every op of a
-    2-thread run waits for both threads to be scheduled (~100x slower small ops)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 @pytest.fixture(scope="module")

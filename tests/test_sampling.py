@@ -11,14 +11,7 @@ import torch
 from kd.sampling import generate, sample_from_probs, sample_next, sampling_probs
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine every op of a
-    2-thread run waits for both threads to be scheduled (~100x slower small ops)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
 def reference_probs(logits: np.ndarray, *, temperature: float, top_k: int, top_p: float) -> np.ndarray:
