@@ -41,7 +41,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 import torch
@@ -324,6 +324,7 @@ def main(cfg: TrainConfig) -> None:
     # --- init: one process per GPU (or CPU process); a plain `python train.py` is a world of 1.
     world = parallel.init_distributed()
     say = print if world.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
+    cfg = replace(cfg, precision=parallel.resolve_precision(cfg.precision, world.device))  # auto -> bf16 | fp32
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
     if not cfg.resume and checkpoint.complete_checkpoints(out):

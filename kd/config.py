@@ -18,7 +18,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 LOSSES = ("sft", "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd", "logit_mse")
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("offpolicy", "gkd", "minillm")
 
 
@@ -66,7 +66,9 @@ class TrainConfig:
     min_lr: float = 3e-5  # cosine decay floor reached at max_steps; ~lr / 10
     weight_decay: float = 0.1  # AdamW decoupled weight decay on matrices (not on norms or biases)
     grad_clip: float = 1.0  # clip the global gradient 2-norm to this; 0 = off
-    precision: str = "bf16"  # bf16 | fp16 | fp32: compute dtype; master weights and optimizer stay fp32
+    # Compute dtype; master weights and optimizer stay fp32. auto = bf16 on a GPU and on a CPU with
+    # native bf16 (AVX512-BF16, AMX), else fp32: on an AVX2-only CPU bf16 is ~70x slower than fp32.
+    precision: str = "auto"  # auto | bf16 | fp16 | fp32
     activation_checkpointing: bool = False  # recompute each student block in backward: less memory, ~30% more compute
     compile: bool = False  # torch.compile each transformer block (needs a C++/Triton toolchain)
     seed: int = 0  # seed of the data order (and of any random init)

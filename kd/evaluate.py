@@ -163,26 +163,6 @@ def format_table(rows: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
-def fast_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on a GPU, and on a CPU where a bf16 matmul beats fp32 (AVX512-BF16 / AMX: ~3.5x,
-    FACTS.md); else fp32, since bf16 emulated in software is several times slower. Timed on a
-    layer-sized matmul, best of three, ~0.1 s."""
-    if device.type != "cpu":
-        return torch.bfloat16
-
-    def best_time(dtype: torch.dtype) -> float:
-        a, b = torch.randn(256, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            for _ in range(5):
-                a @ b
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    return torch.bfloat16 if best_time(torch.bfloat16) < best_time(torch.float32) else torch.float32
-
-
 def describe_machine(device: torch.device) -> str:
     """One line for a results table: CPU model and cores (or the GPU), torch version."""
     if device.type == "cuda":

@@ -5,15 +5,17 @@
 
 Cases, each in a fresh subprocess so that its peak memory (max RSS on CPU, max allocated on
 CUDA) is its own, on the same random tokens (every position trained):
-  (a) sft        our SFT step: train.train_step with loss=sft (FSDP2, bf16 compute, chunked CE, AdamW)
-  (b) teacher    the teacher's forward alone, to full logits, bf16, no_grad
+  (a) sft        our SFT step: train.train_step with loss=sft (FSDP2, chunked CE, AdamW)
+  (b) teacher    the teacher's forward alone, to full logits, no_grad
   (c) kd         our KD step: train.train_step with loss=forward_kl, alpha=0.5 (teacher + student + chunked loss)
-  (d) naive      the same KD the usual way: transformers models, bf16 autocast, both (B, T, V)
-                 logits materialized, KL + CE on them, AdamW, a plain loop
+  (d) naive      the same KD the usual way: transformers models, bf16 autocast (or plain fp32),
+                 both (B, T, V) logits materialized, KL + CE on them, AdamW, a plain loop
+All cases compute in one dtype, --precision (auto: bf16 on a GPU or a CPU with native bf16,
+else fp32; kd.parallel.fast_dtype).
 Efficiency = (time a + time b) / time c: how close KD gets to "an SFT step plus a teacher
 forward" (the loss overhead); speed-up = tokens/s of c over d; memory ratio = peak c / peak d.
 Achieved FLOP/s = model FLOPs per token (train.flops_per_token: 2 N_teacher + 6 N_student
-+ attention) x tokens/s, over the peak of a 2048^3 matmul measured in the same run.
++ attention) x tokens/s, over the peak of a 2048^3 matmul in that dtype measured in the same run.
 The student is 10 of the teacher's 30 blocks, as configs/smollm2_kd.toml.
 """
 import argparse
@@ -31,6 +33,7 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from kd.config import TrainConfig  # noqa: E402  (after the path set-up)
+from kd.parallel import DTYPES, fast_dtype  # noqa: E402
 
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
 
@@ -78,7 +81,7 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
     from kd.optim import build_optimizer
     from kd.tokenizer import load_tokenizer
 
-    cfg = TrainConfig(teacher=(args.teacher,), student_layers=LAYERS, data=("unused",), precision="bf16",
+    cfg = TrainConfig(teacher=(args.teacher,), student_layers=LAYERS, data=("unused",), precision=args.precision,
                       loss="sft" if case == "sft" else "forward_kl", alpha=0.5, chunk_size=args.chunk_size,
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4)
     world = parallel.init_distributed()
@@ -99,14 +102,15 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
 
 
 def run_naive(args: argparse.Namespace) -> dict:
-    """The usual way: transformers models, autocast, full logits, KL + CE, plain AdamW loop."""
+    """The usual way: transformers models, bf16 autocast (or none in fp32), full logits, KL + CE, plain AdamW loop."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from kd import hf
     from kd.student import layer_subset_state_dict
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=torch.bfloat16).to(device).eval()
+    dtype = DTYPES[args.precision]
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher, dtype=dtype).to(device).eval()
     config = LlamaConfig.from_pretrained(args.teacher, num_hidden_layers=len(LAYERS))
     student = LlamaForCausalLM(config).to(device)
     weights = layer_subset_state_dict(hf.load_state_dict(args.teacher, dtype=torch.float32), list(LAYERS))
@@ -119,7 +123,7 @@ def run_naive(args: argparse.Namespace) -> dict:
 
     def step() -> None:
         labels = batch["labels"]
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             with torch.no_grad():
                 t_logits = teacher(batch["input_ids"]).logits  # (B, T, V)
             s_logits = student(batch["input_ids"]).logits  # (B, T, V)
@@ -151,6 +155,7 @@ def main() -> int:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size, help="tokens per chunk of our loss")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case, after one warm-up step")
+    parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype of every case")
     parser.add_argument("--case", choices=["sft", "teacher", "kd", "naive"], help="run one case (used internally)")
     args = parser.parse_args()
     if not (Path(args.teacher) / "config.json").is_file():
@@ -161,11 +166,14 @@ def main() -> int:
         return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    peaks = {"fp32": matmul_peak(torch.float32, device), "bf16": matmul_peak(torch.bfloat16, device)}
+    if args.precision == "auto":
+        args.precision = "bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"
+    peak = matmul_peak(DTYPES[args.precision], device)
     results = {}
     for case in ("sft", "teacher", "kd", "naive"):
         command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher, "--batch-size", str(args.batch_size),
-                   "--seq-len", str(args.seq_len), "--chunk-size", str(args.chunk_size), "--steps", str(args.steps)]
+                   "--seq-len", str(args.seq_len), "--chunk-size", str(args.chunk_size), "--steps", str(args.steps),
+                   "--precision", args.precision]
         out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
         if out.returncode != 0:
             print(out.stderr[-2000:], file=sys.stderr)
@@ -174,14 +182,14 @@ def main() -> int:
 
     a, b, c, d = (results[k] for k in ("sft", "teacher", "kd", "naive"))
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}; "
-          f"batch {args.batch_size} x {args.seq_len} tokens; load average {os.getloadavg()[0]:.1f}")
-    print(f"matmul 2048^3 peak: fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
-    print(f"{'case':<10}{'s/step':>9}{'CPU s':>8}{'tokens/s':>11}{'peak GB':>10}{'GFLOP/s':>10}{'of bf16 peak':>14}")
+          f"batch {args.batch_size} x {args.seq_len} tokens; {args.precision}; load average {os.getloadavg()[0]:.1f}")
+    print(f"matmul 2048^3 peak, {args.precision}: {peak / 1e9:.0f} GFLOP/s")
+    print(f"{'case':<10}{'s/step':>9}{'CPU s':>8}{'tokens/s':>11}{'peak GB':>10}{'GFLOP/s':>10}{'of peak':>9}")
     for name, r in results.items():
         achieved = r.get("flops_per_token", c["flops_per_token"]) * r["tokens_per_s"]  # naive: same model FLOPs as ours
         r["achieved_flops"] = achieved
         print(f"{name:<10}{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}{r['tokens_per_s']:>11.0f}{r['peak_memory_gb']:>10.2f}"
-              f"{achieved / 1e9:>10.0f}{achieved / peaks['bf16']:>14.1%}")
+              f"{achieved / 1e9:>10.0f}{achieved / peak:>9.1%}")
     summary = {"efficiency": (a["seconds"] + b["seconds"]) / c["seconds"],
                "efficiency_cpu": (a["cpu_seconds"] + b["cpu_seconds"]) / c["cpu_seconds"],
                "speedup_vs_naive": c["tokens_per_s"] / d["tokens_per_s"],
@@ -191,7 +199,7 @@ def main() -> int:
           f"ours vs naive: {summary['speedup_vs_naive']:.2f}x tokens/s wall, {summary['speedup_vs_naive_cpu']:.2f}x CPU "
           "(target >= 1.5), "
           f"{summary['memory_vs_naive']:.2f}x peak memory (target <= 0.7)")
-    print(json.dumps({"peaks": peaks, "results": results, **summary}))
+    print(json.dumps({"precision": args.precision, "peak": peak, "results": results, **summary}))
     return 0
 
 

@@ -6,7 +6,7 @@
 Then train with `teacher_cache = "cache/smollm2-k32"` (same data file, tokenizer and seq_len):
 no teacher in memory. The examples are those `kd.data.load_examples` makes from --data with
 the tokenizer (the teacher's unless --tokenizer) and --seq-len. The teacher runs in bf16
-(`--teacher-dtype`), log-probs are stored in bf16 (`--dtype`) at temperature 1 (`--temperature`:
+where the CPU (or GPU) is faster in it, else fp32 (`--teacher-dtype`), log-probs are stored in bf16 (`--dtype`) at temperature 1 (`--temperature`:
 set it to the training temperature when that is not 1; see kd/teacher_cache.py for the error
 of re-tempering). Run again with the same arguments to resume an interrupted run; `--max-shards
 N` stops after N new shards (to split a long job). One process; sharding a teacher too big for
@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from kd.data import load_examples  # noqa: E402
 from kd.hf import load_config, load_model  # noqa: E402
+from kd.parallel import fast_dtype  # noqa: E402
 from kd.teacher_cache import DTYPES, CacheSpec, config_sha256, file_sha256, write_cache  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
@@ -60,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of log-probs")
     parser.add_argument("--temperature", type=float, default=1.0, help="temperature of the cached log-probs")
-    parser.add_argument("--teacher-dtype", default="bf16", choices=sorted(TEACHER_DTYPES))
+    parser.add_argument("--teacher-dtype", default="auto", choices=["auto", *sorted(TEACHER_DTYPES)],
+                        help="auto: bf16 on a GPU or where this CPU is faster in it, else fp32")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward")
     parser.add_argument("--examples-per-shard", type=int, default=4096, help="examples per shard file")
     parser.add_argument("--max-shards", type=int, help="stop after writing this many new shards")
@@ -80,7 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         )
         if not 1 <= args.top_k <= config.vocab_size:
             raise ValueError(f"--top-k {args.top_k} must be in 1..{config.vocab_size} (the teacher's vocabulary)")
-        teacher = load_model(args.teacher, dtype=TEACHER_DTYPES[args.teacher_dtype]).eval().requires_grad_(False)
+        teacher_dtype = fast_dtype(torch.device("cpu")) if args.teacher_dtype == "auto" else TEACHER_DTYPES[args.teacher_dtype]
+        teacher = load_model(args.teacher, dtype=teacher_dtype).eval().requires_grad_(False)
         info = {"teacher": str(args.teacher), "data": str(args.data)}
         complete = write_cache(args.out, teacher, examples, spec, batch_size=args.batch_size,
                                max_shards=args.max_shards, info=info,

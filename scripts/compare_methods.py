@@ -31,7 +31,8 @@ sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402  (the demo's stages: run_child, student_before, evaluation, verdict)
 from kd import checkpoint, hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
-from kd.evaluate import describe_machine, fast_dtype, format_table, load_eval_set  # noqa: E402
+from kd.evaluate import describe_machine, format_table, load_eval_set  # noqa: E402
+from kd.parallel import fast_dtype  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
 METHODS = {

@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (train.py's own student construction, reused for "before")
 from kd import checkpoint, hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
-from kd.evaluate import describe_machine, evaluate, fast_dtype, format_table, load_eval_set  # noqa: E402
+from kd.evaluate import describe_machine, evaluate, format_table, load_eval_set  # noqa: E402
+from kd.parallel import fast_dtype  # noqa: E402
 from kd.model import Transformer  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 

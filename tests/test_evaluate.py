@@ -18,7 +18,7 @@ from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 from kd.data import load_prompts
 from kd.eval import corpus_rouge_l, summarize, token_metrics
-from kd.evaluate import (evaluate, fast_dtype, format_table, greedy_answers, load_eval_set, pad_id_of,
+from kd.evaluate import (evaluate, format_table, greedy_answers, load_eval_set, pad_id_of,
                          teacher_forced_metrics)
 from kd.hf import load_model
 from kd.sampling import generate
@@ -126,10 +126,6 @@ def test_teacher_recovers_its_own_answers_and_table(dirs) -> None:
     assert table[0].startswith("| model | params (M) | KL to teacher") and len(table) == 5
     assert table[2].startswith("| teacher | 0.") and "| 0.000 |" in table[2] and "100.0%" in table[2]
     assert table[4].startswith("| no teacher | – | – | 3.00 |")
-
-
-def test_fast_dtype() -> None:
-    assert fast_dtype(torch.device("cpu")) in (torch.bfloat16, torch.float32)
 
 
 def test_cli_prints_the_table(dirs, tmp_path, capsys) -> None:

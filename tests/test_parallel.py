@@ -5,12 +5,14 @@ FSDP's gradient averaging switched off, the sharded gradients must equal the pla
 gradient of (sum over the whole batch) / N_global: no factor 1/world_size anywhere. Also:
 the frozen teacher (blocks sharded, root left plain) gives the plain model's hidden states and
 a usable replicated head weight; the global grad norm is the plain one; `run_on_rank0`
-re-raises rank 0's user error on every rank; `agree` sums host numbers.
+re-raises rank 0's user error on every rank; `agree` sums host numbers; precision "auto"
+resolves to one dtype on every rank, the faster one on this CPU.
 
 Run: .venv/bin/python -m pytest -q tests/test_parallel.py
 """
 import os
 import socket
+import time
 
 import pytest
 import torch
@@ -80,6 +82,10 @@ def worker(rank: int, port: int) -> None:
         assert diff < 1e-5, f"rank {rank}: teacher logits differ from the plain model by {diff:.2e}"
 
         assert parallel.agree([rank + 1.0, 2.0]) == [3.0, 4.0]
+        precisions = [None] * WORLD
+        torch.distributed.all_gather_object(precisions, parallel.resolve_precision("auto", world.device))
+        assert precisions[0] in ("bf16", "fp32") and len(set(precisions)) == 1, precisions
+        assert parallel.resolve_precision("fp16", world.device) == "fp16"
 
         def fail() -> None:
             raise ValueError("rank 0 could not read the weights")
@@ -100,3 +106,24 @@ def free_port() -> int:
 
 def test_two_gloo_ranks_match_one_plain_model():
     mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
+
+
+def test_fast_dtype_picks_the_faster_matmul():
+    """bf16 only where it is faster: ~3x faster with AVX512-BF16/AMX, ~70x slower on AVX2."""
+    assert parallel.fast_dtype(torch.device("cuda")) == torch.bfloat16  # decided without touching a GPU
+
+    def seconds(dtype: torch.dtype) -> float:  # a bigger matmul than fast_dtype's own, best of 3
+        a, b = torch.randn(256, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+        a @ b
+        return min(_timed(lambda: a @ b) for _ in range(3))
+
+    ratio = seconds(torch.bfloat16) / seconds(torch.float32)
+    if 0.5 < ratio < 2:
+        pytest.skip(f"bf16/fp32 matmul time ratio {ratio:.2f}: too close to call on this CPU")
+    assert parallel.fast_dtype(torch.device("cpu")) == (torch.bfloat16 if ratio < 1 else torch.float32), ratio
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
