@@ -261,11 +261,12 @@ def _normalized_weights(teachers: Sequence[Tensor], teacher_weights: Sequence[fl
     return [float(w) / total for w in teacher_weights]
 
 
-def _topk_buckets(teacher: TopK, log_q: Tensor) -> tuple[Tensor, Tensor]:
+def _topk_buckets(teacher: TopK, log_q: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """(log_p, log_q) over k + 1 buckets: the teacher's top-k tokens and one tail for the rest.
 
     A divergence of these coarsened distributions is a lower bound of the full one (data
-    processing inequality) and equals it when k = V.
+    processing inequality) and equals it when k = V. overwrite: floor log_q's top-k entries in
+    place (the input of the tail's logsumexp) instead of in a copy; `kd.chunked_loss` reuses it.
     """
     if teacher.ids.shape != teacher.logprobs.shape or teacher.ids.shape[:-1] != log_q.shape[:-1]:
         raise ValueError(
@@ -278,7 +279,8 @@ def _topk_buckets(teacher: TopK, log_q: Tensor) -> tuple[Tensor, Tensor]:
     log_q_k = log_q.gather(-1, ids)
     # Student mass outside the k tokens: logsumexp over the rest (floored, not -inf, so an empty
     # tail has a finite gradient).
-    log_q_tail = log_q.scatter(-1, ids, floor).logsumexp(-1, keepdim=True)
+    rest = log_q.scatter_(-1, ids, floor) if overwrite else log_q.scatter(-1, ids, floor)  # (..., V)
+    log_q_tail = rest.logsumexp(-1, keepdim=True)
     p_tail = (1.0 - log_p_k.exp().sum(-1, keepdim=True)).clamp(min=0.0)
     # When the student has no tail (k = V), the teacher's leftover 1 - sum is rounding error.
     log_p_tail = torch.where(log_q_tail <= floor, floor, _floor(p_tail.log()))

@@ -4,7 +4,10 @@ One forward + backward of forward-KL distillation (alpha 0.5, T 2) from hidden s
 (N x H) through a student head (V x H) and a teacher head, gradients into the student hidden
 states and head. "naive" is the usual snippet: full fp32 logits of both models, F.kl_div +
 F.cross_entropy over all N x V entries. "chunked" is `kd.chunked_loss.chunked_distillation_loss`
-(for forward KL, its analytic-gradient path).
+(for forward KL, its analytic-gradient path). With --topk K the teacher is an offline cache of
+its top-K log-probs (`kd.losses.TopK`, built from the teacher head before timing): "naive" is
+then `kd.losses.distillation_loss` on the full student logits (autograd), "chunked" the same
+loss through `chunked_distillation_loss(teacher_logits=...)` (its analytic top-k path).
 
 Each (implementation, case) runs in a fresh subprocess so that peak memory is its own:
 on CPU the peak resident set (ru_maxrss) minus the resident set after the inputs are built;
@@ -18,6 +21,7 @@ Run:  .venv/bin/python scripts/bench_losses.py            # the issue's grid (sl
       .venv/bin/python scripts/bench_losses.py --quick    # ~1 min smoke run
       .venv/bin/python scripts/bench_losses.py --device cuda
       .venv/bin/python scripts/bench_losses.py --tokens 4096 8192 --shapes 576x49152
+      .venv/bin/python scripts/bench_losses.py --quick --topk 32    # a top-32 teacher cache
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kd.chunked_loss import chunked_distillation_loss  # noqa: E402
+from kd.losses import TopK, distillation_loss  # noqa: E402
 
 TEMPERATURE, ALPHA = 2.0, 0.5
 NAIVE_COPIES = 7  # live (N x V) fp32 buffers at the naive peak (measured: 6.5)
@@ -59,6 +64,27 @@ def chunked_loss(h, w, th, tw, labels, *, chunk_size: int) -> torch.Tensor:
     return loss
 
 
+def naive_topk_loss(h: torch.Tensor, w: torch.Tensor, teacher: TopK, labels: torch.Tensor) -> torch.Tensor:
+    """kd's dense top-k loss: full fp32 student logits, autograd through `distillation_loss`."""
+    loss, _ = distillation_loss((h @ w.T).float(), teacher, labels, temperature=TEMPERATURE, alpha=ALPHA)
+    return loss
+
+
+def chunked_topk_loss(h, w, teacher: TopK, labels, *, chunk_size: int) -> torch.Tensor:
+    loss, _ = chunked_distillation_loss(
+        h, w, None, None, labels, chunk_size=chunk_size, teacher_logits=teacher, temperature=TEMPERATURE, alpha=ALPHA
+    )
+    return loss
+
+
+def topk_teacher(th: torch.Tensor, tw: torch.Tensor, k: int) -> TopK:
+    """The teacher's top-k log-probs at T, as a cache holds them; 256 rows at a time (small peak)."""
+    parts = [
+        torch.log_softmax(th[i : i + 256] @ tw.T / TEMPERATURE, -1).topk(k, dim=-1) for i in range(0, th.shape[0], 256)
+    ]
+    return TopK(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))
+
+
 def make_inputs(n: int, hidden: int, vocab: int, device: str) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
     h = (torch.randn(n, hidden, generator=g)).to(device).requires_grad_()
@@ -70,13 +96,21 @@ def make_inputs(n: int, hidden: int, vocab: int, device: str) -> tuple[torch.Ten
     return h, w, th, tw, labels.to(device)
 
 
-def run_one(impl: str, n: int, hidden: int, vocab: int, chunk_size: int, device: str) -> dict[str, float]:
-    """Measure one case in this (fresh) process."""
-    fn = naive_loss if impl == "naive" else (lambda *a: chunked_loss(*a, chunk_size=chunk_size))
-    small = make_inputs(64, hidden, 512, device)
+def run_one(impl: str, n: int, hidden: int, vocab: int, chunk_size: int, device: str, topk: int = 0) -> dict[str, float]:
+    """Measure one case in this (fresh) process; topk > 0: a top-k teacher cache instead of the head."""
+    if topk:
+        fn = naive_topk_loss if impl == "naive" else (lambda *a: chunked_topk_loss(*a, chunk_size=chunk_size))
+    else:
+        fn = naive_loss if impl == "naive" else (lambda *a: chunked_loss(*a, chunk_size=chunk_size))
+
+    def inputs_of(n: int, vocab: int) -> tuple:
+        h, w, th, tw, labels = make_inputs(n, hidden, vocab, device)
+        return (h, w, topk_teacher(th, tw, min(topk, vocab)), labels) if topk else (h, w, th, tw, labels)
+
+    small = inputs_of(64, 512)
     fn(*small).backward()  # warm-up: kernels, allocator, lazy imports
     del small
-    inputs = make_inputs(n, hidden, vocab, device)
+    inputs = inputs_of(n, vocab)
     cuda = device.startswith("cuda")
     if cuda:
         torch.cuda.synchronize()
@@ -108,17 +142,24 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--max-naive-gib", type=float, default=10.0, help="skip naive cases estimated above this")
     parser.add_argument("--quick", action="store_true", help="one small case (1024 tokens, 576x49152)")
-    parser.add_argument("--run-one", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--topk", type=int, default=0, help="teacher as its cached top-K log-probs (e.g. 32); 0: the dense head"
+    )
+    parser.add_argument("--run-one", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
-        impl, n, hidden, vocab, chunk, device = args.run_one
-        print(json.dumps(run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device)))
+        impl, n, hidden, vocab, chunk, device, topk = args.run_one
+        print(json.dumps(run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device, int(topk))))
         return
     if args.quick:
         args.tokens, args.shapes = [1024], ["576x49152"]
 
     threads = torch.get_num_threads()
-    print(f"device {args.device}, torch {torch.__version__}, {threads} threads, chunk_size {args.chunk_size}")
+    teacher = f"top-{args.topk} cache" if args.topk else "dense head"
+    print(
+        f"device {args.device}, torch {torch.__version__}, {threads} threads, chunk_size {args.chunk_size}, "
+        f"teacher {teacher}"
+    )
     print(
         "| tokens | hidden | vocab | naive peak MiB | chunked peak MiB | mem ratio "
         "| naive s (CPU s) | chunked s (CPU s) | time ratio (CPU) |"
@@ -133,7 +174,7 @@ def main() -> None:
                 if impl == "naive" and estimate_gib > args.max_naive_gib:
                     result[impl] = None
                     continue
-                cmd = [sys.executable, __file__, "--run-one", impl, str(n), str(hidden), str(vocab), str(args.chunk_size), args.device]
+                cmd = [sys.executable, __file__, "--run-one", impl, str(n), str(hidden), str(vocab), str(args.chunk_size), args.device, str(args.topk)]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 result[impl] = json.loads(out.strip().splitlines()[-1])
             naive, chunked = result["naive"], result["chunked"]

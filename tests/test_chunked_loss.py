@@ -6,14 +6,17 @@ count), every teacher form (hidden states, precomputed logits, top-k, several te
 padded teacher vocab, (B, T, H) inputs, bf16 inputs (bf16 gradients, fp32 loss), micro-batch
 invariance with a global `num_tokens`, a batch with no valid token, no-grad use, SFT without a
 teacher, and that no saved tensor is larger than one chunk of logits. The analytic logit
-gradient (forward/reverse KL, SFT) against the autograd one on the same chunk, over
-temperatures, loss mixes, -inf masked vocab entries and ignored tokens, and which path each
-divergence and teacher form takes.
+gradient (forward/reverse KL, top-k forward KL, SFT) against the autograd one on the same chunk,
+over temperatures, loss mixes, -inf masked vocab entries, ignored tokens, k < V and k = V (no
+tail) and a student tail that underflows; the top-k one also against a float64 numpy reference
+of its formula, and end to end (dL/dh, dL/dW, float64 and bf16) against autograd on the full
+logits; and which path each divergence and teacher form takes.
 
 Run: .venv/bin/python -m pytest -q tests/test_chunked_loss.py
 """
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -168,9 +171,9 @@ def test_input_errors_are_value_errors():
             fn()
 
 
-ANALYTIC_CASES = [
+ANALYTIC_CASES = [  # topk: a TopK teacher with k = 3; topk_all: with k = V (no tail)
     (name, temperature, alpha)
-    for name in ("forward_kl", "reverse_kl", "sft")
+    for name in ("forward_kl", "reverse_kl", "topk", "topk_all", "sft")
     for temperature in (0.5, 1.0, 2.0)
     for alpha in ((0.0,) if name == "sft" else (0.0, 0.5, 1.0))
 ]
@@ -184,13 +187,18 @@ def test_analytic_gradient_equals_autograd(name, temperature, alpha):
     student = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
     teacher = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
     student[:, -4:] = teacher[:, -4:] = float("-inf")  # padded vocab rows, masked in both models
-    if name == "forward_kl":  # entries only the teacher rules out: p = 0 where q > 0 (finite KL)
+    if name in ("forward_kl", "topk", "topk_all"):  # entries only the teacher rules out: p = 0 where q > 0 (finite KL)
         teacher[torch.rand(n, V, generator=g) < 0.2] = float("-inf")
+    if name in ("topk", "topk_all"):  # the teacher cached as its top-k log-probs at T (k = V: -inf ones too)
+        top = torch.log_softmax(teacher / temperature, -1).topk(3 if name == "topk" else V, dim=-1)
+        teacher = TopK(top.indices, top.values)
+    if name == "topk":  # row 1 (a valid token): the student's tail mass, ~exp(-2000 / T), underflows to 0
+        student[1, top.indices[1]] += 2000.0
     labels = torch.randint(0, V - 4, (n,), generator=g)
     labels[::3] = -100
     denom = torch.tensor(20)  # a global count larger than the chunk's 8 valid tokens
     options = dict(
-        divergence="forward_kl" if name == "sft" else name,
+        divergence=name if name in ("forward_kl", "reverse_kl") else "forward_kl",
         temperature=temperature,
         alpha=alpha,
         ignore_index=-100,
@@ -206,6 +214,86 @@ def test_analytic_gradient_equals_autograd(name, temperature, alpha):
     # float64; the same per-position functions give the sums, the closed form differs from
     # autograd's chain of backward kernels only in rounding (O(1) values, ~1e-16 each).
     assert_close(sums + [grad], want_sums + [want_grad], 1e-13)
+
+
+def test_topk_gradient_equals_numpy_reference():
+    """Top-k forward KL + CE: sums and G against float64 numpy written from the formulas.
+
+    Per valid token, with q = softmax(z / T), s = softmax(z), the teacher's top-k set S with
+    probs p_i and tail p_tail = 1 - sum_S p_i, and q_tail = 1 - sum_S q_i:
+        D = sum_S p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),  l = alpha T^2 D + (1 - alpha) CE,
+        dD/du_j = q_j - p_j (j in S),  q_j (1 - p_tail / q_tail) (j not in S),  u = z / T,
+        G = [alpha T dD/du + (1 - alpha)(s - onehot(y))] / denom,  0 on ignored tokens.
+    """
+    rng = np.random.default_rng(9)
+    n, k, temperature, alpha, denom = 7, 5, 2.0, 0.5, 11.0
+    z = rng.normal(size=(n, V)) * 3
+    zt = rng.normal(size=(n, V)) * 3
+    labels = rng.integers(0, V, size=n)
+    labels[::3] = -100
+
+    def softmax(x):
+        e = np.exp(x - x.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    p, q, s = softmax(zt / temperature), softmax(z / temperature), softmax(z)
+    ids = np.argsort(-p, axis=-1)[:, :k]
+    want_grad, want_div, want_ce = np.zeros((n, V)), 0.0, 0.0
+    for r in np.flatnonzero(labels != -100):
+        S, y = ids[r], labels[r]
+        p_k, q_k = p[r, S], q[r, S]
+        p_tail, q_tail = 1.0 - p_k.sum(), 1.0 - q_k.sum()
+        want_div += (p_k * np.log(p_k / q_k)).sum() + p_tail * np.log(p_tail / q_tail)
+        want_ce -= np.log(s[r, y])
+        d = q[r] * (1.0 - p_tail / q_tail)  # j not in S
+        d[S] = q_k - p_k
+        ce = s[r].copy()
+        ce[y] -= 1.0
+        want_grad[r] = (alpha * temperature * d + (1.0 - alpha) * ce) / denom
+    want_total = alpha * temperature**2 * want_div + (1.0 - alpha) * want_ce
+
+    top_ids = torch.from_numpy(ids)
+    teacher = TopK(top_ids, torch.log_softmax(torch.from_numpy(zt) / temperature, -1).gather(-1, top_ids))
+    options = dict(
+        divergence="forward_kl",
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=-100,
+        teacher_weights=None,
+        teacher_mixture="probs",
+        tokenizer_vocab_size=None,
+    )
+    total, div, ce, grad = _analytic_loss_and_grad(
+        torch.from_numpy(z), teacher, torch.from_numpy(labels), torch.tensor(denom), need_grad=True, **options
+    )
+    # float64; the reference forms q_tail as 1 - sum (exact enough with 45 of 50 tokens in the
+    # tail), kd as a logsumexp: O(1) values, rounding ~1e-15.
+    assert_close([total, div, ce, grad], [torch.tensor(x) for x in (want_total, want_div, want_ce, want_grad)], 1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bf16"])
+@pytest.mark.parametrize("k", [3, V], ids=["k3", "kV"])
+@pytest.mark.parametrize("alpha", [0.5, 1.0])
+def test_topk_chunked_equals_dense(alpha, k, dtype):
+    """Top-k forward KL through the analytic chunked path: loss, metrics, dL/dh and dL/dW equal
+    autograd through `distillation_loss` on the full logits (T = 2, ignored tokens, k < V and k = V)."""
+    h, w, th, tw, labels = tensors(seed=9, dtype=dtype)
+    top = torch.log_softmax((th @ tw.T).double() / 2.0, -1).topk(k, dim=-1)
+    teacher = TopK(top.indices, top.values.to(dtype))  # a bf16 cache for bf16 inputs
+    opts = dict(divergence="forward_kl", temperature=2.0, alpha=alpha)
+    dense, dense_metrics = distillation_loss(h @ w.T, teacher, labels, **opts)
+    chunked, metrics = chunked_distillation_loss(h, w, None, None, labels, chunk_size=8, teacher_logits=teacher, **opts)
+    got = [chunked, metrics["divergence"], metrics["ce"], *grads(chunked, h, w)]
+    want = [dense, dense_metrics["divergence"], dense_metrics["ce"], *grads(dense, h, w)]
+    if dtype == torch.float64:
+        assert_close(got, want, 1e-12)  # float64: only rounding and the order of sums differ
+        return
+    # bf16: the same bf16 logits, the loss in fp32 in both; G and the gradients are rounded to bf16
+    # at different points (dense: G^T h in one bf16 matmul; chunked: per chunk, summed in fp32).
+    # Measured: 1 bf16 ulp; allowed: 3 ulps (2^-7 relative each) of the largest magnitude.
+    for a, b in zip(got, want):
+        diff = float((a.detach().double() - b.detach().double()).abs().max())
+        assert diff < 3 * 2**-7 * float(b.detach().double().abs().max()), diff
 
 
 def test_dispatch_takes_the_analytic_path_where_written_out(monkeypatch):
@@ -225,7 +313,9 @@ def test_dispatch_takes_the_analytic_path_where_written_out(monkeypatch):
         (([th, th], [tw, tw]), {"divergence": "forward_kl"}, "analytic"),
         ((None, None), {"alpha": 0.0}, "analytic"),
         ((None, None, th @ tw.T), {"divergence": "reverse_kl"}, "analytic"),
-        ((None, None, TopK(top.indices, top.values)), {"divergence": "forward_kl"}, "autograd"),
+        ((None, None, TopK(top.indices, top.values)), {"divergence": "forward_kl"}, "analytic"),
+        ((None, None, TopK(top.indices, top.values)), {"divergence": "reverse_kl"}, "autograd"),
+        ((None, None, TopK(top.indices, top.values)), {"divergence": "jsd"}, "autograd"),
         ((th, tw), {"divergence": "jsd"}, "autograd"),
         ((th, tw), {"divergence": "logit_mse"}, "autograd"),
     ]
