@@ -10,10 +10,19 @@ CUDA) is its own, on the same random tokens (every position trained):
   (c) kd         our KD step: train.train_step with loss=forward_kl, alpha=0.5 (teacher + student + chunked loss)
   (d) naive      the same KD the usual way: transformers models, bf16 autocast (or plain fp32),
                  both (B, T, V) logits materialized, KL + CE on them, AdamW, a plain loop
+  (e) cached     (c) with the teacher replaced by its top-k cache (--top-k, 32), as train.py with
+                 teacher_cache: no teacher in memory; each step reads the batch's TopK with
+                 TeacherCache.topk_for (timed: training from a cache pays it every step)
+The cache of (e) is made before it by another process (untimed; its own process because max RSS
+never drops, so a teacher freed in (e) would still count): the teacher in --precision runs over
+the random batch and kd.teacher_cache.write_cache stores its
+top-k log-probs in bf16 at T = 1 (scripts/cache_teacher.py's defaults) in a temporary directory,
+with the batch's token ids as the cache's data file; (e) opens it with TeacherCache.open.
 All cases compute in one dtype, --precision (auto: bf16 on a GPU or a CPU with native bf16,
 else fp32; kd.parallel.fast_dtype).
 Efficiency = (time a + time b) / time c: how close KD gets to "an SFT step plus a teacher
-forward" (the loss overhead); speed-up = tokens/s of c over d; memory ratio = peak c / peak d.
+forward" (the loss overhead); speed-up = tokens/s of c over d; memory ratio = peak c / peak d;
+from cache = tokens/s of e over c (target >= 1.5) and peak e / peak c.
 Achieved FLOP/s = model FLOPs per token (train.flops_per_token: 2 N_teacher + 6 N_student
 + attention) x tokens/s, over the peak of a 2048^3 matmul in that dtype measured in the same run.
 The student is 10 of the teacher's 30 blocks, as configs/smollm2_kd.toml.
@@ -24,7 +33,9 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +44,9 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from kd.config import TrainConfig  # noqa: E402  (after the path set-up)
+from kd.data import Example  # noqa: E402
 from kd.parallel import DTYPES, fast_dtype  # noqa: E402
+from kd.tokenizer import Tokenizer  # noqa: E402
 
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
 
@@ -75,18 +88,71 @@ def random_batch(vocab: int, *, batch_size: int, seq_len: int) -> dict[str, torc
     return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}  # labels already shifted, all trained
 
 
+def batch_examples(batch: dict[str, torch.Tensor]) -> list[Example]:
+    """The batch's rows as the examples of a teacher cache (index = row); every position trained."""
+    return [Example(input_ids=ids.tolist(), labels=labels.tolist(), prompt_ids=[], num_targets=len(labels), index=i)
+            for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"]))]
+
+
+def write_batch_cache(args: argparse.Namespace) -> dict:
+    """Before case (e), in a process of its own: the teacher's top-k of the random batch as a teacher
+    cache in args.cache_dir/cache, the batch's ids in args.cache_dir/batch.json as its data file."""
+    from kd import hf
+    from kd.teacher_cache import CacheSpec, config_sha256, file_sha256, write_cache
+    from kd.tokenizer import load_tokenizer
+
+    config = hf.load_config(args.teacher)
+    # build_models' vocab is the teacher's too: the student is a subset of its layers, same rows.
+    batch = random_batch(config.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len)
+    data = Path(args.cache_dir) / "batch.json"
+    data.write_text(json.dumps(batch["input_ids"].tolist()))
+    examples = batch_examples(batch)
+    spec = CacheSpec(tokenizer_fingerprint=load_tokenizer(args.teacher).fingerprint(), data_sha256=file_sha256(data),
+                     seq_len=args.seq_len, teacher_config_sha256=config_sha256(args.teacher),
+                     vocab_size=config.vocab_size, num_examples=len(examples), k=args.top_k, dtype="bfloat16",
+                     temperature=1.0, examples_per_shard=len(examples))
+    teacher = hf.load_model(args.teacher, dtype=DTYPES[args.precision]).eval().requires_grad_(False)
+    start = time.perf_counter()
+    write_cache(Path(args.cache_dir) / "cache", teacher, examples, spec, batch_size=args.batch_size)
+    return {"seconds": time.perf_counter() - start}
+
+
+def cache_reader(cfg: TrainConfig, tokenizer: Tokenizer,
+                 batch: dict[str, torch.Tensor]) -> Callable[[], dict[str, torch.Tensor]]:
+    """Case (e): open the cache write_batch_cache made for this (CPU) batch and return what train.py's
+    loop does each step with teacher_cache set: read the batch's TopK on the CPU (train_step moves it)."""
+    from kd.teacher_cache import TeacherCache
+
+    if json.loads(Path(cfg.data[0]).read_text()) != batch["input_ids"].tolist():
+        raise RuntimeError(f"{cfg.data[0]} holds another batch than this case's: the cache is not of this batch")
+    cache = TeacherCache.open(cfg.teacher_cache, tokenizer=tokenizer, data_path=cfg.data[0], seq_len=cfg.seq_len,
+                              examples=batch_examples(batch))
+    index = torch.arange(len(batch["labels"]))  # (B,) the batch's rows are the cache's examples 0..B-1
+
+    def read() -> dict[str, torch.Tensor]:
+        ids, logprobs = cache.topk_for(index, batch["labels"], temperature=cfg.temperature)  # (B, T, k) each
+        return {"teacher_ids": ids, "teacher_logprobs": logprobs}
+
+    return read
+
+
 def run_ours(case: str, args: argparse.Namespace) -> dict:
     import train
     from kd import parallel
     from kd.optim import build_optimizer
     from kd.tokenizer import load_tokenizer
 
-    cfg = TrainConfig(teacher=(args.teacher,), student_layers=LAYERS, data=("unused",), precision=args.precision,
+    cache_dir = Path(args.cache_dir or "unused")  # (e): write_batch_cache's batch.json (its data) and cache/
+    cfg = TrainConfig(teacher=(args.teacher,), student_layers=LAYERS, precision=args.precision,
+                      data=(str(cache_dir / "batch.json"),),
+                      teacher_cache=str(cache_dir / "cache") if case == "cached" else "",
                       loss="sft" if case == "sft" else "forward_kl", alpha=0.5, chunk_size=args.chunk_size,
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=1e-4)
     world = parallel.init_distributed()
-    student, teachers, vocab = train.build_models(cfg, world, load_tokenizer(args.teacher))
-    batch = {k: v.to(world.device) for k, v in random_batch(vocab, batch_size=args.batch_size, seq_len=args.seq_len).items()}
+    tokenizer = load_tokenizer(args.teacher)
+    student, teachers, vocab = train.build_models(cfg, world, tokenizer)  # cached: teachers = []
+    cpu_batch = random_batch(vocab, batch_size=args.batch_size, seq_len=args.seq_len)
+    batch = {k: v.to(world.device) for k, v in cpu_batch.items()}
     if case == "teacher":
         with torch.no_grad():
             seconds, cpu_seconds = timed(lambda: teachers[0](batch["input_ids"]), steps=args.steps)
@@ -94,8 +160,10 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
     else:
         optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=0.1)
         n = args.batch_size * args.seq_len
-        seconds, cpu_seconds = timed(lambda: train.train_step(student, teachers, [batch], num_tokens=n, vocab=vocab, cfg=cfg,
-                                                 optimizer=optimizer, scaler=None), steps=args.steps)
+        read_teacher = cache_reader(cfg, tokenizer, cpu_batch) if case == "cached" else dict  # dict(): nothing to read
+        seconds, cpu_seconds = timed(lambda: train.train_step(student, teachers, [{**batch, **read_teacher()}],
+                                                              num_tokens=n, vocab=vocab, cfg=cfg, optimizer=optimizer,
+                                                              scaler=None), steps=args.steps)
         flops = train.flops_per_token([] if case == "sft" else teachers, student, seq_len=args.seq_len)
     parallel.shutdown()
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "flops_per_token": flops}
@@ -143,6 +211,8 @@ def run_naive(args: argparse.Namespace) -> dict:
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
+    if case == "write-cache":
+        return write_batch_cache(args)
     result = run_naive(args) if case == "naive" else run_ours(case, args)
     tokens = args.batch_size * args.seq_len
     return {"case": case, **result, "tokens_per_s": tokens / result["seconds"], "peak_memory_gb": peak_memory_gb()}
@@ -156,7 +226,10 @@ def main() -> int:
     parser.add_argument("--chunk-size", type=int, default=TrainConfig.chunk_size, help="tokens per chunk of our loss")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case, after one warm-up step")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype of every case")
-    parser.add_argument("--case", choices=["sft", "teacher", "kd", "naive"], help="run one case (used internally)")
+    parser.add_argument("--top-k", type=int, default=32, help="tokens per position in the teacher cache of case (e)")
+    parser.add_argument("--case", choices=["sft", "teacher", "kd", "naive", "write-cache", "cached"],
+                        help="run one case (used internally)")
+    parser.add_argument("--cache-dir", help="directory of case (e)'s teacher cache (used internally)")
     args = parser.parse_args()
     if not (Path(args.teacher) / "config.json").is_file():
         print(f"error: no teacher at {args.teacher}; run `make teacher` or pass --teacher", file=sys.stderr)
@@ -170,17 +243,20 @@ def main() -> int:
         args.precision = "bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"
     peak = matmul_peak(DTYPES[args.precision], device)
     results = {}
-    for case in ("sft", "teacher", "kd", "naive"):
-        command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher, "--batch-size", str(args.batch_size),
-                   "--seq-len", str(args.seq_len), "--chunk-size", str(args.chunk_size), "--steps", str(args.steps),
-                   "--precision", args.precision]
-        out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-        if out.returncode != 0:
-            print(out.stderr[-2000:], file=sys.stderr)
-            return 1
-        results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as cache_dir:  # write-cache makes (e)'s cache: not a row of the table
+        for case in ("sft", "teacher", "kd", "naive", "write-cache", "cached"):
+            command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher, "--batch-size",
+                       str(args.batch_size), "--seq-len", str(args.seq_len), "--chunk-size", str(args.chunk_size),
+                       "--steps", str(args.steps), "--precision", args.precision, "--top-k", str(args.top_k),
+                       "--cache-dir", cache_dir]
+            out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                return 1
+            results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    cache_seconds = results.pop("write-cache")["seconds"]
 
-    a, b, c, d = (results[k] for k in ("sft", "teacher", "kd", "naive"))
+    a, b, c, d, e = (results[k] for k in ("sft", "teacher", "kd", "naive", "cached"))
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}; "
           f"batch {args.batch_size} x {args.seq_len} tokens; {args.precision}; load average {os.getloadavg()[0]:.1f}")
     print(f"matmul 2048^3 peak, {args.precision}: {peak / 1e9:.0f} GFLOP/s")
@@ -194,11 +270,18 @@ def main() -> int:
                "efficiency_cpu": (a["cpu_seconds"] + b["cpu_seconds"]) / c["cpu_seconds"],
                "speedup_vs_naive": c["tokens_per_s"] / d["tokens_per_s"],
                "speedup_vs_naive_cpu": d["cpu_seconds"] / c["cpu_seconds"],
-               "memory_vs_naive": c["peak_memory_gb"] / d["peak_memory_gb"]}
+               "memory_vs_naive": c["peak_memory_gb"] / d["peak_memory_gb"],
+               "cached_vs_kd": e["tokens_per_s"] / c["tokens_per_s"],
+               "cached_vs_kd_cpu": c["cpu_seconds"] / e["cpu_seconds"],
+               "cached_memory_vs_kd": e["peak_memory_gb"] / c["peak_memory_gb"],
+               "top_k": args.top_k, "cache_write_seconds": cache_seconds}
     print(f"efficiency (a + b) / c = {summary['efficiency']:.2f} wall, {summary['efficiency_cpu']:.2f} CPU (target >= 0.9); "
           f"ours vs naive: {summary['speedup_vs_naive']:.2f}x tokens/s wall, {summary['speedup_vs_naive_cpu']:.2f}x CPU "
           "(target >= 1.5), "
           f"{summary['memory_vs_naive']:.2f}x peak memory (target <= 0.7)")
+    print(f"from cache (k = {args.top_k}, written in {cache_seconds:.1f} s, untimed) vs online KD: "
+          f"{summary['cached_vs_kd']:.2f}x tokens/s wall, {summary['cached_vs_kd_cpu']:.2f}x CPU (target >= 1.5), "
+          f"{summary['cached_memory_vs_kd']:.2f}x peak memory")
     print(json.dumps({"precision": args.precision, "peak": peak, "results": results, **summary}))
     return 0
 
