@@ -21,7 +21,8 @@ int32 ids (V > 65536): 6 k + 2. The manifest also records what the cache is only
 dtype, T_c, number of examples); `TeacherCache.open` refuses a cache made for other ones,
 naming the field. Shards are written to a temporary name and renamed, and the manifest is
 rewritten (atomically) after each shard, so an interrupted run resumes after its last whole
-shard and produces the same bytes as an uninterrupted one.
+shard and produces the same bytes as an uninterrupted one. Under torchrun the N ranks write
+the shards in rounds of N, one each, and rank 0 the manifest (`write_cache`): same bytes.
 
 Temperature. Cached log-probs are at T_c (1 by default), the loss wants them at T. Since
 p_T(v) is proportional to p_Tc(v)^a with a = T_c / T, the top-k part is exact up to the
@@ -60,6 +61,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kd import parallel
 from kd.data import IGNORE, Example, collate
 from kd.losses import TopK
 from kd.model import Transformer
@@ -166,9 +168,15 @@ def _read_manifest(path: Path) -> tuple[CacheSpec, dict]:
     return spec, manifest
 
 
+@torch.no_grad()
+def _idle_forward(teacher: Transformer, device: torch.device) -> None:
+    """A one-token forward whose result is dropped: it joins the teacher's FSDP all-gathers."""
+    teacher(torch.zeros(1, 1, dtype=torch.long, device=device), output_fn=lambda h, w: None)
+
+
 def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], spec: CacheSpec, *,
                 batch_size: int = 8, max_shards: int | None = None, info: dict | None = None,
-                on_batch: Callable[[int], None] | None = None) -> bool:
+                on_batch: Callable[[int], None] | None = None, rank: int = 0, world_size: int = 1) -> bool:
     """Write (or continue) the cache of `examples` in `out`; return True once it is complete.
 
     Resumes after the last shard the manifest lists, if the existing manifest has the same
@@ -177,6 +185,12 @@ def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], 
     manifest as is (e.g. teacher and data paths). `on_batch(examples_done)` reports progress,
     once at the start, then per batch. Examples are batched only within a shard, so a resumed
     cache is byte-identical.
+
+    Several ranks (torchrun; every rank calls this with the same arguments, `out` on a
+    filesystem all of them see): the shards are dealt out in rounds of `world_size`, rank r
+    computing and writing shard (round's first + r); after each round rank 0 alone lists the
+    round's shards in the manifest. The manifest thus lists a prefix of the shards, as with
+    one process, so the bytes and the resume point do not depend on the number of ranks.
     """
     out = Path(out)
     if spec.num_examples != len(examples):
@@ -186,7 +200,7 @@ def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], 
     if spec.examples_per_shard < 1 or batch_size < 1:
         raise ValueError(f"examples_per_shard={spec.examples_per_shard} and batch_size={batch_size} must be >= 1")
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():
+    if (out / MANIFEST).exists():  # every rank reads it: rank 0 rewrites it only after the first round's barrier
         old, manifest = _read_manifest(out)
         if old != spec:
             field = next(f.name for f in dataclasses.fields(CacheSpec) if getattr(old, f.name) != getattr(spec, f.name))
@@ -196,33 +210,54 @@ def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], 
         manifest = {"format_version": FORMAT_VERSION, **dataclasses.asdict(spec), **(info or {}),
                     "layout": LAYOUT, "shards": [], "complete": False}
     n_shards = math.ceil(len(examples) / spec.examples_per_shard)
+    start = len(manifest["shards"])
+    stop = n_shards if max_shards is None else min(n_shards, start + max_shards)
+    device = teacher.head_weight.device  # a plain tensor on every rank (see kd/parallel.py)
     if on_batch is not None:
         on_batch(manifest["shards"][-1]["end"] if manifest["shards"] else 0)
-    written = 0
-    for shard in range(len(manifest["shards"]), n_shards):
-        if max_shards is not None and written >= max_shards:
-            break
-        first, end = shard * spec.examples_per_shard, min((shard + 1) * spec.examples_per_shard, len(examples))
+
+    def bounds(shard: int) -> tuple[int, int]:
+        """The shard's examples [first, end)."""
+        return shard * spec.examples_per_shard, min((shard + 1) * spec.examples_per_shard, len(examples))
+
+    for first_shard in range(start, stop, world_size):
+        shards = range(first_shard, min(first_shard + world_size, stop))  # this round's, one per rank
+        mine = first_shard + rank
+        first, end = bounds(mine) if mine in shards else (0, 0)  # (0, 0): no shard left for this rank
+        # Lock-step: a sharded teacher's every forward all-gathers each block's weights, a
+        # collective all ranks must join, so all run as many forwards as the round's biggest
+        # shard needs; a rank out of batches (the last, shorter shard, or none) runs idle ones.
+        sizes = [hi - lo for lo, hi in map(bounds, shards)]
         parts = []
-        for start in range(first, end, batch_size):
-            batch = collate(examples[start:min(start + batch_size, end)], pad_id=0)  # right padding: pads unseen
-            parts.append(teacher_topk(teacher, batch["input_ids"], batch["labels"], k=spec.k,
-                                      temperature=spec.temperature))
-            if on_batch is not None:
-                on_batch(min(start + batch_size, end))
-        counts = torch.tensor([0] + [e.num_targets for e in examples[first:end]])
-        tensors = {
-            "ids": torch.cat([p[0] for p in parts]).to(ids_dtype(spec.vocab_size)),
-            "logprobs": torch.cat([p[1] for p in parts]).to(DTYPES[spec.dtype]),
-            "log_tail": torch.cat([p[2] for p in parts]).to(DTYPES[spec.dtype]),
-            "offsets": counts.cumsum(0),  # (E + 1,)
-        }
-        name = f"shard-{shard:05d}.safetensors"
-        _atomic_write(out / name, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-        manifest["shards"].append({"file": name, "first": first, "end": end, "tokens": int(counts.sum())})
-        manifest["complete"] = shard == n_shards - 1
-        _write_manifest(out, manifest)  # after the shard's rename: a listed shard is always whole
-        written += 1
+        for step in range(math.ceil(max(sizes) / batch_size)):
+            i = first + step * batch_size
+            if i < end:
+                batch = collate(examples[i:min(i + batch_size, end)], pad_id=0)  # right padding: pads unseen
+                topk = teacher_topk(teacher, batch["input_ids"].to(device), batch["labels"].to(device),
+                                    k=spec.k, temperature=spec.temperature)
+                parts.append(tuple(t.cpu() for t in topk))  # host copy: a sync on a GPU, once per batch
+            else:
+                _idle_forward(teacher, device)
+            if on_batch is not None:  # every rank is at this step too (lock-step)
+                on_batch(bounds(first_shard)[0] + sum(min((step + 1) * batch_size, n) for n in sizes))
+        if mine in shards:
+            tensors = {
+                "ids": torch.cat([p[0] for p in parts]).to(ids_dtype(spec.vocab_size)),
+                "logprobs": torch.cat([p[1] for p in parts]).to(DTYPES[spec.dtype]),
+                "log_tail": torch.cat([p[2] for p in parts]).to(DTYPES[spec.dtype]),
+                "offsets": torch.tensor([0] + [e.num_targets for e in examples[first:end]]).cumsum(0),  # (E + 1,)
+            }
+            _atomic_write(out / f"shard-{mine:05d}.safetensors",
+                          lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+        if world_size > 1:
+            parallel.barrier()  # every shard of the round is renamed into place before it is listed
+        for shard in shards:
+            lo, hi = bounds(shard)
+            manifest["shards"].append({"file": f"shard-{shard:05d}.safetensors", "first": lo, "end": hi,
+                                       "tokens": sum(e.num_targets for e in examples[lo:hi])})
+        manifest["complete"] = shards.stop == n_shards
+        if rank == 0:
+            _write_manifest(out, manifest)  # after the shards' renames: a listed shard is always whole
     return manifest["complete"]
 
 

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/cache_teacher.py --teacher models/smollm2-135m-instruct \\
         --data data.jsonl --out cache/smollm2-k32 --top-k 32 --seq-len 512
+    torchrun --nproc_per_node=8 scripts/cache_teacher.py --teacher models/llama3-70b ...  # same arguments
 
 Then train with `teacher_cache = "cache/smollm2-k32"` (same data file, tokenizer and seq_len):
 no teacher in memory. The examples are those `kd.data.load_examples` makes from --data with
@@ -9,8 +10,13 @@ the tokenizer (the teacher's unless --tokenizer) and --seq-len. The teacher runs
 where the CPU (or GPU) is faster in it, else fp32 (`--teacher-dtype`), log-probs are stored in bf16 (`--dtype`) at temperature 1 (`--temperature`:
 set it to the training temperature when that is not 1; see kd/teacher_cache.py for the error
 of re-tempering). Run again with the same arguments to resume an interrupted run; `--max-shards
-N` stops after N new shards (to split a long job). One process; sharding a teacher too big for
-one device over several with torchrun is a follow-up.
+N` stops after N new shards (to split a long job).
+
+Under torchrun the teacher is sharded with FSDP2 over the ranks (kd/parallel.py), so a teacher
+too big for one device fits on N, and the ranks take the cache's shards in rounds of N, one each
+(`--out` must be on a filesystem every rank sees; rank 0 writes the manifest). The files are
+byte-identical to a one-process run's, and a run may be resumed with another number of ranks.
+A plain `python scripts/cache_teacher.py` is a world of one and runs the same code.
 """
 from __future__ import annotations
 
@@ -24,13 +30,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: import kd
 
+from kd import parallel  # noqa: E402
 from kd.data import load_examples  # noqa: E402
-from kd.hf import load_config, load_model  # noqa: E402
-from kd.parallel import fast_dtype  # noqa: E402
+from kd.hf import check_state_dict, load_config, load_state_dict  # noqa: E402
+from kd.model import Transformer  # noqa: E402
 from kd.teacher_cache import DTYPES, CacheSpec, config_sha256, file_sha256, write_cache  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
-
-TEACHER_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def _progress(total: int, tokens_per_example: float) -> Callable[[int], None]:
@@ -61,18 +66,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's)")
     parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of log-probs")
     parser.add_argument("--temperature", type=float, default=1.0, help="temperature of the cached log-probs")
-    parser.add_argument("--teacher-dtype", default="auto", choices=["auto", *sorted(TEACHER_DTYPES)],
+    parser.add_argument("--teacher-dtype", default="auto", choices=["auto", *sorted(parallel.DTYPES)],
                         help="auto: bf16 on a GPU or where this CPU is faster in it, else fp32")
     parser.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward")
     parser.add_argument("--examples-per-shard", type=int, default=4096, help="examples per shard file")
     parser.add_argument("--max-shards", type=int, help="stop after writing this many new shards")
     args = parser.parse_args(argv)
+    world = parallel.init_distributed()
+    say = print if world.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
     try:
         if not args.temperature > 0:
             raise ValueError(f"--temperature {args.temperature} must be > 0")
         tokenizer = load_tokenizer(args.tokenizer or args.teacher)
         examples, stats = load_examples(args.data, tokenizer, seq_len=args.seq_len)
-        print(stats, file=sys.stderr)
+        say(stats, file=sys.stderr)
         config = load_config(args.teacher)
         spec = CacheSpec(
             tokenizer_fingerprint=tokenizer.fingerprint(), data_sha256=file_sha256(args.data),
@@ -82,16 +89,30 @@ def main(argv: list[str] | None = None) -> None:
         )
         if not 1 <= args.top_k <= config.vocab_size:
             raise ValueError(f"--top-k {args.top_k} must be in 1..{config.vocab_size} (the teacher's vocabulary)")
-        teacher_dtype = fast_dtype(torch.device("cpu")) if args.teacher_dtype == "auto" else TEACHER_DTYPES[args.teacher_dtype]
-        teacher = load_model(args.teacher, dtype=teacher_dtype).eval().requires_grad_(False)
+        dtype = parallel.DTYPES[parallel.resolve_precision(args.teacher_dtype, world.device)]  # the same on all ranks
+
+        def on_meta() -> Transformer:  # shapes only: memory comes after sharding
+            with torch.device("meta"):
+                return Transformer(config).to(dtype)
+
+        # Build on the meta device, shard the blocks over the ranks, allocate this rank's shards,
+        # then fill them from rank 0's read of the checkpoint (keys and shapes checked).
+        teacher = on_meta()
+        parallel.shard_teacher(teacher, compile=False)
+        teacher.to_empty(device=world.device)
+        parallel.load_full_state_dict(teacher, parallel.run_on_rank0(lambda: check_state_dict(
+            load_state_dict(args.teacher, dtype=dtype), on_meta(), args.teacher)))
         info = {"teacher": str(args.teacher), "data": str(args.data)}
+        progress = _progress(len(examples), stats.tokens / len(examples)) if world.is_main else None
         complete = write_cache(args.out, teacher, examples, spec, batch_size=args.batch_size,
-                               max_shards=args.max_shards, info=info,
-                               on_batch=_progress(len(examples), stats.tokens / len(examples)))
+                               max_shards=args.max_shards, info=info, on_batch=progress,
+                               rank=world.rank, world_size=world.world_size)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
-    print(file=sys.stderr)
-    print(f"{args.out}: {'complete' if complete else 'partial: run again to continue'}", file=sys.stderr)
+    finally:
+        parallel.shutdown()
+    say(file=sys.stderr)
+    say(f"{args.out}: {'complete' if complete else 'partial: run again to continue'}", file=sys.stderr)
 
 
 if __name__ == "__main__":

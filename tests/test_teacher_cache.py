@@ -12,9 +12,11 @@ Checks, on a tiny random llama teacher (vocab 512) and the tiny BPE tokenizer:
   refused with the field named; a batch not from the cached data is refused;
 - an interrupted caching run (scripts/cache_teacher.py --max-shards 1, plus leftovers of a
   crash mid-shard) resumes and yields byte-identical files to an uninterrupted run;
+- scripts/cache_teacher.py under torchrun (2 gloo ranks, an odd number of shards, so one rank
+  idles in the last round) finishes a cache begun by one process with the one-process bytes;
 - (slow, once train.py has `teacher_cache`) train.py from a k = V cache equals online KD.
 
-Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~15 s of CPU time);
+Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~25 s of CPU time, ~10 s of it the torchrun test);
 `-m slow` for the train.py run.
 """
 from __future__ import annotations
@@ -291,6 +293,32 @@ def test_interrupted_run_resumes_to_identical_files(setup, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         _run_script([*common, "--out", str(part), "--top-k", "9999"])
     assert str(exit_info.value).startswith("error: --top-k 9999 must be in 1..512")
+
+
+def test_two_ranks_finish_a_one_process_cache_with_the_same_bytes(setup, tmp_path):
+    """9 examples in 5 shards of 2 (the last of 1). One process writes shards 0-1 (--max-shards 2),
+    then torchrun with 2 gloo ranks and the FSDP-sharded fp32 teacher resumes: shards 2 | 3, then
+    4 alone, rank 1 running an idle forward to keep the all-gathers in step. Every file must equal
+    an uninterrupted one-process run's byte for byte (same batches, same fp32 math); one launch
+    of 2 ranks, as each costs ~5-10 s of Python and torch start-up."""
+    s = setup
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*RECORDS, *RECORDS[:2]]))
+    common = ["--teacher", str(s["teacher_dir"]), "--data", str(data), "--top-k", "8", "--seq-len", str(SEQ_LEN),
+              "--dtype", "float32", "--teacher-dtype", "fp32", "--batch-size", "1", "--examples-per-shard", "2"]
+    one, mixed = tmp_path / "one", tmp_path / "mixed"
+    _run_script([*common, "--out", str(one)])
+    _run_script([*common, "--out", str(mixed), "--max-shards", "2"])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread: same fp32 sum order
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(SCRIPT),
+                             *common, "--out", str(mixed)], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count(f"{mixed}: complete") == 1, "rank 0 alone reports"
+    names = sorted(p.name for p in one.iterdir())
+    assert names == ["manifest.json", *(f"shard-{i:05d}.safetensors" for i in range(5))]
+    assert sorted(p.name for p in mixed.iterdir()) == names
+    for name in names:
+        assert (mixed / name).read_bytes() == (one / name).read_bytes(), f"{name} differs"
 
 
 def _train_has_teacher_cache() -> bool:
