@@ -9,9 +9,11 @@ Two kinds of numbers, the ones distillation papers report (kd/eval.py has the pu
    student) per token, the student's perplexity of the teacher's text, and top-1 agreement
    (argmax_student == argmax_teacher). This is the quantity logit distillation minimizes.
 2. Free-running: the student answers each prompt greedily and Rouge-L F1 (MiniLLM protocol,
-   kd/eval.corpus_rouge_l) scores its answer against the teacher's greedy answer; tokens/s is
-   new tokens / wall time of batched greedy generation (prefill included) at one batch size
-   for every model, so rows of one table compare.
+   kd/eval.corpus_rouge_l) scores its answer against the teacher's greedy answer.
+3. Speed: tokens/s of batched greedy generation on the same work for every model (the first
+   SPEED_BATCH prompts, exactly SPEED_TOKENS new tokens each, EOS ignored, prefill included),
+   so rows of one table compare. Timing the answers themselves would not: a student that never stops
+   runs every row to the token limit and looks faster than one that ends its answers.
 
     eval_set = load_eval_set("runs/demo/data/heldout.jsonl", tokenizer)
     metrics = evaluate(student, tokenizer, eval_set, teacher=teacher)
@@ -37,6 +39,7 @@ from kd.sampling import generate
 from kd.tokenizer import Tokenizer
 
 # Table columns: metrics key -> (header, format). Arrows say which way is better.
+SPEED_BATCH, SPEED_TOKENS = 16, 32  # the generation-speed measurement: prompts in one batch, new tokens each
 COLUMNS = {
     "params_m": ("params (M)", "{:.1f}"),
     "kl": ("KL to teacher ↓", "{:.3f}"),
@@ -114,10 +117,8 @@ def teacher_forced_metrics(model: Transformer, examples: list[Example], *, teach
 
 def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
                    batch_size: int = 16, log: Callable[[str], None] = print) -> tuple[list[str], float]:
-    """Greedy (temperature 0) answers to `prompts`, and generation speed in new tokens/s.
-
-    Prompts are answered in order in batches of batch_size, each row stopping at its own EOS.
-    """
+    """Greedy (temperature 0) answers to `prompts`, in order, in batches of batch_size, each row
+    stopping at its own EOS."""
     eos = set(tokenizer.eos_token_ids)
     answers, new_tokens, seconds = [], 0, 0.0
     for start in range(0, len(prompts), batch_size):
@@ -130,12 +131,26 @@ def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: list[list[
         done = len(answers)
         eta = seconds / done * (len(prompts) - done)
         log(f"  greedy answers {done}/{len(prompts)}, {new_tokens / seconds:.0f} tokens/s, ETA {eta:.0f} s")
-    return answers, new_tokens / seconds
+    return answers
+
+
+def decode_speed(model: Transformer, prompts: list[list[int]], *, pad_id: int, new_tokens: int) -> float:
+    """New tokens/s of one batch of greedy generation: every prompt gets exactly `new_tokens`
+    (no EOS stops a row), prefill included. The same prompts give every model the same work."""
+    generate(model, prompts[:1], max_new_tokens=2, temperature=0.0, eos_token_ids=None, pad_id=pad_id)  # warm-up
+    t0 = time.perf_counter()
+    generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0, eos_token_ids=None, pad_id=pad_id)
+    return len(prompts) * new_tokens / (time.perf_counter() - t0)
 
 
 def evaluate(model: Transformer, tokenizer: Tokenizer, eval_set: EvalSet, *, teacher: Transformer | None = None,
-             max_new_tokens: int = 128, batch_size: int = 16, log: Callable[[str], None] = print) -> dict:
+             max_new_tokens: int = 128, batch_size: int = 16, answers: list[str] | None = None,
+             log: Callable[[str], None] = print) -> dict:
     """Every number of the table for one model, plus its answers.
+
+    answers: the model's greedy answers when they are known already, e.g. for the teacher
+    whose greedy answers are the references (its Rouge-L is then 100 by construction);
+    else they are generated.
 
     Returns {"params_m", "nll", "ppl", "tokens", "rouge_l", "tokens_per_s", "answers"} and, with
     a teacher, "kl" and "top1_agreement". Put the model (and teacher) in eval mode on the
@@ -145,8 +160,12 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, eval_set: EvalSet, *, tea
     metrics: dict = teacher_forced_metrics(model, eval_set.examples, teacher=teacher, pad_id=pad_id_of(tokenizer),
                                            batch_size=max(1, batch_size // 2))
     log(f"  teacher-forced metrics on {int(metrics['tokens'])} response tokens in {time.perf_counter() - t0:.0f} s")
-    answers, tokens_per_s = greedy_answers(model, tokenizer, eval_set.prompts, max_new_tokens=max_new_tokens,
-                                           batch_size=batch_size, log=log)
+    if answers is None:
+        answers = greedy_answers(model, tokenizer, eval_set.prompts, max_new_tokens=max_new_tokens,
+                                 batch_size=batch_size, log=log)
+    speed_prompts = eval_set.prompts[:SPEED_BATCH]
+    tokens_per_s = decode_speed(model, speed_prompts, pad_id=pad_id_of(tokenizer), new_tokens=SPEED_TOKENS)
+    log(f"  generation speed: {tokens_per_s:.0f} tokens/s ({len(speed_prompts)} prompts x {SPEED_TOKENS} tokens)")
     metrics |= {"params_m": model.num_params() / 1e6, "rouge_l": corpus_rouge_l(answers, eval_set.references),
                 "tokens_per_s": tokens_per_s, "answers": answers}
     return metrics

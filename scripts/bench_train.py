@@ -4,7 +4,8 @@
     .venv/bin/python scripts/bench_train.py --steps 5 --batch-size 8 --seq-len 256
 
 Cases, each in a fresh subprocess so that its peak memory (max RSS on CPU, max allocated on
-CUDA) is its own, on the same random tokens (every position trained):
+CUDA) is its own, on the same random tokens (every position trained; with --prompt-fraction F the
+first F of each row is a "prompt" without labels, as in chat data, where our loss skips the heads):
   (a) sft        our SFT step: train.train_step with loss=sft (FSDP2, chunked CE, AdamW)
   (b) teacher    the teacher's forward alone, to full logits, no_grad
   (c) kd         our KD step: train.train_step with loss=forward_kl, alpha=0.5 (teacher + student + chunked loss)
@@ -49,6 +50,7 @@ from kd.parallel import DTYPES, fast_dtype  # noqa: E402
 from kd.tokenizer import Tokenizer  # noqa: E402
 
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
+PROMPT_FRACTION = 0.0  # set from --prompt-fraction in main and in each case's process
 
 
 def peak_memory_gb() -> float:
@@ -85,12 +87,15 @@ def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
 def random_batch(vocab: int, *, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(3, vocab, (batch_size, seq_len + 1), generator=g)
-    return {"input_ids": ids[:, :-1], "labels": ids[:, 1:]}  # labels already shifted, all trained
+    labels = ids[:, 1:].clone()  # already shifted
+    labels[:, :round(PROMPT_FRACTION * seq_len)] = -100  # the "prompt": no loss there
+    return {"input_ids": ids[:, :-1], "labels": labels}
 
 
 def batch_examples(batch: dict[str, torch.Tensor]) -> list[Example]:
-    """The batch's rows as the examples of a teacher cache (index = row); every position trained."""
-    return [Example(input_ids=ids.tolist(), labels=labels.tolist(), prompt_ids=[], num_targets=len(labels), index=i)
+    """The batch's rows as the examples of a teacher cache (index = row)."""
+    return [Example(input_ids=ids.tolist(), labels=labels.tolist(), prompt_ids=[], num_targets=int((labels != -100).sum()),
+                    index=i)
             for i, (ids, labels) in enumerate(zip(batch["input_ids"], batch["labels"]))]
 
 
@@ -227,6 +232,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=3, help="timed steps per case, after one warm-up step")
     parser.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="compute dtype of every case")
     parser.add_argument("--top-k", type=int, default=32, help="tokens per position in the teacher cache of case (e)")
+    parser.add_argument("--prompt-fraction", type=float, default=0.0, help="leading share of each row without labels")
     parser.add_argument("--case", choices=["sft", "teacher", "kd", "naive", "write-cache", "cached"],
                         help="run one case (used internally)")
     parser.add_argument("--cache-dir", help="directory of case (e)'s teacher cache (used internally)")
@@ -234,6 +240,8 @@ def main() -> int:
     if not (Path(args.teacher) / "config.json").is_file():
         print(f"error: no teacher at {args.teacher}; run `make teacher` or pass --teacher", file=sys.stderr)
         return 1
+    global PROMPT_FRACTION
+    PROMPT_FRACTION = args.prompt_fraction
     if args.case:
         print(json.dumps(run_case(args.case, args)))
         return 0
@@ -248,7 +256,7 @@ def main() -> int:
             command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher, "--batch-size",
                        str(args.batch_size), "--seq-len", str(args.seq_len), "--chunk-size", str(args.chunk_size),
                        "--steps", str(args.steps), "--precision", args.precision, "--top-k", str(args.top_k),
-                       "--cache-dir", cache_dir]
+                       "--cache-dir", cache_dir, "--prompt-fraction", str(args.prompt_fraction)]
             out = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
             if out.returncode != 0:
                 print(out.stderr[-2000:], file=sys.stderr)
@@ -258,7 +266,8 @@ def main() -> int:
 
     a, b, c, d, e = (results[k] for k in ("sft", "teacher", "kd", "naive", "cached"))
     print(f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}; "
-          f"batch {args.batch_size} x {args.seq_len} tokens; {args.precision}; load average {os.getloadavg()[0]:.1f}")
+          f"batch {args.batch_size} x {args.seq_len} tokens (first {args.prompt_fraction:.0%} of each row unlabelled); "
+          f"{args.precision}; load average {os.getloadavg()[0]:.1f}")
     print(f"matmul 2048^3 peak, {args.precision}: {peak / 1e9:.0f} GFLOP/s")
     print(f"{'case':<10}{'s/step':>9}{'CPU s':>8}{'tokens/s':>11}{'peak GB':>10}{'GFLOP/s':>10}{'of peak':>9}")
     for name, r in results.items():

@@ -11,7 +11,7 @@ the 64 held-out prompts. The methods, each pure (alpha = 1, no cross-entropy mix
   forward_kl  KL(p || q) at every token of it (Hinton et al., arXiv 1503.02531)
   reverse_kl  KL(q || p), mode-seeking (as in MiniLLM's single-step term, arXiv 2306.08543)
   jsd         JSD(beta = 0.5) (GKD's default divergence, arXiv 2306.13649), off-policy
-  gkd         JSD on the student's own samples (GKD, lmbda = 1), once train.py has `method`
+  gkd         JSD on the student's own samples (GKD, lmbda = 1: fully on-policy, answers <= 64 tokens)
 Runs live in OUT/<method>/ (default runs/compare); each stage is skipped when its output
 exists, so an interrupted comparison resumes. docs/results.md gets the demo's table (from
 runs/demo/eval/) and this comparison, with the settings and the machine; `--methods ""`
@@ -21,7 +21,6 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -40,14 +39,8 @@ METHODS = {
     "forward_kl": ["--loss=forward_kl", "--alpha=1.0"],
     "reverse_kl": ["--loss=reverse_kl", "--alpha=1.0"],
     "jsd": ["--loss=jsd", "--alpha=1.0", "--beta=0.5"],
-    "gkd": ["--method=gkd", "--loss=jsd", "--alpha=1.0", "--beta=0.5"],
+    "gkd": ["--method=gkd", "--loss=jsd", "--alpha=1.0", "--beta=0.5", "--lmbda=1.0", "--max_new_tokens=64"],
 }
-
-
-def available_methods() -> list[str]:
-    """GKD needs on-policy training in train.py (its `method` setting); the rest always run."""
-    has_method = any(f.name == "method" for f in fields(TrainConfig))
-    return [m for m in METHODS if m != "gkd" or has_method]
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -57,21 +50,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo's run directory (data, eval)")
     p.add_argument("--teacher", default="models/smollm2-135m-instruct", help="teacher HF directory")
     p.add_argument("--config", type=Path, default=ROOT.parent / "configs/demo.toml", help="train.py settings")
-    p.add_argument("--methods", default=",".join(available_methods()), help="comma-separated, from: "
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: "
                    + ", ".join(METHODS))
     p.add_argument("--results", type=Path, default=ROOT.parent / "docs/results.md", help="markdown file to write")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest greedy answer")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer (as make demo)")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
     p.add_argument("--note", default="", help="a sentence on the conditions of the run, for the results file")
     args, rest = p.parse_known_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    missing = [m for m in args.methods if m not in available_methods()]
-    if missing:
-        raise ValueError(f"method {missing[0]!r} needs on-policy training in train.py (its `method` setting), "
-                         "which this checkout lacks")
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     if bad:
         raise ValueError(f"unexpected argument {bad[0]!r}: train.py settings are given as --key=value")
@@ -130,7 +119,7 @@ def run_methods(args: argparse.Namespace, configs: dict[str, TrainConfig], overr
                         ("teacher", lambda: teacher)):
         if not (args.out / f"{name}.json").exists():
             demo.evaluate_stage(name, demo.for_eval(model(), device, dtype), teacher, tokenizer, eval_set, args.out,
-                                eval_args)
+                                eval_args, answers=eval_set.references if name == "teacher" else None)
     rows = {"teacher": read(args.out / "teacher.json"), "student before": read(args.out / "student_before.json")}
     return rows | {m: read(args.out / f"{m}.json") for m in configs}, seconds
 
@@ -146,9 +135,7 @@ def main(argv: list[str]) -> None:
 
     n_train = len((args.demo / "data" / "train.jsonl").read_text().splitlines())
     n_heldout = len((args.demo / "data" / "heldout.jsonl").read_text().splitlines())
-    metrics_note = ("KL, perplexity and top-1 agreement are per token of the teacher's greedy held-out answers "
-                    "(teacher-forced); Rouge-L F1 (MiniLLM protocol) compares each model's greedy answer with the "
-                    f"teacher's; tokens/s is batched greedy generation at batch {args.batch_size}.")
+    metrics_note = demo.metrics_note(n_heldout)
     lines = ["# Results", "", f"Machine: {describe_machine(device)}." + (f" {args.note}" if args.note else ""), ""]
     demo_evals = args.demo / "eval"
     names = ("teacher", "student_before", "student_after")

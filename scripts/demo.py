@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (train.py's own student construction, reused for "before")
 from kd import checkpoint, hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
-from kd.evaluate import describe_machine, evaluate, format_table, load_eval_set  # noqa: E402
+from kd.evaluate import SPEED_BATCH, SPEED_TOKENS, describe_machine, evaluate, format_table, load_eval_set  # noqa: E402
 from kd.parallel import fast_dtype  # noqa: E402
 from kd.model import Transformer  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
@@ -55,8 +55,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--config", type=Path, default=ROOT / "configs/demo.toml", help="train.py settings")
     p.add_argument("--train-prompts", type=Path, default=ROOT / "data/prompts/train.jsonl")
     p.add_argument("--heldout-prompts", type=Path, default=ROOT / "data/prompts/heldout.jsonl")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest teacher and student answer")
-    p.add_argument("--batch-size", type=int, default=32, help="prompts per batch when generating answers")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest teacher and student answer")
+    p.add_argument("--batch-size", type=int, default=64, help="prompts per batch when generating answers")
     args, rest = p.parse_known_args(argv)
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     if bad:
@@ -152,14 +152,24 @@ def student_before(cfg: TrainConfig) -> Transformer:
 
 
 def evaluate_stage(name: str, model: Transformer, teacher: Transformer, tokenizer, eval_set, out: Path,
-                   args: argparse.Namespace) -> None:
+                   args: argparse.Namespace, answers: list[str] | None = None) -> None:
     metrics = evaluate(model, tokenizer, eval_set, teacher=teacher, max_new_tokens=args.max_new_tokens,
-                       batch_size=args.batch_size, log=lambda s: print(s, flush=True))
+                       batch_size=args.batch_size, answers=answers, log=lambda s: print(s, flush=True))
     print(f"  {name}: " + format_table({name: metrics}).splitlines()[-1])
     write_json(out / f"{slug(name)}.json", metrics)
 
 
 # ----------------------------------------------------------------------------- the report
+
+
+def metrics_note(n_prompts: int) -> str:
+    """What the table's columns are, for the report and docs/results.md."""
+    return ("KL, perplexity and top-1 agreement are per token of the teacher's greedy held-out answers (teacher-"
+            "forced); Rouge-L F1 (MiniLLM protocol) compares each model's greedy answer with the teacher's (the "
+            "teacher's own answers are the references: 100 by construction); tokens/s is greedy generation of "
+            f"exactly {SPEED_TOKENS} new tokens for the first {min(SPEED_BATCH, n_prompts)} held-out prompts in one "
+            "batch, prefill included: "
+            "the same work for every model (a speed, not a quality metric).")
 
 
 def verdict(before: dict, after: dict) -> tuple[list[str], bool]:
@@ -212,9 +222,7 @@ def write_report(args: argparse.Namespace, cfg: TrainConfig, eval_set, results: 
         f"{cfg.batch_size * cfg.grad_accum} examples, lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to "
         f"{cfg.min_lr}), {last.get('tokens_per_s', float('nan')):.0f} training tokens/s at the end.", "",
         f"## Held-out results ({len(eval_set.prompts)} prompts, {len(eval_set.examples)} teacher responses)", "",
-        "KL, perplexity and top-1 agreement are per token of the teacher's greedy responses (teacher-forced); "
-        "Rouge-L F1 compares each model's greedy answer with the teacher's; tokens/s is batched greedy "
-        f"generation at batch {args.batch_size}.", "",
+        metrics_note(len(eval_set.prompts)), "",
         table, "", "Distilled vs before:", *lines, "",
         *(["## Training curves", "", "![training curves](curves.png)", ""] if curves else []),
         "## Answers side by side (the first held-out prompts)", "", examples_markdown(eval_set, results), "",
@@ -289,7 +297,9 @@ def main(argv: list[str]) -> None:
         if not (evals / "student_after.json").exists():  # done before an interrupted teacher evaluation
             student = for_eval(hf.load_model(train_dir / "final", dtype=dtype), device, dtype)
             evaluate_stage("student after", student, get_teacher(), tokenizer, eval_set, evals, args)
-        evaluate_stage("teacher", get_teacher(), get_teacher(), tokenizer, eval_set, evals, args)
+        # The teacher's greedy answers are the references (stage 2): not generated a second time.
+        evaluate_stage("teacher", get_teacher(), get_teacher(), tokenizer, eval_set, evals, args,
+                       answers=eval_set.references)
 
     clock.stage(5, "evaluate the distilled student and the teacher", evals / "teacher.json", evaluate_after)
 
