@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     right.set(xlabel="step", ylabel="KL(teacher || student), nats/token (solid)", title="held-out")
     twin.set_ylabel("top-1 agreement with the teacher (dashed)")
     left.legend(fontsize=8)
-    right.legend(fontsize=8, loc="upper right")
+    right.legend(fontsize=8, loc="center right")
     fig.tight_layout()
     out = args.out or args.runs[0] / "metrics.png"
     fig.savefig(out, dpi=120)
