@@ -295,6 +295,7 @@ def test_interrupted_run_resumes_to_identical_files(setup, tmp_path, capsys):
     assert str(exit_info.value).startswith("error: --top-k 9999 must be in 1..512")
 
 
+@pytest.mark.usefixtures("one_thread")  # as torchrun's ranks: the same fp32 summation order
 def test_two_ranks_finish_a_one_process_cache_with_the_same_bytes(setup, tmp_path):
     """9 examples in 5 shards of 2 (the last of 1). One process writes shards 0-1 (--max-shards 2),
     then torchrun with 2 gloo ranks and the FSDP-sharded fp32 teacher resumes: shards 2 | 3, then
