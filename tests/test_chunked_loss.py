@@ -58,6 +58,12 @@ def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) 
         assert diff < tol, diff
 
 
+def analytic_options(divergence: str, temperature: float, alpha: float) -> dict:
+    """The options dict `_analytic_loss_and_grad` takes, for one divergence, T and alpha."""
+    return dict(divergence=divergence, temperature=temperature, alpha=alpha, ignore_index=-100, teacher_weights=None,
+                teacher_mixture="probs", tokenizer_vocab_size=None)
+
+
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 100])
 @pytest.mark.parametrize("name,kw", DIVERGENCES, ids=[d[0] for d in DIVERGENCES])
 def test_chunked_equals_dense(name, kw, chunk_size):
@@ -197,15 +203,7 @@ def test_analytic_gradient_equals_autograd(name, temperature, alpha):
     labels = torch.randint(0, V - 4, (n,), generator=g)
     labels[::3] = -100
     denom = torch.tensor(20)  # a global count larger than the chunk's 8 valid tokens
-    options = dict(
-        divergence=name if name in ("forward_kl", "reverse_kl") else "forward_kl",
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=-100,
-        teacher_weights=None,
-        teacher_mixture="probs",
-        tokenizer_vocab_size=None,
-    )
+    options = analytic_options(name if name in ("forward_kl", "reverse_kl") else "forward_kl", temperature, alpha)
     teacher_arg = None if name == "sft" else teacher
     *sums, grad = _analytic_loss_and_grad(student, teacher_arg, labels, denom, need_grad=True, **options)
     *want_sums, want_grad = _autograd_loss_and_grad(student, teacher_arg, labels, denom, options, True)
@@ -254,15 +252,7 @@ def test_topk_gradient_equals_numpy_reference():
 
     top_ids = torch.from_numpy(ids)
     teacher = TopK(top_ids, torch.log_softmax(torch.from_numpy(zt) / temperature, -1).gather(-1, top_ids))
-    options = dict(
-        divergence="forward_kl",
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=-100,
-        teacher_weights=None,
-        teacher_mixture="probs",
-        tokenizer_vocab_size=None,
-    )
+    options = analytic_options("forward_kl", temperature, alpha)
     total, div, ce, grad = _analytic_loss_and_grad(
         torch.from_numpy(z), teacher, torch.from_numpy(labels), torch.tensor(denom), need_grad=True, **options
     )
