@@ -22,15 +22,11 @@ distillation (SFT or KD on teacher-written data from generate.py), multi-teacher
 `teacher`s), two-stage (stage 2 `init_from` stage 1's OUT/final), and on-policy GKD and MiniLLM
 (method=gkd|minillm: each step first samples the student's own answers, kd/onpolicy.py). See configs/.
 
-Outputs in `out`: train_config.toml (the resolved settings), metrics.jsonl (one JSON object per
-log step and per evaluation; scripts/plot_metrics.py draws it), checkpoints/step_N/ (every
-`save_every` steps and on SIGTERM; `resume=true` continues exactly) and final/, the student
-as an HF directory. To export a checkpoint on request, resume it with max_steps set to its
-step: `train.py --config X --resume=true --max_steps=N` only writes final/.
-
-dtypes: student master weights and AdamW state fp32, compute in `precision` via FSDP2's
-MixedPrecisionPolicy, gradients reduced in fp32; teacher weights stored in `precision`;
-softmax and every loss in fp32 (kd/losses.py).
+Outputs in `out`: train_config.toml (resolved settings), metrics.jsonl (per log step and eval;
+scripts/plot_metrics.py draws it), checkpoints/step_N/ (every `save_every` steps and on SIGTERM;
+`resume=true` continues exactly), final/ (the student, HF; export step N: --resume=true --max_steps=N).
+dtypes: master weights and AdamW state fp32; compute and teacher in `precision` (auto: bf16 or
+fp32, whichever this device runs faster); gradients reduced and every loss computed in fp32.
 """
 import datetime
 import json

@@ -68,12 +68,17 @@ def fast_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if best_time(torch.bfloat16) < best_time(torch.float32) else torch.float32
 
 
+def fast_precision(device: torch.device) -> str:
+    """`fast_dtype` as a `precision` setting: "bf16" or "fp32"."""
+    return "bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`precision = "auto"` -> "bf16" or "fp32" by `fast_dtype`, timed on rank 0 and broadcast so
     that every rank computes in the same dtype; any other value is returned as it is."""
     if precision != "auto":
         return precision
-    box = ["bf16" if fast_dtype(device) == torch.bfloat16 else "fp32"] if dist.get_rank() == 0 else [None]
+    box = [fast_precision(device) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(box, src=0)
     return box[0]
 

@@ -31,7 +31,7 @@ import demo  # noqa: E402  (the demo's stages: run_child, student_before, evalua
 from kd import checkpoint, hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
 from kd.evaluate import describe_machine, format_table, load_eval_set  # noqa: E402
-from kd.parallel import fast_dtype  # noqa: E402
+from kd.parallel import DTYPES, fast_precision  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
 METHODS = {
@@ -93,9 +93,9 @@ def read(path: Path) -> dict:
 
 
 def run_methods(args: argparse.Namespace, configs: dict[str, TrainConfig], overrides: list[str], *,
-                device: torch.device, dtype: torch.dtype) -> tuple[dict[str, dict], dict[str, float]]:
+                device: torch.device, precision: str) -> tuple[dict[str, dict], dict[str, float]]:
     """Train and evaluate each method (skipping what is done); the table's rows and training seconds."""
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    dtype = DTYPES[precision]
     tokenizer = load_tokenizer(args.teacher)
     eval_set = load_eval_set(args.demo / "data" / "heldout.jsonl", tokenizer)
     teacher = demo.for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
@@ -127,11 +127,10 @@ def run_methods(args: argparse.Namespace, configs: dict[str, TrainConfig], overr
 def main(argv: list[str]) -> None:
     args, overrides = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = fast_dtype(device)
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    precision = fast_precision(device)
     configs = {m: load_config(method_args(args, m, overrides, precision)) for m in args.methods}  # check all first
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, seconds = run_methods(args, configs, overrides, device=device, dtype=dtype) if configs else ({}, {})
+    rows, seconds = run_methods(args, configs, overrides, device=device, precision=precision) if configs else ({}, {})
 
     n_train = len((args.demo / "data" / "train.jsonl").read_text().splitlines())
     n_heldout = len((args.demo / "data" / "heldout.jsonl").read_text().splitlines())

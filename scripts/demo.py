@@ -37,7 +37,7 @@ import train  # noqa: E402  (train.py's own student construction, reused for "be
 from kd import checkpoint, hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
 from kd.evaluate import SPEED_BATCH, SPEED_TOKENS, describe_machine, evaluate, format_table, load_eval_set  # noqa: E402
-from kd.parallel import fast_dtype  # noqa: E402
+from kd.parallel import DTYPES, fast_precision  # noqa: E402
 from kd.model import Transformer  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
@@ -247,8 +247,8 @@ def main(argv: list[str]) -> None:
     if not (Path(args.teacher) / "config.json").is_file():
         raise FileNotFoundError(f"no teacher at {args.teacher}: run `make teacher` (or pass --teacher DIR)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = fast_dtype(device)
-    precision = "bf16" if dtype == torch.bfloat16 else "fp32"
+    precision = fast_precision(device)
+    dtype = DTYPES[precision]
     cfg = load_config(train_args(args, overrides, precision))  # checks every setting before any work
     if device.type == "cuda" and not any(o.startswith("--max_steps=") for o in overrides):
         overrides = [*overrides, f"--max_steps={cfg.max_steps * GPU_STEP_FACTOR}"]
