@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         if not Path(args.model).is_dir():
             raise FileNotFoundError(f"{args.model}: model directory not found")
         tokenizer = load_tokenizer(args.model)
-        model = load_model(args.model, dtype=DTYPES[args.dtype])
+        model = load_model(args.model, dtype=DTYPES[args.dtype]).decode_layout()
         eos = set(tokenizer.eos_token_ids)
         if not eos:
             raise ValueError(f"{args.model}: the tokenizer defines no EOS token")

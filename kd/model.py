@@ -65,6 +65,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd.linear import Linear, linear
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
@@ -245,7 +247,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 # ---------------------------------------------------------------------------- layers
 
-
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), with the statistics in fp32 (arXiv 1910.07467)."""
 
@@ -290,10 +291,10 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         h = config.hidden_size
-        self.q_proj = nn.Linear(h, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = nn.Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
+        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=config.qkv_bias)
+        self.k_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.v_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
+        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
@@ -320,9 +321,9 @@ class MLP(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = nn.Linear(h, i, bias=bias)
-        self.up_proj = nn.Linear(h, i, bias=bias)
-        self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_proj = Linear(h, i, bias=bias)
+        self.up_proj = Linear(h, i, bias=bias)
+        self.down_proj = Linear(i, h, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -364,7 +365,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = None if config.tie_word_embeddings else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
         self.windows = [config.window(i) for i in range(config.num_hidden_layers)]
 
     @property
@@ -412,6 +413,17 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(batch_size, c.num_key_value_heads, max_seq_len, c.head_dim,
                                                dtype=dtype, device=device)
+
+    @torch.no_grad()
+    def decode_layout(self) -> Transformer:
+        """For CPU inference: store the (V, H) output weight transposed in memory (kd/linear.py).
+
+        It stays a (V, H) tensor, a view of an (H, V) one, so nothing else changes. Not for
+        training: FSDP and the optimizer expect contiguous parameters. Returns self.
+        """
+        w = self.head_weight
+        w.data = w.data.t().contiguous().t()
+        return self
 
     def clear_cache(self) -> None:
         """Drop the KV cache (frees its memory); forward is cache-free again."""
@@ -461,7 +473,7 @@ class Transformer(nn.Module):
         hidden = self.model.norm(x)
         if output_fn is not None:
             return output_fn(hidden, self.head_weight)
-        return F.linear(hidden, self.head_weight)  # (B, T, V)
+        return linear(hidden, self.head_weight)  # (B, T, V)
 
     def _masks(self, q_slots: Tensor, q_pos: Tensor, key_pos: Tensor, attention_mask: Tensor | None,
                *, cached: bool) -> dict[int | None, Tensor | None]:

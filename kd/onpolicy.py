@@ -58,7 +58,7 @@ from kd.chunked_loss import chunked_distillation_loss
 from kd.data import IGNORE, DataStats, Example, _read_jsonl, collate, load_examples, load_prompts
 from kd.losses import token_count
 from kd.model import Transformer
-from kd.sampling import sample_from_probs, sampling_probs
+from kd.sampling import last_logits, sample_from_probs, sampling_probs
 from kd.tokenizer import Tokenizer
 
 Tensor = torch.Tensor
@@ -116,10 +116,6 @@ def importance_weights(student_logprobs: Tensor, behaviour_logprobs: Tensor) -> 
     variance grows with the length.
     """
     return (student_logprobs - behaviour_logprobs).exp()
-
-
-def _last_logits(hidden: Tensor, head_weight: Tensor) -> Tensor:
-    return F.linear(hidden[:, -1], head_weight)  # (B, V): the prefill needs the last position only
 
 
 @torch.no_grad()
@@ -185,7 +181,7 @@ def rollout(
         m.setup_cache(B, S, dtype=cache_dtype, device=device)
     try:
         logits = [m(tokens, input_pos=torch.arange(P, device=device), attention_mask=mask,
-                    output_fn=_last_logits)[:, :V] for m in models]  # (B, V) each
+                    output_fn=last_logits)[:, :V] for m in models]  # (B, V) each
         pos = torch.tensor([P], device=device)  # the slot the next decode step writes
         for i in range(N):
             by_role = dict(zip(roles, logits))

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from kd.linear import linear
 from kd.model import Transformer
 
 
@@ -91,9 +92,9 @@ def sample_next(
     return sample_from_probs(probs, generator=generator)
 
 
-def _last_logits(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+def last_logits(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
     """output_fn for the prefill: logits of the last position only, (B, V), not (B, P, V)."""
-    return F.linear(hidden[:, -1], head_weight)
+    return linear(hidden[:, -1], head_weight)
 
 
 @torch.inference_mode()
@@ -162,7 +163,7 @@ def generate(
         # Each call passes the mask up to the last slot it writes: attention then reads only
         # the used slots, not all S (kd/model.py's docstring), and the host knows that length.
         logits = model(tokens, input_pos=torch.arange(P, device=device), attention_mask=mask[:, :P],
-                       output_fn=_last_logits)  # (B, V)
+                       output_fn=last_logits)  # (B, V)
         out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         pos = torch.tensor([P], device=device)  # (1,): the slot the next decode step writes

@@ -118,7 +118,7 @@ def main() -> None:
     cached_fp32_b1 = None
     weight_bytes = {}
     for dtype_name, dtype in ((name, dtypes[name]) for name in dtype_names):
-        model = load_model(args.model, dtype=dtype).eval()
+        model = load_model(args.model, dtype=dtype).decode_layout().eval()
         hf = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
         hf.generation_config.eos_token_id = None  # run exactly n tokens, as ours does
         weight_bytes[dtype_name] = sum(t.numel() * t.element_size() for t in model.parameters())

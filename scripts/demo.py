@@ -139,7 +139,7 @@ def slug(name: str) -> str:
 
 
 def for_eval(model: Transformer, device: torch.device, dtype: torch.dtype) -> Transformer:
-    return model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return model.to(device=device, dtype=dtype).decode_layout().eval().requires_grad_(False)
 
 
 def student_before(cfg: TrainConfig) -> Transformer:

@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         eval_set = load_eval_set(args.data, tokenizer)
 
         def load(path: Path) -> torch.nn.Module:
-            return load_model(path, dtype=dtype).to(device).eval().requires_grad_(False)
+            return load_model(path, dtype=dtype).to(device).decode_layout().eval().requires_grad_(False)
 
         teacher = load(args.teacher)
         model = teacher if args.model.resolve() == args.teacher.resolve() else load(args.model)
