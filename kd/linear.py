@@ -4,22 +4,28 @@ A decode step multiplies one row per sequence by every weight matrix, so its spe
 fast the weights stream from memory. For fp32 matrix-vector shapes MKL (PyTorch's CPU BLAS)
 runs on one core whatever `torch.get_num_threads()` says: measured on 2 cores, one row times
 SmolLM2-135M's 210 projection matrices reads ~11 GB/s with 1 thread or 2, where a plain sum
-reads ~26 GB/s. `linear` cuts W (out, in) into n = threads blocks of out/n rows and runs the n
-products x W_j^T as one batched matmul, which MKL spreads over the threads, a block each; side
-by side they are x W^T. Every output is still one dot product over a whole row of W (on the
-shapes measured the result equals F.linear bit for bit). SmolLM2-135M decode step, fp32,
-batch 1, 2 cores: 58 -> 41 ms (docs/benchmarks.md, "Generation").
+reads ~26 GB/s. `linear` splits the product into n = threads independent pieces and runs
+them as one batched matmul (bmm), which MKL spreads over the threads, one piece each:
 
-The output head is the largest matrix (V x H) and reads faster transposed in memory (MKL's
-column-major matrix-vector kernel): `Transformer.decode_layout()` stores it that way, and
-`linear` works on either layout (`unflatten` is a view of both). Head product on 2 cores,
-V = 49152: 4.0 ms transposed, 5.9 ms row-major. The other matrices are as fast or faster
-row-major (41 vs 48 ms per step with all of them transposed), so they stay as loaded.
+* W (out, in) row-major, as loaded: n blocks of out/n rows; the outputs x W_j^T side by side
+  are x W^T. Every output is still one dot product over a whole row (on the shapes measured
+  the result equals F.linear bit for bit).
+* W stored transposed, a view of a contiguous (in, out) tensor: n blocks of in/n columns of W,
+  i.e. contiguous row blocks of W^T, and x W^T = sum_j x_j W_j^T over the matching slices of
+  x (one fp32 add per output more than F.linear).
+
+Which layout streams faster depends on the shape (MKL has one kernel for each). Measured on
+2 cores, weights read from memory, GB/s of weights: 1536x576 (gate, up) 15 row-major vs 24
+transposed; 576x576 (q, o) 17 vs 17; 192x576 (k, v) 12 vs 9; 576x1536 (down) 20 vs 17; the
+49152x576 head 5.9 vs 4.0 ms. So `Transformer.decode_layout()` stores transposed exactly
+the matrices wider than tall (out > in): gate, up and the head. SmolLM2-135M decode step,
+fp32, batch 1, 2 cores: 58 ms with F.linear, 41 with the split, 37 with decode_layout too
+(docs/benchmarks.md, "Generation").
 
 The split applies only without autograd (the training path is untouched), in fp32 (bf16
 decoding has its own kernel, kd/sampling.py), on a CPU with 2+ threads.
 
-    .venv/bin/python -m pytest -q tests/test_model.py -k linear
+    .venv/bin/python -m pytest -q tests/test_linear.py
 """
 import torch
 import torch.nn.functional as F
@@ -32,15 +38,22 @@ SPLIT_MAX_ROWS = 256
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x W^T + b, as `F.linear`; few rows on a CPU get W's rows split across the cores (see above)."""
-    n, out_features = torch.get_num_threads(), weight.shape[0]
-    rows = x.numel() // x.shape[-1]
-    if (n < 2 or x.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled()
-            or rows > SPLIT_MAX_ROWS or out_features % n):
+    """x W^T + b, as `F.linear`; few rows on a CPU get the product split across the cores (see above)."""
+    n, (out_features, in_features) = torch.get_num_threads(), weight.shape
+    rows = x.numel() // in_features
+    if n < 2 or x.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled() \
+            or rows > SPLIT_MAX_ROWS:
         return F.linear(x, weight, bias)
-    blocks = weight.unflatten(0, (n, out_features // n)).transpose(1, 2)  # (n, in, out/n): W_j^T, views
-    y = torch.bmm(x.reshape(1, rows, -1).expand(n, -1, -1), blocks)  # (n, rows, out/n)
-    y = y.transpose(0, 1).reshape(*x.shape[:-1], out_features)  # (..., out): the blocks side by side
+    if weight.t().is_contiguous() and in_features % n == 0:  # stored transposed: split the sum over `in`
+        x_parts = x.reshape(rows, n, in_features // n).transpose(0, 1)  # (n, rows, in/n)
+        y = torch.bmm(x_parts, weight.t().unflatten(0, (n, in_features // n))).sum(0)  # (rows, out)
+    elif out_features % n == 0:  # row-major: split the outputs
+        blocks = weight.unflatten(0, (n, out_features // n)).transpose(1, 2)  # (n, in, out/n): W_j^T, views
+        y = torch.bmm(x.reshape(1, rows, in_features).expand(n, -1, -1), blocks)  # (n, rows, out/n)
+        y = y.transpose(0, 1).reshape(rows, out_features)  # the blocks side by side
+    else:
+        return F.linear(x, weight, bias)
+    y = y.view(*x.shape[:-1], out_features)
     return y if bias is None else y + bias
 
 

@@ -416,13 +416,15 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode_layout(self) -> Transformer:
-        """For CPU inference: store the (V, H) output weight transposed in memory (kd/linear.py).
+        """For CPU inference: store the matrices wider than tall (gate, up, head) transposed.
 
-        It stays a (V, H) tensor, a view of an (H, V) one, so nothing else changes. Not for
-        training: FSDP and the optimizer expect contiguous parameters. Returns self.
+        Each stays an (out, in) tensor, a view of an (in, out) one, so nothing else changes;
+        kd/linear.py says why this is faster. Not for training: FSDP and the optimizer expect
+        contiguous parameters. Returns self.
         """
-        w = self.head_weight
-        w.data = w.data.t().contiguous().t()
+        wide = [m.weight for m in self.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features]
+        for w in {id(w): w for w in [*wide, self.head_weight]}.values():  # the tied head once
+            w.data = w.data.t().contiguous().t()
         return self
 
     def clear_cache(self) -> None:

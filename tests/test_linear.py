@@ -1,11 +1,12 @@
-"""kd/linear.py: the split matrix-vector product and the transposed output head.
+"""kd/linear.py: the split matrix-vector product, and `Transformer.decode_layout`.
 
 Checks: `linear` equals x W^T + b computed in float64 numpy, for 1, 8 and more rows than it
-splits, row-major and transposed weights, with and without bias, 2 and 3 threads (3 does not
-divide every width, which falls back to F.linear); gradients are right under autograd; with 2 threads and no autograd it really runs as one bmm (the path the
-speed comes from); `Transformer.decode_layout` keeps values, shape and tie, changes only the
-memory order, leaves the logits and cached greedy decoding unchanged, and what `save_model`
-writes from it loads back equal.
+splits, row-major and transposed weights, with and without bias, on 2 and 3 threads (widths
+3 does not divide take the other split or plain F.linear); gradients are right under
+autograd; with 2 threads and no autograd it really runs as one bmm (where the speed comes
+from). `decode_layout` keeps values, shapes and the tie, transposes in memory exactly the
+matrices wider than tall, leaves the logits and cached greedy decoding unchanged, and what
+`save_model` writes from it loads back equal.
 
 Run: `.venv/bin/python -m pytest -q tests/test_linear.py`.
 """
@@ -58,10 +59,14 @@ def test_linear_matches_numpy(threads, rows, layout, bias):
 
 
 @pytest.mark.parametrize("threads", [3], indirect=True)
-def test_width_not_divisible_falls_back(threads):
-    x, w = torch.randn(1, 64), torch.randn(50, 64)  # 50 rows cannot be cut into 3 blocks
+def test_widths_not_divisible(threads):
+    x = torch.randn(1, 64)
     with torch.no_grad():
+        w = torch.randn(50, 64)  # neither 50 outputs nor 64 inputs split 3 ways: plain F.linear
         assert torch.equal(linear(x, w), F.linear(x, w))
+        w = torch.randn(48, 64).t().contiguous().t()  # transposed, 64 inputs don't split: split the outputs
+        err = np.abs(linear(x, w).numpy() - reference(x, w, None)).max()
+        assert err < ATOL, f"max |linear - numpy| = {err}"
 
 
 @pytest.mark.parametrize("threads", [2], indirect=True)
@@ -84,6 +89,7 @@ def test_split_really_runs_as_one_bmm(threads):
     x, w = torch.randn(1, 1, 64), torch.randn(32, 64)
     with torch.no_grad():
         assert "aten::bmm" in ops_run(lambda: linear(x, w))
+        assert "aten::bmm" in ops_run(lambda: linear(x, w.t().contiguous().t()))
         assert "aten::bmm" not in ops_run(lambda: linear(torch.randn(SPLIT_MAX_ROWS + 1, 64), w))
     assert "aten::bmm" not in ops_run(lambda: linear(x, w.requires_grad_()))
 
@@ -106,10 +112,14 @@ def test_decode_layout_keeps_the_model(threads, tiny_model, tmp_path):
     tokens = generate(tiny_model, prompts, max_new_tokens=6, temperature=0.0, eos_token_ids=None, pad_id=0)
     head = tiny_model.head_weight.detach().clone()
 
+    mlp = tiny_model.model.layers[0].mlp
     assert tiny_model.decode_layout() is tiny_model
     w = tiny_model.head_weight
     assert w.shape == (96, 32) and w.t().is_contiguous() and not w.is_contiguous()
     assert torch.equal(w, head)
+    # Wider than tall (64 x 32): transposed in memory. Taller (32 x 64) and square: as loaded.
+    assert mlp.gate_proj.weight.shape == (64, 32) and mlp.gate_proj.weight.t().is_contiguous()
+    assert mlp.down_proj.weight.is_contiguous() and tiny_model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
     assert tiny_model.model.embed_tokens.weight is w, "the tie survives: one parameter, two uses"
     with torch.no_grad():
         err = (tiny_model(ids) - logits).abs().max().item()
