@@ -416,15 +416,17 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode_layout(self) -> Transformer:
-        """For CPU inference: store the matrices wider than tall (gate, up, head) transposed.
+        """For fp32 inference on a CPU: store the matrices wider than tall (gate, up, head) transposed.
 
         Each stays an (out, in) tensor, a view of an (in, out) one, so nothing else changes;
-        kd/linear.py says why this is faster. Not for training: FSDP and the optimizer expect
-        contiguous parameters. Returns self.
+        kd/linear.py says why this is faster. Other dtypes and devices are left as they are
+        (not measured: bf16 CPU decoding runs another kernel). Not for training: FSDP and the
+        optimizer expect contiguous parameters. Returns self.
         """
         wide = [m.weight for m in self.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features]
         for w in {id(w): w for w in [*wide, self.head_weight]}.values():  # the tied head once
-            w.data = w.data.t().contiguous().t()
+            if w.device.type == "cpu" and w.dtype == torch.float32:
+                w.data = w.data.t().contiguous().t()
         return self
 
     def clear_cache(self) -> None:

@@ -129,3 +129,8 @@ def test_decode_layout_keeps_the_model(threads, tiny_model, tmp_path):
     save_model(tiny_model, tmp_path / "m")
     back = load_model(tmp_path / "m")
     assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tiny_model.state_dict().values()))
+
+
+def test_decode_layout_leaves_bf16_alone(tiny_model):
+    tiny_model.to(torch.bfloat16).decode_layout()
+    assert all(p.is_contiguous() for p in tiny_model.parameters())
