@@ -17,10 +17,10 @@ them as one batched matmul (bmm), which MKL spreads over the threads, one piece 
 Which layout streams faster depends on the shape (MKL has one kernel for each). Measured on
 2 cores, weights read from memory, GB/s of weights: 1536x576 (gate, up) 15 row-major vs 24
 transposed; 576x576 (q, o) 17 vs 17; 192x576 (k, v) 12 vs 9; 576x1536 (down) 20 vs 17; the
-49152x576 head 5.9 vs 4.0 ms. So `Transformer.decode_layout()` stores transposed exactly
-the matrices wider than tall (out > in): gate, up and the head. SmolLM2-135M decode step,
-fp32, batch 1, 2 cores: 58 ms with F.linear, 41 with the split, 37 with decode_layout too
-(docs/benchmarks.md, "Generation").
+49152x576 head 5.9 vs 4.0 ms. So `Transformer.decode_layout()` stores transposed exactly the
+fp32 CPU matrices wider than tall (out > in): gate, up and the head. SmolLM2-135M decode
+step, fp32, batch 1, 2 cores: 61 ms with F.linear, 41 with the split, 36 with decode_layout
+too (docs/benchmarks.md, "Generation").
 
 The split applies only without autograd (the training path is untouched), in fp32 (bf16
 decoding has its own kernel, kd/sampling.py), on a CPU with 2+ threads.
