@@ -4,11 +4,12 @@ One file, read top to bottom: `ModelConfig` (fields mirror the keys of a Hugging
 `config.json`), RoPE, RMSNorm, attention with a static KV cache, the SwiGLU MLP, the block
 and the `Transformer`. Module names mirror `transformers` (`model.layers.{i}.self_attn.q_proj`,
 `mlp.gate_proj`, `input_layernorm`, `lm_head`), so a checkpoint loads key for key with no
-weight surgery (see `kd/hf.py`). The architecture follows Touvron et al., "LLaMA"
-(arXiv 2302.13971): pre-norm RMSNorm (arXiv 1910.07467), rotary position embeddings in the
-rotate-half layout (RoFormer, arXiv 2104.09864), SwiGLU (arXiv 2002.05202), grouped-query
-attention (arXiv 2305.13245); Mistral adds a sliding window (arXiv 2310.06825), Qwen2 q/k/v
-biases. Norms, RoPE and softmax run in fp32 and cast back, as in Meta's reference.
+weight surgery (see `kd/hf.py`); the projections are `kd.linear.Linear`, an nn.Linear that
+spreads a decode step's matrix-vector products over the CPU cores. The architecture follows
+Touvron et al., "LLaMA" (arXiv 2302.13971): pre-norm RMSNorm (arXiv 1910.07467), rotary
+position embeddings in the rotate-half layout (RoFormer, arXiv 2104.09864), SwiGLU (arXiv
+2002.05202), grouped-query attention (arXiv 2305.13245); Mistral adds a sliding window (arXiv
+2310.06825), Qwen2 q/k/v biases. Norms, RoPE and softmax run in fp32 and cast back, as in Meta's reference.
 
 Tied embeddings: when `tie_word_embeddings` is true there is no `lm_head` module at all
 (`model.lm_head is None`) and the output weight is `model.embed_tokens.weight`; use the
@@ -246,6 +247,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # ---------------------------------------------------------------------------- layers
+
 
 class RMSNorm(nn.Module):
     """y = w * x / sqrt(mean(x^2) + eps), with the statistics in fp32 (arXiv 1910.07467)."""
