@@ -411,11 +411,13 @@ def main(cfg: TrainConfig) -> None:
         if cfg.method == "offpolicy":
             micro_batches = batches.micro_batches(step)
         else:
-            micro_batches, rollout_sums = onpolicy.step_micro_batches(
-                cfg.method, student, teachers[0], batches.examples(step), rollout_config, step=step, seed=cfg.seed,
-                rank=world.rank, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd, teacher_mix_alpha=cfg.teacher_mix_alpha,
-                length_norm=cfg.length_norm, all_done=parallel.all_ranks, all_reduce_sum=parallel.all_reduce_sum,
-                cache_dtype=DTYPES[cfg.precision])
+            with parallel.gathered(student, teachers[0]):  # one all-gather per rollout, not per token
+                micro_batches, rollout_sums = onpolicy.step_micro_batches(
+                    cfg.method, student, teachers[0], batches.examples(step), rollout_config, step=step,
+                    seed=cfg.seed, rank=world.rank, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd,
+                    teacher_mix_alpha=cfg.teacher_mix_alpha, length_norm=cfg.length_norm,
+                    all_done=parallel.all_ranks, all_reduce_sum=parallel.all_reduce_sum,
+                    cache_dtype=DTYPES[cfg.precision])
             rollout_log.append(rollout_sums)
         lm_micro_batches = lm_batches.micro_batches(step) if lm_batches else []
         for b in micro_batches + lm_micro_batches:

@@ -17,12 +17,13 @@ so `teacher.head_weight` can be used by the loss outside the teacher's forward.
 
 Tested by tests/test_parallel.py (2 gloo processes vs 1) and the train tests.
 """
+import contextlib
 import functools
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, TypeVar
+from typing import Callable, Iterator, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -173,6 +174,31 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None)
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The unsharded state dict on rank 0's CPU (empty on other ranks), e.g. for an HF export."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextlib.contextmanager
+def gathered(*models: nn.Module) -> Iterator[None]:
+    """Keep the models' FSDP2 parameters all-gathered from their first forward to the end of the block.
+
+    By default every block all-gathers its parameters before each forward and frees them
+    after: right for training, one forward per micro-batch. An on-policy rollout makes one
+    forward per sampled token, so it would gather the whole student and teacher that many
+    times; inside this block each is gathered once, at the cost of one full copy of each
+    model (in its compute dtype) per rank while it lasts. On exit every module is resharded
+    and the blocks go back to resharding after forward (the root keeps FSDP's default for
+    the root: it stays gathered until backward).
+    """
+    modules = [m for model in models for m in model.modules() if isinstance(m, FSDPModule)]
+    roots = {id(model) for model in models}
+    for m in modules:
+        m.set_reshard_after_forward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.reshard()
+            if id(m) not in roots:
+                m.set_reshard_after_forward(True, recurse=False)
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:

@@ -4,7 +4,9 @@ Each rank holds half of a batch. With loss = (sum of this rank's token losses) /
 FSDP's gradient averaging switched off, the sharded gradients must equal the plain model's
 gradient of (sum over the whole batch) / N_global: no factor 1/world_size anywhere. Also:
 the frozen teacher (blocks sharded, root left plain) gives the plain model's hidden states and
-a usable replicated head weight; the global grad norm is the plain one; `run_on_rank0`
+a usable replicated head weight; the global grad norm is the plain one; inside
+`gathered` (on-policy rollouts) repeated forwards all-gather once and give the same output,
+and everything is sharded again after; `run_on_rank0`
 re-raises rank 0's user error on every rank; `agree` sums host numbers; precision "auto"
 resolves to one dtype on every rank, the faster one on this CPU.
 
@@ -17,6 +19,8 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
+
+from torch.distributed.tensor import DTensor
 
 from kd import parallel
 from kd.model import ModelConfig, Transformer
@@ -80,6 +84,24 @@ def worker(rank: int, port: int) -> None:
             hidden = teacher(ids, output_fn=lambda h, w: h)
             diff = (hidden @ teacher.head_weight.T - reference(ids)).abs().max().item()
         assert diff < 1e-5, f"rank {rank}: teacher logits differ from the plain model by {diff:.2e}"
+
+        # gathered (on-policy rollouts): many forwards, one all-gather per block, same outputs,
+        # everything resharded on exit.
+        def all_gathers(fn) -> int:
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+                fn()
+            return sum(e.count for e in prof.key_averages() if e.key.startswith("FSDP::all_gather ("))  # blocks
+
+        with torch.no_grad():
+            plain = student(ids[mine])
+        per_forward = all_gathers(lambda: student(ids[mine]))
+        assert per_forward >= CONFIG.num_hidden_layers, per_forward  # every block gathers each forward
+        with parallel.gathered(student, teacher):
+            assert all_gathers(lambda: [student(ids[mine]) for _ in range(3)]) == per_forward
+            with torch.no_grad():
+                assert torch.equal(student(ids[mine]), plain)
+        assert all(isinstance(p, DTensor) for p in student.parameters()), "resharded on exit"
+        assert all_gathers(lambda: [student(ids[mine]) for _ in range(2)]) == 2 * per_forward
 
         assert parallel.agree([rank + 1.0, 2.0]) == [3.0, 4.0]
         precisions = [None] * WORLD
