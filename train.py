@@ -407,11 +407,12 @@ def main(cfg: TrainConfig) -> None:
     rollout_log = []  # on-policy: each step's onpolicy.rollout_sums since the last log
     while step < cfg.max_steps:
         # This rank's grad_accum micro-batches: the data's, or (gkd, minillm) answers sampled now.
-        # Every rank decodes until all ranks' rows are done (all_ranks), so FSDP's collectives line up.
+        # Every rank decodes until all ranks' rows are done (all_ranks), so FSDP's collectives line up;
+        # rollout_gathered: the weights are all-gathered once per rollout instead of once per token.
         if cfg.method == "offpolicy":
             micro_batches = batches.micro_batches(step)
         else:
-            with parallel.gathered(student, teachers[0]):  # one all-gather per rollout, not per token
+            with parallel.gathered(*((student, teachers[0]) if cfg.rollout_gathered else ())):
                 micro_batches, rollout_sums = onpolicy.step_micro_batches(
                     cfg.method, student, teachers[0], batches.examples(step), rollout_config, step=step,
                     seed=cfg.seed, rank=world.rank, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd,

@@ -52,6 +52,7 @@ class TrainConfig:
     rollout_temperature: float = 1.0  # gkd/minillm: sampler temperature; 1 keeps the gradient unbiased
     rollout_top_k: int = 0  # gkd/minillm: sampler top-k; 0 = off (a cut sampler biases the gradient)
     rollout_top_p: float = 1.0  # gkd/minillm: sampler nucleus mass; 1.0 = off
+    rollout_gathered: bool = True  # gkd/minillm: FSDP weights stay gathered per rollout; false if a whole model won't fit a rank
     lmbda: float = 0.5  # gkd: probability that a micro-batch is student-generated; 1.0 = fully on-policy
     seq_kd: bool = False  # gkd: the other micro-batches are teacher-generated instead of the data's responses
     teacher_mix_alpha: float = 0.2  # minillm: sample from alpha * p_teacher + (1 - alpha) * q_student

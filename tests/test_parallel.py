@@ -102,6 +102,8 @@ def worker(rank: int, port: int) -> None:
                 assert torch.equal(student(ids[mine]), plain)
         assert all(isinstance(p, DTensor) for p in student.parameters()), "resharded on exit"
         assert all_gathers(lambda: [student(ids[mine]) for _ in range(2)]) == 2 * per_forward
+        with parallel.gathered():  # rollout_gathered = false: nothing changes
+            assert all_gathers(lambda: [student(ids[mine]) for _ in range(2)]) == 2 * per_forward
 
         assert parallel.agree([rank + 1.0, 2.0]) == [3.0, 4.0]
         precisions = [None] * WORLD
