@@ -7,7 +7,8 @@ step must read every weight once, so tokens/s <= batch * copy bandwidth / weight
 the bandwidth measured here by copying a 1 GiB tensor (read + write bytes per second).
 tokens/s = new tokens of all rows / wall time of the generate call, prefill included. The
 ratios are given in wall time and in process CPU time (on a shared machine the CPU time
-counts only the time this process ran, so it moves less with the load). kd's generate turns
+counts only the time this process ran, so it moves less with the load). kd's model is loaded
+as generate.py loads it, `load_model(...).decode_layout()` (kd/linear.py). kd's generate turns
 oneDNN off for single-row bf16 decode steps (kd/sampling.py); for reference, transformers
 is also timed at bf16 batch 1 under that same switch.
 
