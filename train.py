@@ -1,6 +1,6 @@
 """Distill a teacher LLM into a smaller student: the whole training loop, top to bottom.
 
-    python train.py --config configs/tiny_kd.toml                      # one process, CPU or GPU
+    python train.py --config configs/smollm2_kd.toml                   # one process, CPU or GPU
     torchrun --nproc_per_node=8 train.py --config configs/llama3_8b_to_1b.toml
     python train.py --help                                             # every setting
 
@@ -15,7 +15,7 @@ One optimizer step:
      without ever materializing the (tokens x vocab) logits; then backward. Gradients are
      reduce-scattered after the last micro-batch only, and FSDP sums them instead of
      averaging, so the update is the gradient of the global per-token mean: the same for any
-     split into ranks and micro-batches (tests/test_train_equivalence.py).
+     split into ranks and micro-batches (tests/test_train.py).
   3. Clip the global gradient norm, AdamW step, learning rate = linear warmup + cosine.
 Methods, all this one loop: logit KD with any divergence (loss=...), SFT (loss=sft), response
 distillation (SFT or KD on teacher-written data from generate.py), multi-teacher (several
@@ -402,22 +402,20 @@ def main(cfg: TrainConfig) -> None:
     if eval_examples and cfg.eval_every and step == 0:
         run_eval()
     peak_flops = gpu_peak_flops(world.device)
-    start_step, t_start = step, time.perf_counter()
-    t_last, tokens_since_log = t_start, 0.0
+    start_step, tokens_since_log, t_start = step, 0.0, time.perf_counter()
+    t_last = t_start
     rollout_log = []  # on-policy: each step's onpolicy.rollout_sums since the last log
     while step < cfg.max_steps:
         # This rank's grad_accum micro-batches: the data's, or (gkd, minillm) answers sampled now.
-        # Every rank decodes until all ranks' rows are done (all_ranks), so FSDP's collectives line up;
-        # rollout_gathered: the weights are all-gathered once per rollout instead of once per token.
+        # Every rank decodes until all ranks' rows are done (all_ranks), so FSDP's collectives line up.
         if cfg.method == "offpolicy":
             micro_batches = batches.micro_batches(step)
         else:
-            with parallel.gathered(*((student, teachers[0]) if cfg.rollout_gathered else ())):
+            with parallel.gathered(*((student, teachers[0]) if cfg.rollout_gathered else ())):  # not per token
                 micro_batches, rollout_sums = onpolicy.step_micro_batches(
-                    cfg.method, student, teachers[0], batches.examples(step), rollout_config, step=step,
-                    seed=cfg.seed, rank=world.rank, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd,
-                    teacher_mix_alpha=cfg.teacher_mix_alpha, length_norm=cfg.length_norm,
-                    all_done=parallel.all_ranks, all_reduce_sum=parallel.all_reduce_sum,
+                    cfg.method, student, teachers[0], batches.examples(step), rollout_config, step=step, seed=cfg.seed,
+                    rank=world.rank, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd, teacher_mix_alpha=cfg.teacher_mix_alpha,
+                    length_norm=cfg.length_norm, all_done=parallel.all_ranks, all_reduce_sum=parallel.all_reduce_sum,
                     cache_dtype=DTYPES[cfg.precision])
             rollout_log.append(rollout_sums)
         lm_micro_batches = lm_batches.micro_batches(step) if lm_batches else []
@@ -438,9 +436,8 @@ def main(cfg: TrainConfig) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr
 
-        sums, grad_norm = train_step(student, teachers, micro_batches, num_tokens=int(num_tokens), vocab=vocab,
-                                     cfg=cfg, optimizer=optimizer, scaler=scaler, lm_batches=lm_micro_batches,
-                                     lm_tokens=int(lm_tokens))
+        sums, grad_norm = train_step(student, teachers, micro_batches, num_tokens=int(num_tokens), vocab=vocab, cfg=cfg,
+                                     optimizer=optimizer, scaler=scaler, lm_batches=lm_micro_batches, lm_tokens=int(lm_tokens))
         tokens_since_log += step_tokens
 
         # --- log, check, evaluate, save. Reading values back is a device sync: only on these steps.

@@ -1,6 +1,6 @@
 """TrainConfig: every setting of `train.py`, read from a TOML file plus `--key=value` overrides.
 
-    python train.py --config configs/tiny_kd.toml --lr=1e-3 --teacher=a,b --resume=true
+    python train.py --config configs/smollm2_kd.toml --lr=1e-3 --teacher=a,b --resume=true
     python train.py --help                   # every setting with its default and meaning
 
 One dataclass, one setting per line with a comment (meaning, unit, typical value); `--help`
@@ -200,7 +200,7 @@ def load_config(argv: list[str]) -> TrainConfig:
     if "--config" in args:  # allow the space-separated form for this one flag
         i = args.index("--config")
         if i + 1 >= len(args):
-            raise ValueError("--config needs a file: --config configs/tiny_kd.toml")
+            raise ValueError("--config needs a file: --config configs/smollm2_kd.toml")
         args[i : i + 2] = [f"--config={args[i + 1]}"]
     for arg in args:
         if not arg.startswith("--config="):

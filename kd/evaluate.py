@@ -116,7 +116,7 @@ def teacher_forced_metrics(model: Transformer, examples: list[Example], *, teach
 
 
 def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-                   batch_size: int = 16, log: Callable[[str], None] = print) -> tuple[list[str], float]:
+                   batch_size: int = 16, log: Callable[[str], None] = print) -> list[str]:
     """Greedy (temperature 0) answers to `prompts`, in order, in batches of batch_size, each row
     stopping at its own EOS."""
     eos = set(tokenizer.eos_token_ids)

@@ -4,12 +4,12 @@ One file, read top to bottom: `ModelConfig` (fields mirror the keys of a Hugging
 `config.json`), RoPE, RMSNorm, attention with a static KV cache, the SwiGLU MLP, the block
 and the `Transformer`. Module names mirror `transformers` (`model.layers.{i}.self_attn.q_proj`,
 `mlp.gate_proj`, `input_layernorm`, `lm_head`), so a checkpoint loads key for key with no
-weight surgery (see `kd/hf.py`); the projections are `kd.linear.Linear`, an nn.Linear that
-spreads a decode step's matrix-vector products over the CPU cores. The architecture follows
-Touvron et al., "LLaMA" (arXiv 2302.13971): pre-norm RMSNorm (arXiv 1910.07467), rotary
-position embeddings in the rotate-half layout (RoFormer, arXiv 2104.09864), SwiGLU (arXiv
-2002.05202), grouped-query attention (arXiv 2305.13245); Mistral adds a sliding window (arXiv
-2310.06825), Qwen2 q/k/v biases. Norms, RoPE and softmax run in fp32 and cast back, as in Meta's reference.
+weight surgery (`kd/hf.py`); projections are `kd.linear.Linear` (CPU decoding on every core).
+The architecture follows Touvron et al., "LLaMA" (arXiv 2302.13971): pre-norm RMSNorm (arXiv
+1910.07467), rotary position embeddings in the rotate-half layout (RoFormer, arXiv 2104.09864),
+SwiGLU (arXiv 2002.05202), grouped-query attention (arXiv 2305.13245); Mistral adds a sliding
+window (arXiv 2310.06825), Qwen2 q/k/v biases. Norms, RoPE and softmax run in fp32 and cast
+back, as in Meta's reference.
 
 Tied embeddings: when `tie_word_embeddings` is true there is no `lm_head` module at all
 (`model.lm_head is None`) and the output weight is `model.embed_tokens.weight`; use the
@@ -39,9 +39,7 @@ Calling conventions of `Transformer.forward(input_ids, *, input_pos, attention_m
   `mask[:, :P + i + 1]` at decode step i (prefill: `mask[:, :P]`) and attention costs
   O(used slots) instead of O(S), with no host-device sync. Without a mask every call
   reads all S slots (unwritten ones are in the future, so causality hides them).
-  The cache is fp32 for bf16/fp16 weights on a CPU (see `setup_cache`); attention runs in
-  the wider of the cache's and the activations' dtypes and its output is cast back.
-  `model.clear_cache()` frees the cache; `setup_cache` again to reuse.
+  Cache dtype: see `setup_cache`. `model.clear_cache()` frees the cache; `setup_cache` again to reuse.
 * `output_fn(hidden, head_weight)`: instead of logits, return whatever the function returns,
   given the final-normed hidden state (B, T, H) and the (V, H) output weight. The training
   loop computes a chunked loss there, inside the forward, so FSDP2 still has the root's
@@ -401,12 +399,10 @@ class Transformer(nn.Module):
                     device: torch.device | str | None = None) -> None:
         """Allocate a zeroed static KV cache of max_seq_len slots per row in every layer.
 
-        device defaults to the embedding weight's. dtype defaults to its dtype too, except
-        bf16/fp16 weights on a CPU get an fp32 cache: PyTorch's CPU SDPA kernel is ~9x
-        slower in bf16 than in fp32 at decode shapes (1 query, ~300 keys: 3.6 vs 0.39 ms
-        at batch 8), and attention runs in the cache's dtype when it is the wider one.
-        Pass the compute dtype (e.g. bf16) when the parameters are fp32 masters.
-        """
+        device and dtype default to the embedding weight's, except bf16/fp16 weights on a CPU
+        get an fp32 cache: PyTorch's CPU SDPA is ~9x slower in bf16 at decode shapes (1 query,
+        ~300 keys, batch 8: 3.6 vs 0.39 ms), and attention runs in the wider of the cache's and
+        the activations' dtypes. Pass the compute dtype (e.g. bf16) for fp32 master weights."""
         w = self.model.embed_tokens.weight
         device = torch.device(device or w.device)
         if dtype is None:
@@ -418,13 +414,9 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def decode_layout(self) -> Transformer:
-        """For fp32 inference on a CPU: store the matrices wider than tall (gate, up, head) transposed.
-
-        Each stays an (out, in) tensor, a view of an (in, out) one, so nothing else changes;
-        kd/linear.py says why this is faster. Other dtypes and devices are left as they are
-        (not measured: bf16 CPU decoding runs another kernel). Not for training: FSDP and the
-        optimizer expect contiguous parameters. Returns self.
-        """
+        """fp32 CPU inference: store the matrices wider than tall (gate, up, head) transposed in
+        memory, still (out, in) tensors (why: kd/linear.py). Other dtypes and devices are left as
+        they are. Not for training: FSDP and AdamW expect contiguous parameters. Returns self."""
         wide = [m.weight for m in self.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features]
         for w in {id(w): w for w in [*wide, self.head_weight]}.values():  # the tied head once
             if w.device.type == "cpu" and w.dtype == torch.float32:

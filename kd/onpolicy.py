@@ -27,18 +27,16 @@ also counts padding, we do not); w_t is detached and enters the PPO ratio, so th
 w_t * ratio; the single-step term is unweighted (the authors found w_t there unstable,
 LMOps issue #255). The reference makes 4 PPO passes over each set of rollouts; here each
 rollout feeds one gradient step, so rho = w_t q_theta / q_old = w_t there and the clip acts on
-w_t. One difference on purpose: the EOS token is a response token (trained and
-rewarded): with pad = eos the reference masks it and the student cannot learn when to stop.
+w_t. One difference on purpose: the EOS token is a response token (trained and rewarded):
+with pad = eos the reference masks it and the student cannot learn when to stop.
 
 Distributed rollouts: under FSDP2 every forward is a collective, so every rank must call the
 models equally often. `rollout` decodes until all rows are done *on every rank*: the caller
 passes `all_done(local_done) -> global_done` (an all-reduce, kd/parallel.py), called at the
 same steps on every rank; finished rows are fed padding. This file itself never touches
 torch.distributed. GKD's coin flip is a pure function of (seed, step, micro-batch), the same
-on every rank, so either all ranks roll out or none does.
-
-Sampling is explicit: temperature 1, top-k 0, top-p 1 by default. A biased sampler biases the
-gradient; MiniLLM's importance weight q / sampler corrects for it, GKD does not.
+on every rank, so either all ranks roll out or none does. Sampling defaults to temperature 1,
+no top-k or top-p: a biased sampler biases the gradient (MiniLLM's w_t corrects it, GKD does not).
 
 Tests: `.venv/bin/python -m pytest -q tests/test_onpolicy.py`. How to run: `method = "gkd"`
 or `"minillm"` in a train.py config (configs/gkd_cpu.toml, configs/minillm_cpu.toml).
@@ -111,10 +109,8 @@ def teacher_mixed_probs(student_probs: Tensor | None, teacher_probs: Tensor | No
 
 def importance_weights(student_logprobs: Tensor, behaviour_logprobs: Tensor) -> Tensor:
     """w_t = q(y_t) / mix(y_t): reweights tokens drawn from the mixture to the student's own law.
-
-    Per token, as MiniLLM does: the exact weight of a sequence is the product over t, whose
-    variance grows with the length.
-    """
+    Per token, as MiniLLM does: a sequence's exact weight, the product over t, grows in variance
+    with the length."""
     return (student_logprobs - behaviour_logprobs).exp()
 
 
