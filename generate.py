@@ -13,6 +13,7 @@ batches appended to OUT.partial; a rerun resumes after the last complete batch a
 is renamed to OUT only at the end, so OUT never exists half-written. Batch b is sampled with
 seed + index of its first record, so a resumed run writes what an uninterrupted one would.
 """
+
 import argparse
 import json
 import os
@@ -32,9 +33,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)")
+    p.add_argument(
+        "--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)"
+    )
     p.add_argument("--prompt", help="one prompt, streamed to stdout")
-    p.add_argument("--prompts-file", type=Path, help="JSONL of {'prompt': ...} or {'messages': [...]}")
+    p.add_argument(
+        "--prompts-file", type=Path, help="JSONL of {'prompt': ...} or {'messages': [...]}"
+    )
     p.add_argument("--output", type=Path, help="JSONL to write in batch mode")
     p.add_argument("--batch-size", type=int, default=8, help="prompts per forward in batch mode")
     p.add_argument("--chat", action="store_true", help="wrap 'prompt' in the chat template")
@@ -88,11 +93,15 @@ def read_records(path: Path) -> tuple[list[dict], list[int]]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{n}: not valid JSON ({e.msg}): fix or remove the line") from None
+            raise ValueError(
+                f"{path}:{n}: not valid JSON ({e.msg}): fix or remove the line"
+            ) from None
         if not isinstance(record, dict):
             raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
         if "messages" in record and not _is_chat(record["messages"]):
-            raise ValueError(f"{path}:{n}: 'messages' must be a list of {{'role': str, 'content': str}}")
+            raise ValueError(
+                f"{path}:{n}: 'messages' must be a list of {{'role': str, 'content': str}}"
+            )
         if "messages" not in record and not isinstance(record.get("prompt"), str):
             raise ValueError(f"{path}:{n}: needs a string 'prompt' or a list 'messages'")
         records.append(record)
@@ -127,8 +136,9 @@ def read_partial(partial: Path, records: list[dict]) -> int:
     return done
 
 
-def run_file(model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int],
-             pad_id: int) -> None:
+def run_file(
+    model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int
+) -> None:
     records, line_numbers = read_records(args.prompts_file)
     if args.output.exists():
         raise ValueError(f"{args.output} exists: delete it or choose another --output")
@@ -145,9 +155,15 @@ def run_file(model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace,
         for first in range(start, len(records), args.batch_size):
             batch = range(first, min(first + args.batch_size, len(records)))
             out = generate(
-                model, [ids[i] for i in batch], max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                eos_token_ids=eos, pad_id=pad_id, seed=args.seed + first,
+                model,
+                [ids[i] for i in batch],
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_k=args.top_k,
+                top_p=args.top_p,
+                eos_token_ids=eos,
+                pad_id=pad_id,
+                seed=args.seed + first,
             )
             for i, tokens in zip(batch, out):
                 response = tokenizer.decode(tokens, skip_special_tokens=True)
@@ -157,14 +173,19 @@ def run_file(model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace,
             done, new_tokens = batch.stop, new_tokens + sum(len(t) for t in out)
             elapsed = time.perf_counter() - t0
             eta = elapsed / (done - start) * (len(records) - done)
-            print(f"\r{done}/{len(records)} records, {new_tokens / elapsed:.1f} tokens/s, ETA {eta:.0f} s",
-                  end="", file=sys.stderr, flush=True)
+            print(
+                f"\r{done}/{len(records)} records, {new_tokens / elapsed:.1f} tokens/s, ETA {eta:.0f} s",
+                end="",
+                file=sys.stderr,
+                flush=True,
+            )
     print(file=sys.stderr)
     os.replace(partial, args.output)
 
 
-def run_one(model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int],
-            pad_id: int) -> None:
+def run_one(
+    model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int
+) -> None:
     record = {"prompt": args.prompt}
     ids = prompt_ids(tokenizer, record, chat=args.chat, system=args.system)
     new: list[int] = []
@@ -181,20 +202,29 @@ def run_one(model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, 
         # byte-level BPE then decodes to U+FFFD until the rest of the character arrives.
         text = tokenizer.decode(new, skip_special_tokens=True)
         if not text.endswith("\ufffd"):
-            print(text[len(printed):], end="", flush=True)
+            print(text[len(printed) :], end="", flush=True)
             printed = text
 
     t0 = time.perf_counter()
     out = generate(
-        model, [ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k, top_p=args.top_p, eos_token_ids=eos, pad_id=pad_id, seed=args.seed,
+        model,
+        [ids],
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_ids=eos,
+        pad_id=pad_id,
+        seed=args.seed,
         on_token=on_token,
     )
     elapsed = time.perf_counter() - t0
-    print(tokenizer.decode(new, skip_special_tokens=True)[len(printed):], flush=True)
+    print(tokenizer.decode(new, skip_special_tokens=True)[len(printed) :], flush=True)
     n = len(out[0])
-    print(f"{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s "
-          f"(prompt {len(ids)} tokens)", file=sys.stderr)
+    print(
+        f"{n} tokens in {elapsed:.2f} s: {n / elapsed:.1f} tokens/s (prompt {len(ids)} tokens)",
+        file=sys.stderr,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -208,7 +238,9 @@ def main(argv: list[str] | None = None) -> int:
         if not eos:
             raise ValueError(f"{args.model}: the tokenizer defines no EOS token")
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-        (run_file if args.prompts_file is not None else run_one)(model, tokenizer, args, eos, pad_id)
+        (run_file if args.prompts_file is not None else run_one)(
+            model, tokenizer, args, eos, pad_id
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

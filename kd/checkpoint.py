@@ -14,6 +14,7 @@ leaves the previous checkpoint as the newest complete one. `resume` loads the ne
 checkpoint; the step plus the data state pin the data position (kd/data.py's stream is a
 pure function of the step), so the resumed run continues exactly (tests/test_train_resume.py).
 """
+
 import json
 import os
 import random
@@ -37,7 +38,11 @@ def complete_checkpoints(out: str | Path) -> list[Path]:
     root = checkpoint_root(out)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()]
+    found = [
+        p
+        for p in root.iterdir()
+        if p.is_dir() and p.name.startswith("step_") and p.name[5:].isdigit()
+    ]
     return sorted(found, key=lambda p: int(p.name[5:]))
 
 
@@ -45,8 +50,10 @@ def latest_checkpoint(out: str | Path) -> Path:
     """The newest complete checkpoint; FileNotFoundError (for `resume`) when there is none."""
     found = complete_checkpoints(out)
     if not found:
-        raise FileNotFoundError(f"resume=true but {checkpoint_root(out)} holds no complete checkpoint; "
-                                "set resume=false to start a new run")
+        raise FileNotFoundError(
+            f"resume=true but {checkpoint_root(out)} holds no complete checkpoint; "
+            "set resume=false to start a new run"
+        )
     return found[-1]
 
 
@@ -67,8 +74,16 @@ def _set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(out: str | Path, *, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                    meta: dict, world: World, keep: int) -> Path:
+def save_checkpoint(
+    out: str | Path,
+    *,
+    step: int,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    meta: dict,
+    world: World,
+    keep: int,
+) -> Path:
     """Write step_{step}/ atomically (all ranks call this) and delete all but the newest `keep`."""
     root = checkpoint_root(out)
     final = root / f"step_{step:06d}"
@@ -92,7 +107,9 @@ def save_checkpoint(out: str | Path, *, step: int, model: nn.Module, optimizer: 
     return final
 
 
-def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, world: World) -> dict:
+def load_checkpoint(
+    path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, world: World
+) -> dict:
     """Restore model, optimizer and this rank's RNG from `path`; return its meta.json dict."""
     parallel.load_sharded(path, model, optimizer)
     rng_file = path / f"rng_rank{world.rank}.pt"

@@ -32,6 +32,7 @@ input dtypes (dL/dW accumulated in fp32 across chunks).
 
 Tests: `.venv/bin/python -m pytest -q tests/test_chunked_loss.py`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -78,14 +79,25 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         n_tokens = hidden.shape[0]
         d_hidden = torch.empty_like(hidden) if grad_hidden else None
         acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device) if grad_weight else None
-        sums = torch.zeros(3, dtype=acc_dtype, device=hidden.device)  # (total, divergence, CE) over chunks
+        d_weight = (
+            torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+            if grad_weight
+            else None
+        )
+        sums = torch.zeros(
+            3, dtype=acc_dtype, device=hidden.device
+        )  # (total, divergence, CE) over chunks
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end]  # (n, H)
             logits = h @ weight.T  # (n, V) in the input dtype; forward() runs without autograd
             total, div_sum, ce_sum, g = _loss_and_logit_grad(
-                logits, teacher_chunk(start, end), labels[start:end], denom, options, grad_hidden or grad_weight
+                logits,
+                teacher_chunk(start, end),
+                labels[start:end],
+                denom,
+                options,
+                grad_hidden or grad_weight,
             )  # g: (n, V) = dL/dlogits in the logits' dtype, or None
             if grad_hidden:
                 d_hidden[start:end] = g @ weight
@@ -95,14 +107,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             del logits, g  # the chunk's logits and gradient go here: one chunk alive at a time
         # Kept as attributes, not save_for_backward: they are our own results, and backward scales
         # them in place and drops them, instead of allocating another (V x H) copy.
-        ctx.d_hidden, ctx.d_weight = d_hidden, None if d_weight is None else d_weight.to(weight.dtype)
+        ctx.d_hidden, ctx.d_weight = (
+            d_hidden,
+            None if d_weight is None else d_weight.to(weight.dtype),
+        )
         div_sum, ce_sum = sums[1].clone(), sums[2].clone()
         ctx.mark_non_differentiable(div_sum, ce_sum)
         return sums[0] / denom, div_sum, ce_sum
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx: Any, grad_loss: Tensor, _grad_div: Tensor, _grad_ce: Tensor) -> tuple[Tensor | None, ...]:
+    def backward(
+        ctx: Any, grad_loss: Tensor, _grad_div: Tensor, _grad_ce: Tensor
+    ) -> tuple[Tensor | None, ...]:
         d_hidden, d_weight = ctx.d_hidden, ctx.d_weight  # dL/dh and dL/dW, final since the forward
         del ctx.d_hidden, ctx.d_weight
         for d in (d_hidden, d_weight):
@@ -116,7 +133,12 @@ _ANALYTIC_DIVERGENCES = ("forward_kl", "reverse_kl")
 
 
 def _loss_and_logit_grad(
-    logits: Tensor, teacher: Teacher | None, labels: Tensor, denom: Tensor, options: dict[str, Any], need_grad: bool
+    logits: Tensor,
+    teacher: Teacher | None,
+    labels: Tensor,
+    denom: Tensor,
+    options: dict[str, Any],
+    need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """(total, div, CE) sums over the chunk's valid tokens and G = d(total / denom)/dlogits (or None).
 
@@ -133,12 +155,19 @@ def _loss_and_logit_grad(
     else:
         analytic = divergence in _ANALYTIC_DIVERGENCES
     if analytic:
-        return _analytic_loss_and_grad(logits, teacher, labels, denom, need_grad=need_grad, **options)
+        return _analytic_loss_and_grad(
+            logits, teacher, labels, denom, need_grad=need_grad, **options
+        )
     return _autograd_loss_and_grad(logits, teacher, labels, denom, options, need_grad)
 
 
 def _autograd_loss_and_grad(
-    logits: Tensor, teacher: Teacher | None, labels: Tensor, denom: Tensor, options: dict[str, Any], need_grad: bool
+    logits: Tensor,
+    teacher: Teacher | None,
+    labels: Tensor,
+    denom: Tensor,
+    options: dict[str, Any],
+    need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """`loss_sums` on the chunk, and G by autograd on that chunk alone (any divergence and teacher)."""
     with torch.enable_grad():
@@ -193,34 +222,50 @@ def _analytic_loss_and_grad(
     # Row weights: 1 / denom on valid tokens, 0 on ignored ones (`loss_sums` drops them by where()).
     row = (valid.to(dtype) / denom).unsqueeze(-1)  # (n, 1)
 
-    log_q = _log_probs(z, temperature, dtype) if teacher is not None or temperature == 1.0 else None  # log softmax(z / T)
-    log_s = log_q if temperature == 1.0 else F.log_softmax(z, dim=-1)  # log softmax(z), for CE at T = 1
+    log_q = (
+        _log_probs(z, temperature, dtype) if teacher is not None or temperature == 1.0 else None
+    )  # log softmax(z / T)
+    log_s = (
+        log_q if temperature == 1.0 else F.log_softmax(z, dim=-1)
+    )  # log softmax(z), for CE at T = 1
     ce = -log_s.gather(-1, safe_labels).squeeze(-1)  # (n,) -log s_y
     # From here on the (n, V) buffers are overwritten in place once their last reader is done.
     g = None  # (n, V): G
     if teacher is None:
         div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)  # plain SFT (alpha = 0)
-    elif isinstance(teacher, TopK):  # forward KL over the top-k buckets: the only top-k divergence dispatched here
-        scale = row * (alpha * temperature) if need_grad and alpha != 0.0 else None  # (n, 1): alpha T / denom
+    elif isinstance(
+        teacher, TopK
+    ):  # forward KL over the top-k buckets: the only top-k divergence dispatched here
+        scale = (
+            row * (alpha * temperature) if need_grad and alpha != 0.0 else None
+        )  # (n, 1): alpha T / denom
         # At T = 1, log_q is also log s (read for the CE gradient below): then it is not overwritten.
         div, g = _topk_forward_kl_and_grad(log_q, teacher, scale, overwrite=log_s is not log_q)
     else:
         teacher = _aligned_teacher(teacher, logits, tokenizer_vocab_size)
         log_p = _teacher_log_probs(
-            teacher, temperature, dtype, teacher_weights=teacher_weights, teacher_mixture=teacher_mixture
+            teacher,
+            temperature,
+            dtype,
+            teacher_weights=teacher_weights,
+            teacher_mixture=teacher_mixture,
         )  # (n, V) log p, floored
         if divergence == "forward_kl":
             p = log_p.exp()
             div = log_p.sub_(log_q).mul_(p).sum(-1)  # D = sum_v p (log p - log q)
             if need_grad and alpha != 0.0:
-                q = log_q.exp_() if log_s is not log_q else log_q.exp()  # at T = 1, log_q is also log s
+                q = (
+                    log_q.exp_() if log_s is not log_q else log_q.exp()
+                )  # at T = 1, log_q is also log s
                 g = q.sub_(p).mul_(row * (alpha * temperature))  # alpha T (q - p) / denom
         else:
             log_ratio = log_p.sub_(log_q).neg_()  # log q - log p
             q = log_q.exp_() if log_s is not log_q else log_q.exp()
             div = (q * log_ratio).sum(-1)  # D = sum_v q (log q - log p)
             if need_grad and alpha != 0.0:
-                g = q.mul_(log_ratio.sub_(div.unsqueeze(-1))).mul_(row * (alpha * temperature))  # alpha T q (log q - log p - D) / denom
+                g = q.mul_(log_ratio.sub_(div.unsqueeze(-1))).mul_(
+                    row * (alpha * temperature)
+                )  # alpha T q (log q - log p - D) / denom
     div_sum = torch.where(valid, div, 0.0).sum()
     ce_sum = torch.where(valid, ce, 0.0).sum()
     total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
@@ -261,7 +306,9 @@ def _topk_forward_kl_and_grad(
     g = log_q if overwrite else log_q.clone()  # (n, V)
     # With overwrite, `_topk_buckets` floors g's entries in S in place: g = log q off S, the floor
     # on S (so exp gives 0 there, never inf), and log Q_tail = logsumexp(g).
-    log_p_b, log_q_b = _topk_buckets(teacher, g, overwrite=True)  # (n, k + 1) each: the k tokens, then the tail
+    log_p_b, log_q_b = _topk_buckets(
+        teacher, g, overwrite=True
+    )  # (n, k + 1) each: the k tokens, then the tail
     div = _forward_kl(log_p_b, log_q_b)  # (n,) as in `loss_sums`
     if scale is None:
         return div, None
@@ -269,7 +316,9 @@ def _topk_forward_kl_and_grad(
     p_sum = p_b.sum(-1, keepdim=True)  # (n, 1)
     log_q_tail = log_q_b[:, -1:]  # (n, 1)
     ids = teacher.ids.long()  # (n, k)
-    g.sub_(log_q_tail).exp_().mul_(scale * (p_sum * log_q_tail.exp() - p_b[:, -1:]))  # off S: w (P_sum Q_tail - P_tail)
+    g.sub_(log_q_tail).exp_().mul_(
+        scale * (p_sum * log_q_tail.exp() - p_b[:, -1:])
+    )  # off S: w (P_sum Q_tail - P_tail)
     g.scatter_(-1, ids, scale * (p_sum * log_q_b[:, :-1].exp() - p_b[:, :-1]))  # on S: P_sum q - P
     return div, g
 
@@ -316,7 +365,9 @@ def chunked_distillation_loss(
     hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H)
     flat_labels = labels.reshape(-1)  # (N,)
     if flat_labels.shape[0] != hidden.shape[0]:
-        raise ValueError(f"labels {tuple(labels.shape)} do not match student_hidden {tuple(student_hidden.shape)}")
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not match student_hidden {tuple(student_hidden.shape)}"
+        )
     valid_count, denom = token_count(flat_labels, num_tokens, ignore_index=ignore_index)
     # Rows without a label (prompt, padding) add nothing to the loss or its gradients, so they
     # skip the heads: the chunks walk the labelled rows only. In chat data 30-50% of positions
@@ -332,7 +383,10 @@ def chunked_distillation_loss(
         student_vocab=student_head_weight.shape[0],
         tokenizer_vocab_size=tokenizer_vocab_size,
     )
-    hidden, flat_labels = hidden[rows], flat_labels[rows]  # (N_valid, H), (N_valid,); autograd scatters dL/dh back
+    hidden, flat_labels = (
+        hidden[rows],
+        flat_labels[rows],
+    )  # (N_valid, H), (N_valid,); autograd scatters dL/dh back
     options = dict(
         divergence=divergence,
         temperature=temperature,
@@ -383,18 +437,29 @@ def _teacher_chunks(
             logprobs = teacher_logits.logprobs.reshape(n_tokens, -1)  # (N, k)
             return lambda s, e: TopK(ids[rows[s:e]], logprobs[rows[s:e]])
         single = isinstance(teacher_logits, Tensor)
-        flat = [t.reshape(n_tokens, t.shape[-1]) for t in ([teacher_logits] if single else teacher_logits)]  # (N, V_t)
+        flat = [
+            t.reshape(n_tokens, t.shape[-1])
+            for t in ([teacher_logits] if single else teacher_logits)
+        ]  # (N, V_t)
         return lambda s, e: flat[0][rows[s:e]] if single else [t[rows[s:e]] for t in flat]
 
     single = isinstance(teacher_hidden, Tensor)
     hiddens = [teacher_hidden] if single else list(teacher_hidden)
-    weights = [teacher_head_weight] if isinstance(teacher_head_weight, Tensor) else list(teacher_head_weight)
+    weights = (
+        [teacher_head_weight]
+        if isinstance(teacher_head_weight, Tensor)
+        else list(teacher_head_weight)
+    )
     if len(hiddens) != len(weights):
-        raise ValueError(f"{len(hiddens)} teacher_hidden but {len(weights)} teacher_head_weight; pass one per teacher")
+        raise ValueError(
+            f"{len(hiddens)} teacher_hidden but {len(weights)} teacher_head_weight; pass one per teacher"
+        )
     for w in weights:
         check_teacher_vocab(student_vocab, w.shape[0], tokenizer_vocab_size)
     hiddens = [h.reshape(n_tokens, h.shape[-1]) for h in hiddens]  # (N, H_t)
-    weights = [w[:student_vocab] for w in weights]  # padding rows beyond the student's vocab dropped
+    weights = [
+        w[:student_vocab] for w in weights
+    ]  # padding rows beyond the student's vocab dropped
 
     def chunk(start: int, end: int) -> Teacher:
         with torch.no_grad():

@@ -22,6 +22,7 @@ ratio and fingerprint) and `load_state_dict()` refuses a resume on different dat
 Run `python -m kd.data FILE TOKENIZER_DIR --seq-len 512` to print a file's statistics and
 the prompt and trained tokens of its first example.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +52,9 @@ _EPOCH_KEY, _BATCH_KEY = 1, 2
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]  # (T,) tokens, T <= seq_len
-    labels: list[int]  # (T,) labels[t] = input_ids[t + 1] if trained else IGNORE; labels[-1] = IGNORE
+    labels: list[
+        int
+    ]  # (T,) labels[t] = input_ids[t + 1] if trained else IGNORE; labels[-1] = IGNORE
     prompt_ids: list[int]  # tokens before the first trained response; [] for {"text"} records
     num_targets: int  # labels != IGNORE, kept so a step's token count costs no pass over labels
     index: int = -1  # position in load_examples' list of its file: the row key of a teacher cache
@@ -74,11 +77,14 @@ class DataStats:
     targets: int = 0  # trained tokens in the kept examples
 
     def __str__(self) -> str:
-        return (f"{self.path}: {self.records} records -> {self.examples} kept, {self.truncated} "
-                f"truncated, {self.dropped} dropped; {self.tokens} tokens, {self.targets} trained")
+        return (
+            f"{self.path}: {self.records} records -> {self.examples} kept, {self.truncated} "
+            f"truncated, {self.dropped} dropped; {self.tokens} tokens, {self.targets} trained"
+        )
 
 
 # ----------------------------------------------------------------------------- reading records
+
 
 def _read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     """Yield ("file:line", record) for each non-blank line."""
@@ -93,8 +99,10 @@ def _read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
             try:
                 record = json.loads(line)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise ValueError(f"{where}: not a valid UTF-8 JSON line ({e}); "
-                                 "each line must hold one JSON object") from None
+                raise ValueError(
+                    f"{where}: not a valid UTF-8 JSON line ({e}); "
+                    "each line must hold one JSON object"
+                ) from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
             yield where, record
@@ -110,25 +118,35 @@ def _string(record: dict, key: str, where: str) -> str:
 def _messages(record: dict, where: str) -> list[dict[str, str]]:
     messages = record["messages"]
     if not isinstance(messages, list) or not messages:
-        raise ValueError(f'{where}: field "messages" must be a non-empty list of '
-                         '{"role": ..., "content": ...} objects')
+        raise ValueError(
+            f'{where}: field "messages" must be a non-empty list of '
+            '{"role": ..., "content": ...} objects'
+        )
     for i, m in enumerate(messages):
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
-            raise ValueError(f'{where}: field "messages[{i}]" must be an object with string '
-                             '"role" and "content"')
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
+            raise ValueError(
+                f'{where}: field "messages[{i}]" must be an object with string "role" and "content"'
+            )
     return messages
 
 
 def _unknown(record: dict, where: str) -> ValueError:
-    return ValueError(f"{where}: no known field (found {sorted(record)}); a record needs "
-                      '"text", or "prompt" and "response", or "messages"')
+    return ValueError(
+        f"{where}: no known field (found {sorted(record)}); a record needs "
+        '"text", or "prompt" and "response", or "messages"'
+    )
 
 
 # ----------------------------------------------------------------------------- tokenizing
 
-def _render(tokenizer: Tokenizer, messages: list[dict[str, str]], where: str, *,
-            generation_prompt: bool) -> str:
+
+def _render(
+    tokenizer: Tokenizer, messages: list[dict[str, str]], where: str, *, generation_prompt: bool
+) -> str:
     """The chat template's text, with a template's own complaint (e.g. roles that must
     alternate) reported against the line that caused it."""
     try:
@@ -151,8 +169,9 @@ def _through_end_of_turn(reply: list[int], end_ids: set[int]) -> int:
     return len(reply)
 
 
-def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Tokenizer,
-                   where: str) -> tuple[list[int], list[bool], list[int]]:
+def _tokenize_chat(
+    messages: list[dict[str, str]], tokenizer: Tokenizer, where: str
+) -> tuple[list[int], list[bool], list[int]]:
     """Tokens, trained mask and prompt of a conversation; assistant turns are trained.
 
     Assistant turns are found by rendering prefixes of the conversation: for assistant message i,
@@ -163,8 +182,10 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Tokenizer,
     meets it when sampling: the prompt encoded alone, the reply's tokens appended.
     """
     if tokenizer.chat_template is None:
-        raise ValueError(f'{where}: "messages" records need a tokenizer with a chat template; '
-                         'use {"prompt", "response"} or {"text"} records')
+        raise ValueError(
+            f'{where}: "messages" records need a tokenizer with a chat template; '
+            'use {"prompt", "response"} or {"text"} records'
+        )
 
     def render(msgs: list[dict[str, str]], generation_prompt: bool) -> str:
         return _render(tokenizer, msgs, where, generation_prompt=generation_prompt)
@@ -175,19 +196,26 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Tokenizer,
         if message["role"] != "assistant":
             continue
         if i == 0:
-            raise ValueError(f'{where}: field "messages[0]" is an assistant turn; a conversation '
-                             "must give the assistant something to answer first")
-        before, through = render(messages[:i], True), render(messages[:i + 1], False)
+            raise ValueError(
+                f'{where}: field "messages[0]" is an assistant turn; a conversation '
+                "must give the assistant something to answer first"
+            )
+        before, through = render(messages[:i], True), render(messages[: i + 1], False)
         previous_end = spans[-1][1] if spans else 0
-        if not (full.startswith(through) and through.startswith(before)
-                and len(before) >= previous_end):
-            raise ValueError(f'{where}: field "messages[{i}]": the chat template does not render '
-                             "this conversation's prefixes as prefixes of the whole, so the "
-                             'assistant tokens cannot be found; use {"text"} records instead')
+        if not (
+            full.startswith(through) and through.startswith(before) and len(before) >= previous_end
+        ):
+            raise ValueError(
+                f'{where}: field "messages[{i}]": the chat template does not render '
+                "this conversation's prefixes as prefixes of the whole, so the "
+                'assistant tokens cannot be found; use {"text"} records instead'
+            )
         spans.append((len(before), len(through)))
     if not spans:
-        raise ValueError(f'{where}: field "messages" has no assistant message, so nothing would '
-                         "be trained; prompt-only files are for generation (load_prompts)")
+        raise ValueError(
+            f'{where}: field "messages" has no assistant message, so nothing would '
+            "be trained; prompt-only files are for generation (load_prompts)"
+        )
 
     tokens: list[int] = []
     trained: list[bool] = []
@@ -208,15 +236,18 @@ def _tokenize_chat(messages: list[dict[str, str]], tokenizer: Tokenizer,
     return tokens + tail, trained + [False] * len(tail), prompt_ids
 
 
-def _tokenize(record: dict, tokenizer: Tokenizer,
-              where: str) -> tuple[list[int], list[bool], list[int]]:
+def _tokenize(
+    record: dict, tokenizer: Tokenizer, where: str
+) -> tuple[list[int], list[bool], list[int]]:
     """Tokens, trained mask (is token t a target?) and prompt tokens of one record."""
     if "messages" in record:
         return _tokenize_chat(_messages(record, where), tokenizer, where)
     if "prompt" in record:
         if "response" not in record:
-            raise ValueError(f'{where}: field "response" is missing; a file of prompts alone is '
-                             "for generating responses, not for training")
+            raise ValueError(
+                f'{where}: field "response" is missing; a file of prompts alone is '
+                "for generating responses, not for training"
+            )
         prompt, response = _string(record, "prompt", where), _string(record, "response", where)
         if tokenizer.chat_template is not None:
             chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
@@ -230,12 +261,15 @@ def _tokenize(record: dict, tokenizer: Tokenizer,
     raise _unknown(record, where)
 
 
-def load_examples(path: str | Path, tokenizer: Tokenizer, *,
-                  seq_len: int) -> tuple[list[Example], DataStats]:
+def load_examples(
+    path: str | Path, tokenizer: Tokenizer, *, seq_len: int
+) -> tuple[list[Example], DataStats]:
     """Tokenize a training file. Longer examples are cut to seq_len tokens (counted in
     stats.truncated); those left with nothing to train are dropped (stats.dropped)."""
     if seq_len < 2:
-        raise ValueError(f"seq_len must be at least 2 tokens (one input, one target), got {seq_len}")
+        raise ValueError(
+            f"seq_len must be at least 2 tokens (one input, one target), got {seq_len}"
+        )
     stats = DataStats(str(path))
     examples = []
     for where, record in _read_jsonl(path):
@@ -256,13 +290,16 @@ def load_examples(path: str | Path, tokenizer: Tokenizer, *,
     if stats.records == 0:
         raise ValueError(f"{path}: no records; the file is empty")
     if not examples:
-        raise ValueError(f"{path}: none of {stats.records} records has a trained token within "
-                         f"seq_len={seq_len} tokens; raise seq_len")
+        raise ValueError(
+            f"{path}: none of {stats.records} records has a trained token within "
+            f"seq_len={seq_len} tokens; raise seq_len"
+        )
     return examples, stats
 
 
-def load_prompts(path: str | Path, tokenizer: Tokenizer, *,
-                 max_len: int | None = None) -> tuple[list[Prompt], DataStats]:
+def load_prompts(
+    path: str | Path, tokenizer: Tokenizer, *, max_len: int | None = None
+) -> tuple[list[Prompt], DataStats]:
     """Prompts to sample replies from: {"prompt": ...} records (a "response" is ignored) or
     {"messages": [...]} (a final assistant turn is dropped: it is the reply to regenerate).
     Prompts over max_len tokens are skipped (stats.dropped) rather than cut mid-question."""
@@ -275,8 +312,10 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, *,
             if messages[-1]["role"] == "assistant":
                 messages = messages[:-1]
             if not messages:
-                raise ValueError(f'{where}: field "messages" holds only an assistant turn; '
-                                 "a prompt needs a user turn")
+                raise ValueError(
+                    f'{where}: field "messages" holds only an assistant turn; '
+                    "a prompt needs a user turn"
+                )
         elif "prompt" in record:
             messages = [{"role": "user", "content": _string(record, "prompt", where)}]
         else:
@@ -303,6 +342,7 @@ def load_prompts(path: str | Path, tokenizer: Tokenizer, *,
 
 # ----------------------------------------------------------------------------- batching
 
+
 def collate(examples: list[Example], *, pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad to the longest example: input_ids with pad_id, labels with IGNORE.
 
@@ -316,8 +356,8 @@ def collate(examples: list[Example], *, pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = torch.full((len(examples), T), pad_id, dtype=torch.long)  # (B, T)
     labels = torch.full((len(examples), T), IGNORE, dtype=torch.long)  # (B, T)
     for i, e in enumerate(examples):
-        input_ids[i, :len(e.input_ids)] = torch.tensor(e.input_ids)
-        labels[i, :len(e.labels)] = torch.tensor(e.labels)
+        input_ids[i, : len(e.input_ids)] = torch.tensor(e.input_ids)
+        labels[i, : len(e.labels)] = torch.tensor(e.labels)
     index = torch.tensor([e.index for e in examples])  # (B,) which examples (kd/teacher_cache.py)
     return {"input_ids": input_ids, "labels": labels, "index": index}
 
@@ -347,11 +387,22 @@ class Batches:
     (seed, s) so that each rank and micro-batch gets a mix.
     """
 
-    def __init__(self, sources: list[tuple[list[Example], float]], *, batch_size: int,
-                 grad_accum: int, rank: int, world_size: int, seed: int, pad_id: int):
+    def __init__(
+        self,
+        sources: list[tuple[list[Example], float]],
+        *,
+        batch_size: int,
+        grad_accum: int,
+        rank: int,
+        world_size: int,
+        seed: int,
+        pad_id: int,
+    ):
         if batch_size < 1 or grad_accum < 1 or world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need batch_size, grad_accum, world_size >= 1 and 0 <= rank < "
-                             f"world_size; got {batch_size}, {grad_accum}, {world_size}, {rank}")
+            raise ValueError(
+                f"need batch_size, grad_accum, world_size >= 1 and 0 <= rank < "
+                f"world_size; got {batch_size}, {grad_accum}, {world_size}, {rank}"
+            )
         if not sources or any(not examples for examples, _ in sources):
             raise ValueError("need at least one data source, each with at least one example")
         if any(not (math.isfinite(ratio) and ratio > 0) for _, ratio in sources):
@@ -365,12 +416,14 @@ class Batches:
         # from the decimal as written: Fraction(0.7) is 0.6999..., 559 of 800 examples, not 560.
         ratios = [Fraction(str(ratio)) for _, ratio in sources]
         self.ratios = [r / sum(ratios) for r in ratios]
-        self._cumulative = [sum(self.ratios[:k + 1]) for k in range(len(ratios))]
+        self._cumulative = [sum(self.ratios[: k + 1]) for k in range(len(ratios))]
         for k, share in enumerate(self.ratios):
             if self.global_batch * share < 1:
-                raise ValueError(f"source {k} gets {float(self.global_batch * share):.2f} "
-                                 f"examples of a global batch of {self.global_batch}; raise its "
-                                 "ratio or the batch so that each step holds at least one")
+                raise ValueError(
+                    f"source {k} gets {float(self.global_batch * share):.2f} "
+                    f"examples of a global batch of {self.global_batch}; raise its "
+                    "ratio or the batch so that each step holds at least one"
+                )
         self._fingerprints = [_fingerprint(examples) for examples in self.sources]
 
     def _consumed(self, k: int, step: int) -> int:
@@ -393,7 +446,7 @@ class Batches:
         """This rank's grad_accum micro-batches of step `step`, as examples (prompts included)."""
         batch, B = self.global_batch_examples(step), self.batch_size
         slices = [m * self.world_size + self.rank for m in range(self.grad_accum)]
-        return [batch[j * B:(j + 1) * B] for j in slices]
+        return [batch[j * B : (j + 1) * B] for j in slices]
 
     def micro_batches(self, step: int) -> list[dict[str, torch.Tensor]]:
         """This rank's grad_accum micro-batches of step `step`, collated (see `collate`)."""
@@ -410,9 +463,14 @@ class Batches:
 
     def state_dict(self) -> dict:
         """What, besides the step, decides the stream; saved with a checkpoint."""
-        return {"seed": self.seed, "global_batch": self.global_batch,
-                "sources": [{"examples": len(src), "ratio": str(ratio), "fingerprint": fp}
-                            for src, ratio, fp in zip(self.sources, self.ratios, self._fingerprints)]}
+        return {
+            "seed": self.seed,
+            "global_batch": self.global_batch,
+            "sources": [
+                {"examples": len(src), "ratio": str(ratio), "fingerprint": fp}
+                for src, ratio, fp in zip(self.sources, self.ratios, self._fingerprints)
+            ],
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Check that a checkpoint's data matches ours: the step alone then restores the
@@ -420,9 +478,11 @@ class Batches:
         current = self.state_dict()
         for key in current:
             if state.get(key) != current[key]:
-                raise ValueError(f"the checkpoint's data {key} was {state.get(key)}, now "
-                                 f"{current[key]}; resume with the same data files, tokenizer, "
-                                 "seq_len, ratios, seed and global batch")
+                raise ValueError(
+                    f"the checkpoint's data {key} was {state.get(key)}, now "
+                    f"{current[key]}; resume with the same data files, tokenizer, "
+                    "seq_len, ratios, seed and global batch"
+                )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,6 +26,7 @@ Two families:
 
 Run the tests: `.venv/bin/python -m pytest -q tests/test_eval.py`.
 """
+
 import functools
 import math
 import re
@@ -214,10 +215,22 @@ def corpus_rouge_l(
 _VOWELS = frozenset("aeiou")
 # Irregular forms NLTK maps directly, before any rule.
 _IRREGULAR = {
-    "sky": "sky", "skies": "sky", "dying": "die", "lying": "lie", "tying": "tie",
-    "news": "news", "innings": "inning", "inning": "inning", "outings": "outing",
-    "outing": "outing", "cannings": "canning", "canning": "canning", "howe": "howe",
-    "proceed": "proceed", "exceed": "exceed", "succeed": "succeed",
+    "sky": "sky",
+    "skies": "sky",
+    "dying": "die",
+    "lying": "lie",
+    "tying": "tie",
+    "news": "news",
+    "innings": "inning",
+    "inning": "inning",
+    "outings": "outing",
+    "outing": "outing",
+    "cannings": "canning",
+    "canning": "canning",
+    "howe": "howe",
+    "proceed": "proceed",
+    "exceed": "exceed",
+    "succeed": "succeed",
 }
 
 
@@ -282,11 +295,16 @@ def _step1ab(word: str) -> str:
     for suffix in ("ed", "ing"):
         if word.endswith(suffix) and _has_vowel(word[: -len(suffix)]):
             stem = word[: -len(suffix)]
-            return _apply_rules(stem, [
-                ("at", "ate", None), ("bl", "ble", None), ("iz", "ize", None),
-                ("*d", stem[-1], lambda s: stem[-1] not in "lsz"),
-                ("", "e", lambda s: _measure(s) == 1 and _ends_cvc(s)),
-            ])
+            return _apply_rules(
+                stem,
+                [
+                    ("at", "ate", None),
+                    ("bl", "ble", None),
+                    ("iz", "ize", None),
+                    ("*d", stem[-1], lambda s: stem[-1] not in "lsz"),
+                    ("", "e", lambda s: _measure(s) == 1 and _ends_cvc(s)),
+                ],
+            )
     return word
 
 
@@ -296,18 +314,58 @@ def _step1c(word: str) -> str:
 
 
 _STEP2 = [
-    ("ational", "ate"), ("tional", "tion"), ("enci", "ence"), ("anci", "ance"), ("izer", "ize"),
-    ("bli", "ble"), ("alli", "al"), ("entli", "ent"), ("eli", "e"), ("ousli", "ous"),
-    ("ization", "ize"), ("ation", "ate"), ("ator", "ate"), ("alism", "al"), ("iveness", "ive"),
-    ("fulness", "ful"), ("ousness", "ous"), ("aliti", "al"), ("iviti", "ive"),
-    ("biliti", "ble"), ("fulli", "ful"),
+    ("ational", "ate"),
+    ("tional", "tion"),
+    ("enci", "ence"),
+    ("anci", "ance"),
+    ("izer", "ize"),
+    ("bli", "ble"),
+    ("alli", "al"),
+    ("entli", "ent"),
+    ("eli", "e"),
+    ("ousli", "ous"),
+    ("ization", "ize"),
+    ("ation", "ate"),
+    ("ator", "ate"),
+    ("alism", "al"),
+    ("iveness", "ive"),
+    ("fulness", "ful"),
+    ("ousness", "ous"),
+    ("aliti", "al"),
+    ("iviti", "ive"),
+    ("biliti", "ble"),
+    ("fulli", "ful"),
 ]
 _STEP3 = [
-    ("icate", "ic"), ("ative", ""), ("alize", "al"), ("iciti", "ic"), ("ical", "ic"), ("ful", ""),
+    ("icate", "ic"),
+    ("ative", ""),
+    ("alize", "al"),
+    ("iciti", "ic"),
+    ("ical", "ic"),
+    ("ful", ""),
     ("ness", ""),
 ]
-_STEP4 = ["al", "ance", "ence", "er", "ic", "able", "ible", "ant", "ement", "ment", "ent", "ion",
-          "ou", "ism", "ate", "iti", "ous", "ive", "ize"]
+_STEP4 = [
+    "al",
+    "ance",
+    "ence",
+    "er",
+    "ic",
+    "able",
+    "ible",
+    "ant",
+    "ement",
+    "ment",
+    "ent",
+    "ion",
+    "ou",
+    "ism",
+    "ate",
+    "iti",
+    "ous",
+    "ive",
+    "ize",
+]
 
 
 def _step2(word: str) -> str:

@@ -22,6 +22,7 @@ Two kinds of numbers, the ones distillation papers report (kd/eval.py has the pu
 Used by scripts/demo.py, scripts/evaluate.py (any student from the command line) and
 scripts/compare_methods.py. Tests: `.venv/bin/python -m pytest -q tests/test_evaluate.py`.
 """
+
 import json
 import os
 import platform
@@ -39,7 +40,10 @@ from kd.sampling import generate
 from kd.tokenizer import Tokenizer
 
 # Table columns: metrics key -> (header, format). Arrows say which way is better.
-SPEED_BATCH, SPEED_TOKENS = 16, 32  # the generation-speed measurement: prompts in one batch, new tokens each
+SPEED_BATCH, SPEED_TOKENS = (
+    16,
+    32,
+)  # the generation-speed measurement: prompts in one batch, new tokens each
 COLUMNS = {
     "params_m": ("params (M)", "{:.1f}"),
     "kl": ("KL to teacher ↓", "{:.3f}"),
@@ -52,8 +56,12 @@ COLUMNS = {
 
 @dataclass
 class EvalSet:
-    examples: list[Example]  # prompt + teacher response, labels on the response (teacher-forced metrics)
-    prompts: list[list[int]]  # each record's prompt tokens, chat-templated as in training (greedy answers)
+    examples: list[
+        Example
+    ]  # prompt + teacher response, labels on the response (teacher-forced metrics)
+    prompts: list[
+        list[int]
+    ]  # each record's prompt tokens, chat-templated as in training (greedy answers)
     questions: list[str]  # each record's last user message, for showing answers side by side
     references: list[str]  # each record's teacher answer (Rouge-L reference)
 
@@ -72,13 +80,17 @@ def load_eval_set(path: str | Path, tokenizer: Tokenizer, *, seq_len: int = 1024
         record = json.loads(line)  # load_examples has already checked every line
         if "messages" in record and record["messages"][-1]["role"] == "assistant":
             references.append(record["messages"][-1]["content"])
-            questions.append(next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user"))
+            questions.append(
+                next(m["content"] for m in reversed(record["messages"]) if m["role"] == "user")
+            )
         elif "prompt" in record and "response" in record:
             references.append(record["response"])
             questions.append(record["prompt"])
         else:
-            raise ValueError(f"{path}:{n}: no teacher answer; an evaluation record needs \"prompt\" and "
-                             "\"response\", or \"messages\" ending with an assistant turn (generate.py writes them)")
+            raise ValueError(
+                f'{path}:{n}: no teacher answer; an evaluation record needs "prompt" and '
+                '"response", or "messages" ending with an assistant turn (generate.py writes them)'
+            )
     return EvalSet(examples, [p.ids for p in prompts], questions, references)
 
 
@@ -87,13 +99,21 @@ def pad_id_of(tokenizer: Tokenizer) -> int:
     if tokenizer.pad_token_id is not None:
         return tokenizer.pad_token_id
     if not tokenizer.eos_token_ids:
-        raise ValueError("the tokenizer defines neither a pad nor an EOS token; add one to tokenizer_config.json")
+        raise ValueError(
+            "the tokenizer defines neither a pad nor an EOS token; add one to tokenizer_config.json"
+        )
     return min(tokenizer.eos_token_ids)
 
 
 @torch.no_grad()
-def teacher_forced_metrics(model: Transformer, examples: list[Example], *, teacher: Transformer | None = None,
-                           pad_id: int, batch_size: int = 8) -> dict[str, float]:
+def teacher_forced_metrics(
+    model: Transformer,
+    examples: list[Example],
+    *,
+    teacher: Transformer | None = None,
+    pad_id: int,
+    batch_size: int = 8,
+) -> dict[str, float]:
     """nll, ppl (and with a teacher: kl, top1_agreement) over the response tokens of `examples`.
 
     The teacher may be the model itself (its own row in a table): its logits are then reused,
@@ -102,50 +122,90 @@ def teacher_forced_metrics(model: Transformer, examples: list[Example], *, teach
     device = model.head_weight.device
     # Padded vocabularies (e.g. rounded up to a multiple of 64) are compared on their shared
     # prefix: rows past the tokenizer are never real tokens.
-    vocab = model.config.vocab_size if teacher is None else min(model.config.vocab_size, teacher.config.vocab_size)
+    vocab = (
+        model.config.vocab_size
+        if teacher is None
+        else min(model.config.vocab_size, teacher.config.vocab_size)
+    )
     sums = None
     for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start:start + batch_size], pad_id=pad_id)
+        batch = collate(examples[start : start + batch_size], pad_id=pad_id)
         input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T) each
         s_logits = model(input_ids)[..., :vocab]  # (B, T, V)
         t_logits = None
         if teacher is not None:
-            t_logits = s_logits if teacher is model else teacher(input_ids)[..., :vocab]  # (B, T, V)
+            t_logits = (
+                s_logits if teacher is model else teacher(input_ids)[..., :vocab]
+            )  # (B, T, V)
         sums = accumulate(sums, token_metrics(s_logits, t_logits, labels))
     return summarize(sums)
 
 
-def greedy_answers(model: Transformer, tokenizer: Tokenizer, prompts: list[list[int]], *, max_new_tokens: int,
-                   batch_size: int = 16, log: Callable[[str], None] = print) -> list[str]:
+def greedy_answers(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    prompts: list[list[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int = 16,
+    log: Callable[[str], None] = print,
+) -> list[str]:
     """Greedy (temperature 0) answers to `prompts`, in order, in batches of batch_size, each row
     stopping at its own EOS."""
     eos = set(tokenizer.eos_token_ids)
     answers, new_tokens, seconds = [], 0, 0.0
     for start in range(0, len(prompts), batch_size):
         t0 = time.perf_counter()
-        out = generate(model, prompts[start:start + batch_size], max_new_tokens=max_new_tokens, temperature=0.0,
-                       eos_token_ids=eos, pad_id=pad_id_of(tokenizer))
+        out = generate(
+            model,
+            prompts[start : start + batch_size],
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            eos_token_ids=eos,
+            pad_id=pad_id_of(tokenizer),
+        )
         seconds += time.perf_counter() - t0
         new_tokens += sum(len(tokens) for tokens in out)
         answers += [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out]
         done = len(answers)
         eta = seconds / done * (len(prompts) - done)
-        log(f"  greedy answers {done}/{len(prompts)}, {new_tokens / seconds:.0f} tokens/s, ETA {eta:.0f} s")
+        log(
+            f"  greedy answers {done}/{len(prompts)}, {new_tokens / seconds:.0f} tokens/s, ETA {eta:.0f} s"
+        )
     return answers
 
 
-def decode_speed(model: Transformer, prompts: list[list[int]], *, pad_id: int, new_tokens: int) -> float:
+def decode_speed(
+    model: Transformer, prompts: list[list[int]], *, pad_id: int, new_tokens: int
+) -> float:
     """New tokens/s of one batch of greedy generation: every prompt gets exactly `new_tokens`
     (no EOS stops a row), prefill included. The same prompts give every model the same work."""
-    generate(model, prompts[:1], max_new_tokens=2, temperature=0.0, eos_token_ids=None, pad_id=pad_id)  # warm-up
+    generate(
+        model, prompts[:1], max_new_tokens=2, temperature=0.0, eos_token_ids=None, pad_id=pad_id
+    )  # warm-up
     t0 = time.perf_counter()
-    generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0, eos_token_ids=None, pad_id=pad_id)
+    generate(
+        model,
+        prompts,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+        eos_token_ids=None,
+        pad_id=pad_id,
+    )
     return len(prompts) * new_tokens / (time.perf_counter() - t0)
 
 
-def evaluate(model: Transformer, tokenizer: Tokenizer, eval_set: EvalSet, *, teacher: Transformer | None = None,
-             max_new_tokens: int = 128, batch_size: int = 16, answers: list[str] | None = None,
-             log: Callable[[str], None] = print) -> dict:
+def evaluate(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    eval_set: EvalSet,
+    *,
+    teacher: Transformer | None = None,
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    answers: list[str] | None = None,
+    log: Callable[[str], None] = print,
+) -> dict:
     """Every number of the table for one model, plus its answers.
 
     answers: the model's greedy answers when they are known already, e.g. for the teacher
@@ -157,25 +217,48 @@ def evaluate(model: Transformer, tokenizer: Tokenizer, eval_set: EvalSet, *, tea
     device and dtype to evaluate in; bf16 logits change the KL by ~1e-3 nats (FACTS.md).
     """
     t0 = time.perf_counter()
-    metrics: dict = teacher_forced_metrics(model, eval_set.examples, teacher=teacher, pad_id=pad_id_of(tokenizer),
-                                           batch_size=max(1, batch_size // 2))
-    log(f"  teacher-forced metrics on {int(metrics['tokens'])} response tokens in {time.perf_counter() - t0:.0f} s")
+    metrics: dict = teacher_forced_metrics(
+        model,
+        eval_set.examples,
+        teacher=teacher,
+        pad_id=pad_id_of(tokenizer),
+        batch_size=max(1, batch_size // 2),
+    )
+    log(
+        f"  teacher-forced metrics on {int(metrics['tokens'])} response tokens in {time.perf_counter() - t0:.0f} s"
+    )
     if answers is None:
-        answers = greedy_answers(model, tokenizer, eval_set.prompts, max_new_tokens=max_new_tokens,
-                                 batch_size=batch_size, log=log)
+        answers = greedy_answers(
+            model,
+            tokenizer,
+            eval_set.prompts,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            log=log,
+        )
     speed_prompts = eval_set.prompts[:SPEED_BATCH]
-    tokens_per_s = decode_speed(model, speed_prompts, pad_id=pad_id_of(tokenizer), new_tokens=SPEED_TOKENS)
-    log(f"  generation speed: {tokens_per_s:.0f} tokens/s ({len(speed_prompts)} prompts x {SPEED_TOKENS} tokens)")
-    metrics |= {"params_m": model.num_params() / 1e6, "rouge_l": corpus_rouge_l(answers, eval_set.references),
-                "tokens_per_s": tokens_per_s, "answers": answers}
+    tokens_per_s = decode_speed(
+        model, speed_prompts, pad_id=pad_id_of(tokenizer), new_tokens=SPEED_TOKENS
+    )
+    log(
+        f"  generation speed: {tokens_per_s:.0f} tokens/s ({len(speed_prompts)} prompts x {SPEED_TOKENS} tokens)"
+    )
+    metrics |= {
+        "params_m": model.num_params() / 1e6,
+        "rouge_l": corpus_rouge_l(answers, eval_set.references),
+        "tokens_per_s": tokens_per_s,
+        "answers": answers,
+    }
     return metrics
 
 
 def format_table(rows: dict[str, dict]) -> str:
     """A markdown table, one row per model, of the COLUMNS its metrics have ('–' where absent)."""
     keys = [k for k in COLUMNS if any(k in m for m in rows.values())]
-    lines = ["| model | " + " | ".join(COLUMNS[k][0] for k in keys) + " |",
-             "| --- | " + " | ".join("---:" for _ in keys) + " |"]
+    lines = [
+        "| model | " + " | ".join(COLUMNS[k][0] for k in keys) + " |",
+        "| --- | " + " | ".join("---:" for _ in keys) + " |",
+    ]
     for name, m in rows.items():
         cells = [COLUMNS[k][1].format(m[k]) if k in m else "–" for k in keys]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
@@ -188,7 +271,15 @@ def describe_machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():  # Linux names the model there; platform.processor() often says only x86_64
-        cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
-                    if line.startswith("model name")), cpu)
+    if (
+        cpuinfo.is_file()
+    ):  # Linux names the model there; platform.processor() often says only x86_64
+        cpu = next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in cpuinfo.read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            cpu,
+        )
     return f"{cpu}, {os.cpu_count()} cores, no GPU, torch {torch.__version__}"

@@ -16,6 +16,7 @@ good one was. Tokenizers are loaded by kd/tokenizer.py; here they are only copie
 
 Tests: `.venv/bin/python -m pytest -q tests/test_hf.py tests/test_model.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,7 +35,12 @@ from kd.model import ModelConfig, Transformer
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -45,36 +51,48 @@ def load_config(path: str | Path) -> ModelConfig:
     return ModelConfig.from_hf(config_file)
 
 
-def _read_safetensors(file: Path, keys: list[str] | None, *, dtype: torch.dtype | None,
-                      device: str | torch.device) -> dict[str, Tensor]:
+def _read_safetensors(
+    file: Path, keys: list[str] | None, *, dtype: torch.dtype | None, device: str | torch.device
+) -> dict[str, Tensor]:
     """Tensors `keys` (None = all) of one file, read through a memory map one at a time."""
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: the checkpoint is incomplete; re-download or re-export it")
+        raise FileNotFoundError(
+            f"{file} not found: the checkpoint is incomplete; re-download or re-export it"
+        )
     out = {}
     try:
         with safe_open(file, framework="pt", device=str(device)) as f:
             present = set(f.keys())
             for key in present if keys is None else keys:
                 if key not in present:
-                    raise ValueError(f"{file} lacks tensor {key!r} that {INDEX_FILE} maps to it; re-export it")
+                    raise ValueError(
+                        f"{file} lacks tensor {key!r} that {INDEX_FILE} maps to it; re-export it"
+                    )
                 t = f.get_tensor(key)
                 out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     except ValueError:
         raise
-    except Exception as e:  # safetensors raises its own SafetensorError on a bad header or short file
-        raise ValueError(f"{file} is not a readable safetensors file ({e}); re-download or re-export it") from None
+    except (
+        Exception
+    ) as e:  # safetensors raises its own SafetensorError on a bad header or short file
+        raise ValueError(
+            f"{file} is not a readable safetensors file ({e}); re-download or re-export it"
+        ) from None
     return out
 
 
-def load_state_dict(path: str | Path, *, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> dict[str, Tensor]:
+def load_state_dict(
+    path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+) -> dict[str, Tensor]:
     """All tensors of a HF directory (single file or shards), floating ones cast to `dtype`."""
     path = Path(path)
     if (path / INDEX_FILE).is_file():
         try:
             weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{path / INDEX_FILE} has no readable weight_map ({e!r}); re-export it") from None
+            raise ValueError(
+                f"{path / INDEX_FILE} has no readable weight_map ({e!r}); re-export it"
+            ) from None
         by_file: dict[str, list[str]] = {}
         for key, file in weight_map.items():
             by_file.setdefault(file, []).append(key)
@@ -84,35 +102,55 @@ def load_state_dict(path: str | Path, *, dtype: torch.dtype | None = None,
         return state_dict
     if (path / SINGLE_FILE).is_file():
         return _read_safetensors(path / SINGLE_FILE, None, dtype=dtype, device=device)
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: not a safetensors HF checkpoint")
+    raise FileNotFoundError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: not a safetensors HF checkpoint"
+    )
 
 
-def check_state_dict(state_dict: dict[str, Tensor], model: Transformer, source: str) -> dict[str, Tensor]:
+def check_state_dict(
+    state_dict: dict[str, Tensor], model: Transformer, source: str
+) -> dict[str, Tensor]:
     """state_dict with exactly `model`'s keys and shapes, or a one-line ValueError saying what differs."""
-    sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}  # old checkpoints
+    sd = {
+        k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")
+    }  # old checkpoints
     # A tied model has no lm_head; some tied checkpoints still carry a copy of the embeddings.
     head, embed = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
-    if model.lm_head is None and head is not None and embed is not None and torch.equal(head, embed):
+    if (
+        model.lm_head is None
+        and head is not None
+        and embed is not None
+        and torch.equal(head, embed)
+    ):
         del sd["lm_head.weight"]
     expected = model.state_dict()
     missing = [k for k in expected if k not in sd]
     unexpected = [k for k in sd if k not in expected]
     if missing or unexpected:
+
         def some(keys: list[str]) -> str:
             return ", ".join(keys[:4]) + (f" ... ({len(keys) - 4} more)" if len(keys) > 4 else "")
-        parts = ([f"missing {len(missing)} tensor(s): {some(missing)}"] if missing else []) + \
-                ([f"unexpected {len(unexpected)} tensor(s): {some(unexpected)}"] if unexpected else [])
+
+        parts = ([f"missing {len(missing)} tensor(s): {some(missing)}"] if missing else []) + (
+            [f"unexpected {len(unexpected)} tensor(s): {some(unexpected)}"] if unexpected else []
+        )
         tie = f"tie_word_embeddings={model.config.tie_word_embeddings}"
         raise ValueError(f"{source} does not match its config ({tie}): {'; '.join(parts)}")
     for key, t in sd.items():
         if t.shape != expected[key].shape:
-            raise ValueError(f"{source}: tensor {key} has shape {tuple(t.shape)}, "
-                             f"config.json implies {tuple(expected[key].shape)}")
+            raise ValueError(
+                f"{source}: tensor {key} has shape {tuple(t.shape)}, "
+                f"config.json implies {tuple(expected[key].shape)}"
+            )
     return sd
 
 
-def load_model(path: str | Path, *, dtype: torch.dtype | None = torch.float32,
-               device: str | torch.device = "cpu") -> Transformer:
+def load_model(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = torch.float32,
+    device: str | torch.device = "cpu",
+) -> Transformer:
     """Build on the meta device, check keys and shapes, then adopt the loaded tensors (assign=True).
 
     dtype None keeps each tensor's stored dtype. The model is returned in training mode, as
@@ -121,7 +159,9 @@ def load_model(path: str | Path, *, dtype: torch.dtype | None = torch.float32,
     config = load_config(path)
     with torch.device("meta"):
         model = Transformer(config)
-    state_dict = check_state_dict(load_state_dict(path, dtype=dtype, device=device), model, str(path))
+    state_dict = check_state_dict(
+        load_state_dict(path, dtype=dtype, device=device), model, str(path)
+    )
     model.load_state_dict(state_dict, strict=True, assign=True)
     return model
 
@@ -140,16 +180,29 @@ def _shards(state_dict: dict[str, Tensor], max_shard_bytes: int) -> list[dict[st
     return shards
 
 
-def _write(state_dict: dict[str, Tensor], config: ModelConfig, out: Path, *, max_shard_bytes: int,
-           tokenizer_from: Path | None) -> None:
+def _write(
+    state_dict: dict[str, Tensor],
+    config: ModelConfig,
+    out: Path,
+    *,
+    max_shard_bytes: int,
+    tokenizer_from: Path | None,
+) -> None:
     """Write a complete HF directory into the (empty) directory `out`."""
     shards = _shards(state_dict, max_shard_bytes)
     weight_map = {}
     for i, shard in enumerate(shards):
-        name = SINGLE_FILE if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        name = (
+            SINGLE_FILE
+            if len(shards) == 1
+            else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        )
         # safetensors wants contiguous CPU tensors that share no storage (the tie is already gone).
-        save_file({k: t.detach().to("cpu").contiguous() for k, t in shard.items()}, out / name,
-                  metadata={"format": "pt"})
+        save_file(
+            {k: t.detach().to("cpu").contiguous() for k, t in shard.items()},
+            out / name,
+            metadata={"format": "pt"},
+        )
         weight_map.update(dict.fromkeys(shard, name))
     if len(shards) > 1:
         total = sum(t.numel() * t.element_size() for t in state_dict.values())
@@ -159,8 +212,11 @@ def _write(state_dict: dict[str, Tensor], config: ModelConfig, out: Path, *, max
     hf_config = dataclasses.replace(config, torch_dtype=dtype).to_hf()
     (out / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     # generation_config.json tells transformers' generate() which ids end a sequence.
-    generation = {k: getattr(config, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
-                  if getattr(config, k) is not None}
+    generation = {
+        k: getattr(config, k)
+        for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+        if getattr(config, k) is not None
+    }
     (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
     if tokenizer_from is not None:
         for name in TOKENIZER_FILES:
@@ -168,8 +224,14 @@ def _write(state_dict: dict[str, Tensor], config: ModelConfig, out: Path, *, max
                 shutil.copy2(tokenizer_from / name, out / name)
 
 
-def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, path: str | Path, *,
-                    max_shard_bytes: int = 2 * 2**30, tokenizer_from: str | Path | None = None) -> None:
+def save_state_dict(
+    state_dict: dict[str, Tensor],
+    config: ModelConfig,
+    path: str | Path,
+    *,
+    max_shard_bytes: int = 2 * 2**30,
+    tokenizer_from: str | Path | None = None,
+) -> None:
     """Write a full state dict (e.g. gathered on rank 0) as a HF directory at `path`, atomically.
 
     The new directory is written beside the target under a temporary name, then renamed into
@@ -190,7 +252,9 @@ def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, path: st
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
     try:
-        _write(state_dict, config, tmp, max_shard_bytes=max_shard_bytes, tokenizer_from=tokenizer_from)
+        _write(
+            state_dict, config, tmp, max_shard_bytes=max_shard_bytes, tokenizer_from=tokenizer_from
+        )
         os.chmod(tmp, 0o755)  # mkdtemp makes it 0700; a model directory is normally world-readable
         if path.exists():
             aside = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
@@ -204,8 +268,18 @@ def save_state_dict(state_dict: dict[str, Tensor], config: ModelConfig, path: st
             shutil.rmtree(tmp)
 
 
-def save_model(model: Transformer, path: str | Path, *, max_shard_bytes: int = 2 * 2**30,
-               tokenizer_from: str | Path | None = None) -> None:
+def save_model(
+    model: Transformer,
+    path: str | Path,
+    *,
+    max_shard_bytes: int = 2 * 2**30,
+    tokenizer_from: str | Path | None = None,
+) -> None:
     """save_state_dict of the model's own weights and config; transformers loads the result."""
-    save_state_dict(model.state_dict(), model.config, path, max_shard_bytes=max_shard_bytes,
-                    tokenizer_from=tokenizer_from)
+    save_state_dict(
+        model.state_dict(),
+        model.config,
+        path,
+        max_shard_bytes=max_shard_bytes,
+        tokenizer_from=tokenizer_from,
+    )

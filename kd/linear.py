@@ -27,6 +27,7 @@ decoding has its own kernel, kd/sampling.py), on a CPU with 2+ threads.
 
     .venv/bin/python -m pytest -q tests/test_linear.py
 """
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,14 +42,23 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
     """x W^T + b, as `F.linear`; few rows on a CPU get the product split across the cores (see above)."""
     n, (out_features, in_features) = torch.get_num_threads(), weight.shape
     rows = x.numel() // in_features
-    if n < 2 or x.device.type != "cpu" or weight.dtype != torch.float32 or torch.is_grad_enabled() \
-            or rows > SPLIT_MAX_ROWS:
+    if (
+        n < 2
+        or x.device.type != "cpu"
+        or weight.dtype != torch.float32
+        or torch.is_grad_enabled()
+        or rows > SPLIT_MAX_ROWS
+    ):
         return F.linear(x, weight, bias)
-    if weight.t().is_contiguous() and in_features % n == 0:  # stored transposed: split the sum over `in`
+    if (
+        weight.t().is_contiguous() and in_features % n == 0
+    ):  # stored transposed: split the sum over `in`
         x_parts = x.reshape(rows, n, in_features // n).transpose(0, 1)  # (n, rows, in/n)
         y = torch.bmm(x_parts, weight.t().unflatten(0, (n, in_features // n))).sum(0)  # (rows, out)
     elif out_features % n == 0:  # row-major: split the outputs
-        blocks = weight.unflatten(0, (n, out_features // n)).transpose(1, 2)  # (n, in, out/n): W_j^T, views
+        blocks = weight.unflatten(0, (n, out_features // n)).transpose(
+            1, 2
+        )  # (n, in, out/n): W_j^T, views
         y = torch.bmm(x.reshape(1, rows, in_features).expand(n, -1, -1), blocks)  # (n, rows, out/n)
         y = y.transpose(0, 1).reshape(rows, out_features)  # the blocks side by side
     else:

@@ -24,6 +24,7 @@ list of them (multi-teacher) or a `TopK` of cached top-k log-probabilities.
 
 Tests: `.venv/bin/python -m pytest -q tests/test_losses.py`.
 """
+
 from __future__ import annotations
 
 import math
@@ -145,7 +146,9 @@ DIVERGENCES = (*_PROB_DIVERGENCES, "logit_mse")
 # ------------------------------------------------------------------ public per-position API
 
 
-def _pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+def _pair(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float
+) -> tuple[Tensor, Tensor]:
     """(log_p, log_q) at temperature T, after checking shapes and T."""
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -154,25 +157,35 @@ def _pair(student_logits: Tensor, teacher_logits: Tensor, temperature: float) ->
         )
     _check_temperature(temperature)
     dtype = _compute_dtype(student_logits, teacher_logits)
-    return _log_probs(teacher_logits, temperature, dtype), _log_probs(student_logits, temperature, dtype)
+    return _log_probs(teacher_logits, temperature, dtype), _log_probs(
+        student_logits, temperature, dtype
+    )
 
 
 def _check_temperature(temperature: float) -> None:
     if not temperature > 0.0:
-        raise ValueError(f"temperature={temperature} must be > 0 (1.0 leaves the logits as they are)")
+        raise ValueError(
+            f"temperature={temperature} must be > 0 (1.0 leaves the logits as they are)"
+        )
 
 
-def forward_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def forward_kl(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0
+) -> Tensor:
     """KL(p || q) = sum_v p_v (log p_v - log q_v): mode-covering, q must cover all of p."""
     return _forward_kl(*_pair(student_logits, teacher_logits, temperature))
 
 
-def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def reverse_kl(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0
+) -> Tensor:
     """KL(q || p) = sum_v q_v (log q_v - log p_v): mode-seeking, q may drop modes of p."""
     return _reverse_kl(*_pair(student_logits, teacher_logits, temperature))
 
 
-def jsd(student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0) -> Tensor:
+def jsd(
+    student_logits: Tensor, teacher_logits: Tensor, *, beta: float = 0.5, temperature: float = 1.0
+) -> Tensor:
     """Generalized JSD (GKD, arXiv 2306.13649): beta KL(p||m) + (1-beta) KL(q||m), m = beta p + (1-beta) q.
 
     Bounded by log 2 for beta = 0.5 (symmetric there). beta = 0 returns KL(p||q) and beta = 1
@@ -200,7 +213,9 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 
     return _tvd(*_pair(student_logits, teacher_logits, temperature))
 
 
-def logit_mse(student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0) -> Tensor:
+def logit_mse(
+    student_logits: Tensor, teacher_logits: Tensor, *, temperature: float = 1.0
+) -> Tensor:
     """mean_v of ((s - mean s) - (t - mean t))^2 over the entries finite in both models.
 
     Centring: softmax(z + c) = softmax(z), so logits carry an arbitrary per-position offset;
@@ -237,7 +252,9 @@ def _teacher_log_probs(
         return _log_probs(_average_logits(teacher, weights, dtype), temperature, dtype)
     # p = sum_i w_i p_i, i.e. log p = logsumexp_i(log w_i + log p_i): the ensemble's predictive
     # distribution. Every token any teacher finds likely keeps mass (an arithmetic mean).
-    parts = [math.log(w) + _log_probs(t, temperature, dtype) for t, w in zip(teacher, weights) if w > 0]
+    parts = [
+        math.log(w) + _log_probs(t, temperature, dtype) for t, w in zip(teacher, weights) if w > 0
+    ]
     return _floor(torch.stack(parts).logsumexp(0))
 
 
@@ -247,12 +264,18 @@ def _average_logits(teachers: Sequence[Tensor], weights: list[float], dtype: tor
     return sum(w * t.to(dtype) for t, w in zip(teachers, weights) if w > 0)
 
 
-def _normalized_weights(teachers: Sequence[Tensor], teacher_weights: Sequence[float] | None) -> list[float]:
+def _normalized_weights(
+    teachers: Sequence[Tensor], teacher_weights: Sequence[float] | None
+) -> list[float]:
     if len(teachers) == 0:
         raise ValueError("teacher_logits is an empty list; pass at least one teacher")
     if teacher_weights is None:
         return [1.0 / len(teachers)] * len(teachers)
-    if len(teacher_weights) != len(teachers) or min(teacher_weights) < 0 or sum(teacher_weights) <= 0:
+    if (
+        len(teacher_weights) != len(teachers)
+        or min(teacher_weights) < 0
+        or sum(teacher_weights) <= 0
+    ):
         raise ValueError(
             f"teacher_weights={list(teacher_weights)} must be {len(teachers)} non-negative numbers "
             "with a positive sum (one per teacher)"
@@ -261,7 +284,9 @@ def _normalized_weights(teachers: Sequence[Tensor], teacher_weights: Sequence[fl
     return [float(w) / total for w in teacher_weights]
 
 
-def _topk_buckets(teacher: TopK, log_q: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
+def _topk_buckets(
+    teacher: TopK, log_q: Tensor, *, overwrite: bool = False
+) -> tuple[Tensor, Tensor]:
     """(log_p, log_q) over k + 1 buckets: the teacher's top-k tokens and one tail for the rest.
 
     A divergence of these coarsened distributions is a lower bound of the full one (data
@@ -279,7 +304,9 @@ def _topk_buckets(teacher: TopK, log_q: Tensor, *, overwrite: bool = False) -> t
     log_q_k = log_q.gather(-1, ids)
     # Student mass outside the k tokens: logsumexp over the rest (floored, not -inf, so an empty
     # tail has a finite gradient).
-    rest = log_q.scatter_(-1, ids, floor) if overwrite else log_q.scatter(-1, ids, floor)  # (..., V)
+    rest = (
+        log_q.scatter_(-1, ids, floor) if overwrite else log_q.scatter(-1, ids, floor)
+    )  # (..., V)
     log_q_tail = rest.logsumexp(-1, keepdim=True)
     p_tail = (1.0 - log_p_k.exp().sum(-1, keepdim=True)).clamp(min=0.0)
     # When the student has no tail (k = V), the teacher's leftover 1 - sum is rounding error.
@@ -287,7 +314,9 @@ def _topk_buckets(teacher: TopK, log_q: Tensor, *, overwrite: bool = False) -> t
     return _floor(torch.cat([log_p_k, log_p_tail], -1)), torch.cat([log_q_k, log_q_tail], -1)
 
 
-def check_teacher_vocab(student_vocab: int, teacher_vocab: int, tokenizer_vocab_size: int | None) -> None:
+def check_teacher_vocab(
+    student_vocab: int, teacher_vocab: int, tokenizer_vocab_size: int | None
+) -> None:
     """Allow a teacher with more vocab rows than the student only when the extra rows are padding.
 
     E.g. Qwen2.5-7B has 152064 rows and Qwen2.5-0.5B 151936 for the same 151665-token
@@ -296,7 +325,11 @@ def check_teacher_vocab(student_vocab: int, teacher_vocab: int, tokenizer_vocab_
     """
     if teacher_vocab == student_vocab:
         return
-    if teacher_vocab > student_vocab and tokenizer_vocab_size is not None and tokenizer_vocab_size <= student_vocab:
+    if (
+        teacher_vocab > student_vocab
+        and tokenizer_vocab_size is not None
+        and tokenizer_vocab_size <= student_vocab
+    ):
         return
     raise ValueError(
         f"teacher vocab {teacher_vocab} != student vocab {student_vocab}: if both share a tokenizer and "
@@ -340,11 +373,17 @@ def loss_sums(
     log_q = _log_probs(student_logits, temperature, dtype)
     if teacher is None:  # plain SFT: no teacher forward at all
         if alpha != 0.0:
-            raise ValueError(f"no teacher given with alpha={alpha}; pass a teacher, or alpha=0 for plain SFT")
+            raise ValueError(
+                f"no teacher given with alpha={alpha}; pass a teacher, or alpha=0 for plain SFT"
+            )
         div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
     elif divergence == "logit_mse":
-        if isinstance(teacher, TopK) or (not isinstance(teacher, Tensor) and teacher_mixture != "logits"):
-            raise ValueError("divergence='logit_mse' needs dense teacher logits (multi-teacher: teacher_mixture='logits')")
+        if isinstance(teacher, TopK) or (
+            not isinstance(teacher, Tensor) and teacher_mixture != "logits"
+        ):
+            raise ValueError(
+                "divergence='logit_mse' needs dense teacher logits (multi-teacher: teacher_mixture='logits')"
+            )
         if not isinstance(teacher, Tensor):
             teacher = _average_logits(teacher, _normalized_weights(teacher, teacher_weights), dtype)
         div = logit_mse(student_logits, teacher.to(dtype), temperature=temperature)
@@ -352,7 +391,11 @@ def loss_sums(
         div = _PROB_DIVERGENCES[divergence](*_topk_buckets(teacher, log_q), **divergence_kwargs)
     else:
         log_p = _teacher_log_probs(
-            teacher, temperature, dtype, teacher_weights=teacher_weights, teacher_mixture=teacher_mixture
+            teacher,
+            temperature,
+            dtype,
+            teacher_weights=teacher_weights,
+            teacher_mixture=teacher_mixture,
         )
         div = _PROB_DIVERGENCES[divergence](log_p, log_q, **divergence_kwargs)
 
@@ -363,7 +406,9 @@ def loss_sums(
         ce = -log_q.gather(-1, safe_labels.unsqueeze(-1)).squeeze(-1)
     else:
         logits = student_logits.to(dtype)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), safe_labels.reshape(-1), reduction="none").view(labels.shape)
+        ce = F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), safe_labels.reshape(-1), reduction="none"
+        ).view(labels.shape)
 
     # where(), not multiply: a padded position with an infinite divergence must add 0, not NaN.
     div_sum = torch.where(valid, div, 0.0).sum()
@@ -371,7 +416,9 @@ def loss_sums(
     return alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum, div_sum, ce_sum
 
 
-def _aligned_teacher(teacher: Teacher | None, student_logits: Tensor, tokenizer_vocab_size: int | None) -> Teacher | None:
+def _aligned_teacher(
+    teacher: Teacher | None, student_logits: Tensor, tokenizer_vocab_size: int | None
+) -> Teacher | None:
     """Dense teacher logits checked against the student's shape, padded vocab rows sliced off."""
     if teacher is None or isinstance(teacher, TopK):
         return teacher  # shapes are checked in _topk_buckets
@@ -380,21 +427,27 @@ def _aligned_teacher(teacher: Teacher | None, student_logits: Tensor, tokenizer_
     for t in teachers:
         check_teacher_vocab(vocab, t.shape[-1], tokenizer_vocab_size)
         if t.shape[:-1] != student_logits.shape[:-1]:
-            raise ValueError(f"teacher logits {tuple(t.shape)} do not match student_logits {tuple(student_logits.shape)}")
+            raise ValueError(
+                f"teacher logits {tuple(t.shape)} do not match student_logits {tuple(student_logits.shape)}"
+            )
     teachers = [t[..., :vocab] for t in teachers]
     return teachers[0] if isinstance(teacher, Tensor) else teachers
 
 
 def _check_options(divergence: str, temperature: float, alpha: float, teacher_mixture: str) -> None:
     if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence={divergence!r} is unknown; pick one of {', '.join(DIVERGENCES)}")
+        raise ValueError(
+            f"divergence={divergence!r} is unknown; pick one of {', '.join(DIVERGENCES)}"
+        )
     _check_temperature(temperature)
     _check_unit("alpha", alpha)
     if teacher_mixture not in ("probs", "logits"):
         raise ValueError(f"teacher_mixture={teacher_mixture!r} must be 'probs' or 'logits'")
 
 
-def token_count(labels: Tensor, num_tokens: int | Tensor | None, *, ignore_index: int) -> tuple[Tensor, Tensor]:
+def token_count(
+    labels: Tensor, num_tokens: int | Tensor | None, *, ignore_index: int
+) -> tuple[Tensor, Tensor]:
     """(valid tokens here, the divisor): num_tokens, or the local valid count when None.
 
     The divisor is clamped to >= 1 so that a batch with no valid token gives 0, not 0/0.
@@ -406,14 +459,20 @@ def token_count(labels: Tensor, num_tokens: int | Tensor | None, *, ignore_index
     if isinstance(num_tokens, Tensor):
         return valid_count, num_tokens.clamp(min=1)
     if num_tokens <= 0:
-        raise ValueError(f"num_tokens={num_tokens} must be > 0 (the valid-token count over all micro-batches and ranks)")
+        raise ValueError(
+            f"num_tokens={num_tokens} must be > 0 (the valid-token count over all micro-batches and ranks)"
+        )
     return valid_count, torch.tensor(float(num_tokens), device=labels.device)
 
 
 def metrics_from_sums(div_sum: Tensor, ce_sum: Tensor, valid_count: Tensor) -> dict[str, Tensor]:
     """Detached per-token means for logging; the caller does `.item()` (a host sync) on log steps."""
     n = valid_count.clamp(min=1)
-    return {"divergence": (div_sum / n).detach(), "ce": (ce_sum / n).detach(), "valid_tokens": valid_count.detach()}
+    return {
+        "divergence": (div_sum / n).detach(),
+        "ce": (ce_sum / n).detach(),
+        "valid_tokens": valid_count.detach(),
+    }
 
 
 def distillation_loss(

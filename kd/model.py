@@ -52,6 +52,7 @@ forward (head_dim/2 numbers), so there is no buffer to forget after `to_empty`.
 
 Run the parity tests: `.venv/bin/python -m pytest -q tests/test_model.py`.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,8 +68,17 @@ from torch import Tensor, nn
 from kd.linear import Linear, linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+ARCHITECTURES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+}
+LLAMA3_ROPE_KEYS = (
+    "factor",
+    "low_freq_factor",
+    "high_freq_factor",
+    "original_max_position_embeddings",
+)
 
 
 @dataclass
@@ -93,7 +103,9 @@ class ModelConfig:
     sliding_window: int | None = None  # mistral/qwen2: attend to the last N positions only
     use_sliding_window: bool = False  # qwen2 only: sliding_window is ignored unless true
     max_window_layers: int = 28  # qwen2 only: layers >= this use the window (if no layer_types)
-    layer_types: list[str] | None = None  # qwen2 only: "full_attention"/"sliding_attention" per layer
+    layer_types: list[str] | None = (
+        None  # qwen2 only: "full_attention"/"sliding_attention" per layer
+    )
     hidden_act: str = "silu"  # only SiLU (SwiGLU) is supported
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2  # an id or a list of ids that end generation
@@ -102,19 +114,27 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"config key model_type={self.model_type!r} is not supported; "
-                             f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"config key model_type={self.model_type!r} is not supported; "
+                f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if self.hidden_act != "silu":
-            raise ValueError(f"config key hidden_act={self.hidden_act!r} is not supported; only 'silu' is")
+            raise ValueError(
+                f"config key hidden_act={self.hidden_act!r} is not supported; only 'silu' is"
+            )
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"config key num_attention_heads={self.num_attention_heads} must be a multiple "
-                             f"of num_key_value_heads={self.num_key_value_heads}")
+            raise ValueError(
+                f"config key num_attention_heads={self.num_attention_heads} must be a multiple "
+                f"of num_key_value_heads={self.num_key_value_heads}"
+            )
         if self.mlp_bias and self.model_type != "llama":
-            raise ValueError(f"config key mlp_bias=true is only defined for llama, not {self.model_type}")
+            raise ValueError(
+                f"config key mlp_bias=true is only defined for llama, not {self.model_type}"
+            )
         if self.rope_scaling is not None:
             scaling = dict(self.rope_scaling)
             legacy_type = scaling.pop("type", None)  # the pre-2024 spelling of rope_type
@@ -124,16 +144,22 @@ class ModelConfig:
             elif rope_type == "llama3":
                 missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
                 if missing:
-                    raise ValueError(f"config key rope_scaling lacks {', '.join(missing)} for rope_type 'llama3'")
+                    raise ValueError(
+                        f"config key rope_scaling lacks {', '.join(missing)} for rope_type 'llama3'"
+                    )
                 self.rope_scaling = {"rope_type": "llama3", **scaling}
             else:
-                raise ValueError(f"config key rope_scaling.rope_type={rope_type!r} is not supported; "
-                                 "use 'default' or 'llama3'")
+                raise ValueError(
+                    f"config key rope_scaling.rope_type={rope_type!r} is not supported; "
+                    "use 'default' or 'llama3'"
+                )
         if self.layer_types is not None:
             bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
             if bad or len(self.layer_types) != self.num_hidden_layers:
-                raise ValueError(f"config key layer_types={self.layer_types} must list 'full_attention' or "
-                                 f"'sliding_attention' once per layer ({self.num_hidden_layers})")
+                raise ValueError(
+                    f"config key layer_types={self.layer_types} must list 'full_attention' or "
+                    f"'sliding_attention' once per layer ({self.num_hidden_layers})"
+                )
 
     @property
     def qkv_bias(self) -> bool:
@@ -148,9 +174,15 @@ class ModelConfig:
         """Sliding-window length of `layer`, or None for full causal attention (as transformers)."""
         if self.model_type == "mistral":
             return self.sliding_window
-        if self.model_type == "qwen2" and self.use_sliding_window and self.sliding_window is not None:
-            types = self.layer_types or ["sliding_attention" if i >= self.max_window_layers else "full_attention"
-                                         for i in range(self.num_hidden_layers)]
+        if (
+            self.model_type == "qwen2"
+            and self.use_sliding_window
+            and self.sliding_window is not None
+        ):
+            types = self.layer_types or [
+                "sliding_attention" if i >= self.max_window_layers else "full_attention"
+                for i in range(self.num_hidden_layers)
+            ]
             return self.sliding_window if types[layer] == "sliding_attention" else None
         return None
 
@@ -166,22 +198,30 @@ class ModelConfig:
             path = Path(config)
             path = path / "config.json" if path.is_dir() else path
             if not path.is_file():
-                raise FileNotFoundError(f"{path} not found: expected a HF model directory with config.json")
+                raise FileNotFoundError(
+                    f"{path} not found: expected a HF model directory with config.json"
+                )
             try:
                 config = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path} is not valid JSON ({e})") from None
         d = dict(config)
         if "model_type" not in d:
-            raise ValueError(f"config has no key model_type; use one of {', '.join(SUPPORTED_MODEL_TYPES)}")
+            raise ValueError(
+                f"config has no key model_type; use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
         if "rope_parameters" in d:
             rope = dict(d.pop("rope_parameters") or {})
             d["rope_theta"] = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-            d["rope_scaling"] = rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+            d["rope_scaling"] = (
+                rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
+            )
         if d.get("torch_dtype") is None and d.get("dtype") is not None:
             d["torch_dtype"] = d["dtype"]
         if d.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"config key partial_rotary_factor={d['partial_rotary_factor']} is not supported")
+            raise ValueError(
+                f"config key partial_rotary_factor={d['partial_rotary_factor']} is not supported"
+            )
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
@@ -198,7 +238,11 @@ class ModelConfig:
             d["sliding_window"] = self.sliding_window  # null means "no window" and must be explicit
         if self.torch_dtype is not None:
             d["dtype"] = self.torch_dtype
-        d["rope_parameters"] = {"rope_type": "default", "rope_theta": self.rope_theta, **(self.rope_scaling or {})}
+        d["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": self.rope_theta,
+            **(self.rope_scaling or {}),
+        }
         d["architectures"] = [ARCHITECTURES[self.model_type]]
         return d
 
@@ -215,7 +259,9 @@ def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Te
     with s = (L/wavelen - low) / (high - low): f' = (1 - s) f / factor + s f.
     """
     d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d)
+    inv_freq = 1.0 / config.rope_theta ** (
+        torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
+    )
     if config.rope_scaling is None:
         return inv_freq
     s = config.rope_scaling
@@ -264,8 +310,16 @@ class RMSNorm(nn.Module):
 class KVCache(nn.Module):
     """Static K/V buffers (B, n_kv_heads, S, head_dim), written in place at slots `input_pos`."""
 
-    def __init__(self, batch_size: int, n_kv_heads: int, max_seq_len: int, head_dim: int, *,
-                 dtype: torch.dtype, device: torch.device | str | None) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        n_kv_heads: int,
+        max_seq_len: int,
+        head_dim: int,
+        *,
+        dtype: torch.dtype,
+        device: torch.device | str | None,
+    ) -> None:
         super().__init__()
         shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
         # Non-persistent: the cache follows model.to(...) but never enters a state dict.
@@ -281,7 +335,9 @@ class KVCache(nn.Module):
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         dtype = torch.promote_types(k.dtype, self.k.dtype)
-        return self.k[:, :, :length].to(dtype), self.v[:, :, :length].to(dtype)  # (B, n_kv, length, head_dim)
+        return self.k[:, :, :length].to(dtype), self.v[:, :, :length].to(
+            dtype
+        )  # (B, n_kv, length, head_dim)
 
 
 class Attention(nn.Module):
@@ -289,7 +345,11 @@ class Attention(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        self.n_heads, self.n_kv_heads, self.head_dim = (
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            config.head_dim,
+        )
         h = config.hidden_size
         self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=config.qkv_bias)
         self.k_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
@@ -297,12 +357,19 @@ class Attention(nn.Module):
         self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
         self.kv_cache: KVCache | None = None
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                input_pos: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
+    ) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv, T, head_dim)
+        q = (
+            self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        )  # (B, n_heads, T, head_dim)
+        k = (
+            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, n_kv, T, head_dim)
+        v = (
+            self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        )  # (B, n_kv, T, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             # With a cache the mask is never None and spans exactly the L slots this call reads.
@@ -310,9 +377,17 @@ class Attention(nn.Module):
             q = q.to(k.dtype)
         # softmax(q k^T / sqrt(head_dim)) v; SDPA's softmax accumulates in fp32. Each K/V head
         # serves n_heads / n_kv_heads query heads (enable_gqa), with no copy of K and V.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads).to(x.dtype)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))  # (B, T, H)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        ).to(x.dtype)
+        return self.o_proj(
+            y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        )  # (B, T, H)
 
 
 class MLP(nn.Module):
@@ -339,8 +414,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None,
-                input_pos: Tensor | None) -> Tensor:
+    def forward(
+        self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
+    ) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -365,7 +441,11 @@ class Transformer(nn.Module):
         super().__init__()
         self.config = config
         self.model = Decoder(config)
-        self.lm_head = None if config.tie_word_embeddings else Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else Linear(config.hidden_size, config.vocab_size, bias=False)
+        )
         self.windows = [config.window(i) for i in range(config.num_hidden_layers)]
 
     @property
@@ -395,8 +475,14 @@ class Transformer(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
-    def setup_cache(self, batch_size: int, max_seq_len: int, *, dtype: torch.dtype | None = None,
-                    device: torch.device | str | None = None) -> None:
+    def setup_cache(
+        self,
+        batch_size: int,
+        max_seq_len: int,
+        *,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
         """Allocate a zeroed static KV cache of max_seq_len slots per row in every layer.
 
         device and dtype default to the embedding weight's, except bf16/fp16 weights on a CPU
@@ -406,18 +492,32 @@ class Transformer(nn.Module):
         w = self.model.embed_tokens.weight
         device = torch.device(device or w.device)
         if dtype is None:
-            dtype = torch.float32 if device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16) else w.dtype
+            dtype = (
+                torch.float32
+                if device.type == "cpu" and w.dtype in (torch.bfloat16, torch.float16)
+                else w.dtype
+            )
         c = self.config
         for layer in self.model.layers:
-            layer.self_attn.kv_cache = KVCache(batch_size, c.num_key_value_heads, max_seq_len, c.head_dim,
-                                               dtype=dtype, device=device)
+            layer.self_attn.kv_cache = KVCache(
+                batch_size,
+                c.num_key_value_heads,
+                max_seq_len,
+                c.head_dim,
+                dtype=dtype,
+                device=device,
+            )
 
     @torch.no_grad()
     def decode_layout(self) -> Transformer:
         """fp32 CPU inference: store the matrices wider than tall (gate, up, head) transposed in
         memory, still (out, in) tensors (why: kd/linear.py). Other dtypes and devices are left as
         they are. Not for training: FSDP and AdamW expect contiguous parameters. Returns self."""
-        wide = [m.weight for m in self.modules() if isinstance(m, nn.Linear) and m.out_features > m.in_features]
+        wide = [
+            m.weight
+            for m in self.modules()
+            if isinstance(m, nn.Linear) and m.out_features > m.in_features
+        ]
         for w in {id(w): w for w in [*wide, self.head_weight]}.values():  # the tied head once
             if w.device.type == "cpu" and w.dtype == torch.float32:
                 w.data = w.data.t().contiguous().t()
@@ -428,32 +528,49 @@ class Transformer(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.kv_cache = None
 
-    def forward(self, input_ids: Tensor, *, input_pos: Tensor | None = None,
-                attention_mask: Tensor | None = None,
-                output_fn: Callable[[Tensor, Tensor], Any] | None = None) -> Any:
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        input_pos: Tensor | None = None,
+        attention_mask: Tensor | None = None,
+        output_fn: Callable[[Tensor, Tensor], Any] | None = None,
+    ) -> Any:
         B, T = input_ids.shape
         device = input_ids.device
         cache = self.model.layers[0].self_attn.kv_cache
         if cache is None:
             if input_pos is not None:
-                raise ValueError("input_pos is only meaningful with a KV cache: call setup_cache first")
+                raise ValueError(
+                    "input_pos is only meaningful with a KV cache: call setup_cache first"
+                )
             S, q_slots = T, torch.arange(T, device=device)
         else:
             if input_pos is None:
-                raise ValueError("with a KV cache, pass input_pos (T,): the cache slots this call writes")
+                raise ValueError(
+                    "with a KV cache, pass input_pos (T,): the cache slots this call writes"
+                )
             if cache.k.shape[0] != B:
-                raise ValueError(f"batch size {B} differs from the cache's {cache.k.shape[0]}: call setup_cache again")
+                raise ValueError(
+                    f"batch size {B} differs from the cache's {cache.k.shape[0]}: call setup_cache again"
+                )
             if tuple(input_pos.shape) != (T,):
-                raise ValueError(f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},): one slot per token")
+                raise ValueError(
+                    f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},): one slot per token"
+                )
             # S: the slots this call reads, all of them or the mask's length (see the docstring).
             S, q_slots = cache.k.shape[2], input_pos
             if attention_mask is not None and attention_mask.shape[-1] <= S:
                 S = attention_mask.shape[-1]
         if attention_mask is not None:
             if tuple(attention_mask.shape) != (B, S):
-                raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
-                                 "(batch, sequence length without a cache / at most the cache length with one)")
-            attention_mask = attention_mask.bool()  # a 0/1 integer mask (transformers' habit) works too
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
+                    "(batch, sequence length without a cache / at most the cache length with one)"
+                )
+            attention_mask = (
+                attention_mask.bool()
+            )  # a 0/1 integer mask (transformers' habit) works too
 
         # Positions: a slot's position counts the real slots before it, so left padding is
         # skipped; without a mask the position is the slot.
@@ -473,8 +590,15 @@ class Transformer(nn.Module):
             return output_fn(hidden, self.head_weight)
         return linear(hidden, self.head_weight)  # (B, T, V)
 
-    def _masks(self, q_slots: Tensor, q_pos: Tensor, key_pos: Tensor, attention_mask: Tensor | None,
-               *, cached: bool) -> dict[int | None, Tensor | None]:
+    def _masks(
+        self,
+        q_slots: Tensor,
+        q_pos: Tensor,
+        key_pos: Tensor,
+        attention_mask: Tensor | None,
+        *,
+        cached: bool,
+    ) -> dict[int | None, Tensor | None]:
         """Boolean attention masks (B or 1, 1, T, S), True = attend, keyed by window length.
 
         Causal in slots (key slot <= query slot); pad keys off; a window w keeps keys with
@@ -493,7 +617,9 @@ class Transformer(nn.Module):
             if attention_mask is not None:
                 # A query always sees its own slot, so a pad query's row is never empty
                 # (an all-masked row gives NaN, which would leak through 0 * NaN).
-                mask = mask & (attention_mask[:, None, :] | (key_slots[None, :] == q_slots[:, None]))  # (B, T, S)
+                mask = mask & (
+                    attention_mask[:, None, :] | (key_slots[None, :] == q_slots[:, None])
+                )  # (B, T, S)
             if needs_window:
                 mask = mask & (key_pos[:, None, :] > q_pos[:, :, None] - window)  # (B or 1, T, S)
             masks[window] = mask[:, None]  # (B or 1, 1, T, S): one mask for all heads

@@ -41,6 +41,7 @@ no top-k or top-p: a biased sampler biases the gradient (MiniLLM's w_t corrects 
 Tests: `.venv/bin/python -m pytest -q tests/test_onpolicy.py`. How to run: `method = "gkd"`
 or `"minillm"` in a train.py config (configs/gkd_cpu.toml, configs/minillm_cpu.toml).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -71,7 +72,9 @@ def this_rank_only(done: bool) -> bool:
 @dataclass(frozen=True)
 class RolloutConfig:
     max_new_tokens: int  # response tokens per prompt at most; 128 in TRL's GKD, 256 in MiniLLM
-    eos_token_ids: frozenset[int]  # a row stops after sampling one of these (kept as a response token)
+    eos_token_ids: frozenset[
+        int
+    ]  # a row stops after sampling one of these (kept as a response token)
     pad_id: int  # fed to finished rows and used to pad batches
     vocab_size: int  # logits rows both models share (teacher padding rows are sliced off)
     temperature: float = 1.0  # sampler temperature; 1 keeps the gradient unbiased
@@ -98,7 +101,9 @@ class Rollout:
 # ----------------------------------------------------------------------------- sampling
 
 
-def teacher_mixed_probs(student_probs: Tensor | None, teacher_probs: Tensor | None, alpha: float) -> Tensor:
+def teacher_mixed_probs(
+    student_probs: Tensor | None, teacher_probs: Tensor | None, alpha: float
+) -> Tensor:
     """MiniLLM's sampler alpha p + (1 - alpha) q; alpha 0 is the student alone, 1 the teacher alone."""
     if alpha == 0.0:
         return student_probs
@@ -143,24 +148,33 @@ def rollout(
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"teacher_mix_alpha={alpha} is outside [0, 1]; MiniLLM uses 0.2, GKD 0")
     if (student is None and alpha < 1.0) or (teacher is None and alpha > 0.0):
-        raise ValueError(f"teacher_mix_alpha={alpha} samples from a model that was not passed: "
-                         "alpha < 1 needs the student, alpha > 0 the teacher")
+        raise ValueError(
+            f"teacher_mix_alpha={alpha} samples from a model that was not passed: "
+            "alpha < 1 needs the student, alpha > 0 the teacher"
+        )
     if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("rollout needs at least one prompt and no empty prompts: check the data's prompts")
+        raise ValueError(
+            "rollout needs at least one prompt and no empty prompts: check the data's prompts"
+        )
     if config.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={config.max_new_tokens} must be >= 1")
     roles = {role: m for role, m in (("student", student), ("teacher", teacher)) if m is not None}
     models = list(roles.values())
     sampled = {"student": alpha < 1.0, "teacher": alpha > 0.0}  # which models the sampler mixes
     device = models[0].model.embed_tokens.weight.device
-    B, P, N, V = len(prompts), max(len(p) for p in prompts), config.max_new_tokens, config.vocab_size
+    B, P, N, V = (
+        len(prompts),
+        max(len(p) for p in prompts),
+        config.max_new_tokens,
+        config.vocab_size,
+    )
     S = P + N - 1  # decode step i writes token i at slot P + i; the last token is never fed back
 
     # Left padding: row b holds its prompt in slots P - len(b) .. P - 1; True = real slot.
     tokens = torch.full((B, P), config.pad_id, dtype=torch.long)
     mask = torch.ones(B, S, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        tokens[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[b, : P - len(p)] = False
     tokens, mask = tokens.to(device), mask.to(device)
     eos = torch.tensor(sorted(config.eos_token_ids), dtype=torch.long, device=device)
@@ -176,23 +190,43 @@ def rollout(
     for m in models:
         m.setup_cache(B, S, dtype=cache_dtype, device=device)
     try:
-        logits = [m(tokens, input_pos=torch.arange(P, device=device), attention_mask=mask,
-                    output_fn=last_logits)[:, :V] for m in models]  # (B, V) each
+        logits = [
+            m(
+                tokens,
+                input_pos=torch.arange(P, device=device),
+                attention_mask=mask,
+                output_fn=last_logits,
+            )[:, :V]
+            for m in models
+        ]  # (B, V) each
         pos = torch.tensor([P], device=device)  # the slot the next decode step writes
         for i in range(N):
             by_role = dict(zip(roles, logits))
-            probs = {role: sampling_probs(z, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p)
-                     for role, z in by_role.items() if sampled[role]}
+            probs = {
+                role: sampling_probs(
+                    z, temperature=config.temperature, top_k=config.top_k, top_p=config.top_p
+                )
+                for role, z in by_role.items()
+                if sampled[role]
+            }
             mix = teacher_mixed_probs(probs.get("student"), probs.get("teacher"), alpha)  # (B, V)
-            next_ids = sample_from_probs(mix, generator=generator).masked_fill(done, config.pad_id)  # (B,)
+            next_ids = sample_from_probs(mix, generator=generator).masked_fill(
+                done, config.pad_id
+            )  # (B,)
             out_ids[:, i], active[:, i] = next_ids, ~done
             out["behaviour"][:, i] = mix.gather(-1, next_ids[:, None]).squeeze(-1).log()
             for role, z in by_role.items():  # log q(y_t), log p(y_t) of the plain (T = 1) models
-                out[role][:, i] = z.float().log_softmax(-1).gather(-1, next_ids[:, None]).squeeze(-1)
+                out[role][:, i] = (
+                    z.float().log_softmax(-1).gather(-1, next_ids[:, None]).squeeze(-1)
+                )
             done |= torch.isin(next_ids, eos)
-            if i + 1 == N or ((i + 1) % check_every == 0 and all_done(bool(done.all()))):  # host sync
+            if i + 1 == N or (
+                (i + 1) % check_every == 0 and all_done(bool(done.all()))
+            ):  # host sync
                 break
-            logits = [m(next_ids[:, None], input_pos=pos, attention_mask=mask)[:, -1, :V] for m in models]
+            logits = [
+                m(next_ids[:, None], input_pos=pos, attention_mask=mask)[:, -1, :V] for m in models
+            ]
             pos += 1
     finally:
         for m in models:
@@ -200,10 +234,14 @@ def rollout(
 
     n = i + 1
     zeroed = {k: torch.where(active[:, :n], v[:, :n], 0.0) for k, v in out.items()}
-    return Rollout(prompts=[list(p) for p in prompts], tokens=out_ids[:, :n], response_mask=active[:, :n],
-                   behaviour_logprobs=zeroed["behaviour"],
-                   student_logprobs=zeroed["student"] if student is not None else None,
-                   teacher_logprobs=zeroed["teacher"] if teacher is not None else None)
+    return Rollout(
+        prompts=[list(p) for p in prompts],
+        tokens=out_ids[:, :n],
+        response_mask=active[:, :n],
+        behaviour_logprobs=zeroed["behaviour"],
+        student_logprobs=zeroed["student"] if student is not None else None,
+        teacher_logprobs=zeroed["teacher"] if teacher is not None else None,
+    )
 
 
 # ----------------------------------------------------------------------------- rollouts as batches
@@ -262,7 +300,9 @@ def returns(rewards: Tensor, mask: Tensor, *, length_norm: bool) -> Tensor:
     return torch.where(mask, R, 0.0)
 
 
-def whiten(x: Tensor, mask: Tensor, *, all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+def whiten(
+    x: Tensor, mask: Tensor, *, all_reduce_sum: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
     """(x - mean) / sqrt(var + 1e-8) over the masked entries of every rank (biased variance).
 
     One all-reduce of (sum x, sum x^2, count) in float64, where the one-pass variance
@@ -278,8 +318,15 @@ def whiten(x: Tensor, mask: Tensor, *, all_reduce_sum: Callable[[Tensor], Tensor
     return torch.where(mask, ((xd - mean) * torch.rsqrt(var + 1e-8)).to(x.dtype), 0.0)
 
 
-def ppo_clipped_sum(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, weights: Tensor,
-                    mask: Tensor, *, clip: float) -> Tensor:
+def ppo_clipped_sum(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    weights: Tensor,
+    mask: Tensor,
+    *,
+    clip: float,
+) -> Tensor:
     """sum_t max(-A_t rho_t, -A_t clip(rho_t, 1 - c, 1 + c)), rho_t = w_t q_theta(y_t) / q_old(y_t).
 
     PPO (arXiv 1707.06347): the max of the two losses is the pessimistic bound, so moving rho
@@ -290,7 +337,9 @@ def ppo_clipped_sum(logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, 
     return torch.where(mask, loss, 0.0).sum()
 
 
-def token_logprobs(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, chunk_size: int) -> Tensor:
+def token_logprobs(
+    hidden: Tensor, head_weight: Tensor, labels: Tensor, *, chunk_size: int
+) -> Tensor:
     """log q(labels) = log_softmax(hidden @ W^T)[labels] in fp32, (B, T), 0 where IGNORE.
 
     Chunks of tokens under activation checkpointing: only one (chunk x V) block of logits
@@ -304,20 +353,35 @@ def token_logprobs(hidden: Tensor, head_weight: Tensor, labels: Tensor, *, chunk
     def chunk(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
         return F.linear(h, w).float().log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)  # (n,)
 
-    parts = [checkpoint(chunk, flat_h[s:s + chunk_size], head_weight, targets[s:s + chunk_size], use_reentrant=False)
-             for s in range(0, flat_h.shape[0], chunk_size)]
+    parts = [
+        checkpoint(
+            chunk,
+            flat_h[s : s + chunk_size],
+            head_weight,
+            targets[s : s + chunk_size],
+            use_reentrant=False,
+        )
+        for s in range(0, flat_h.shape[0], chunk_size)
+    ]
     return torch.where(valid, torch.cat(parts), 0.0).reshape(labels.shape)
 
 
-def minillm_batch(r: Rollout, *, pad_id: int, length_norm: bool = True,
-                  all_reduce_sum: Callable[[Tensor], Tensor] | None = None) -> dict[str, Tensor]:
+def minillm_batch(
+    r: Rollout,
+    *,
+    pad_id: int,
+    length_norm: bool = True,
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, Tensor]:
     """`rollout_batch` plus, at the label positions, q_old(y_t), w_t and the whitened advantages.
 
     r_t = log p(y_t) - log q_old(y_t); R_t by `returns`; advantages whitened over this
     micro-batch's response tokens on all ranks (`all_reduce_sum`, as LMOps' `whiten`).
     """
     if r.student_logprobs is None or r.teacher_logprobs is None:
-        raise ValueError("minillm_batch needs a rollout scored by both models: pass student and teacher to rollout")
+        raise ValueError(
+            "minillm_batch needs a rollout scored by both models: pass student and teacher to rollout"
+        )
     batch = rollout_batch(r, pad_id=pad_id)
     width = batch["input_ids"].shape[1]
     R = returns(r.teacher_logprobs - r.student_logprobs, r.response_mask, length_norm=length_norm)
@@ -327,9 +391,16 @@ def minillm_batch(r: Rollout, *, pad_id: int, length_norm: bool = True,
     return batch
 
 
-def minillm_loss(student: Transformer, teacher: Transformer, batch: dict[str, Tensor], *,
-                 num_tokens: int | Tensor | None, vocab: int, clip: float = 0.2,
-                 chunk_size: int = 1024) -> tuple[Tensor, dict[str, Tensor]]:
+def minillm_loss(
+    student: Transformer,
+    teacher: Transformer,
+    batch: dict[str, Tensor],
+    *,
+    num_tokens: int | Tensor | None,
+    vocab: int,
+    clip: float = 0.2,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, dict[str, Tensor]]:
     """This micro-batch's MiniLLM loss: (PPO long-term sum + single-step KL sum) / num_tokens.
 
     single-step: sum_t KL(q_theta(.|y<t) || p(.|y<t)) over the full vocabulary at every
@@ -348,29 +419,70 @@ def minillm_loss(student: Transformer, teacher: Transformer, batch: dict[str, Te
         # Inside the student's forward: FSDP2 has the root's head weight gathered here.
         head = head_weight[:vocab]
         single, metrics = chunked_distillation_loss(
-            hidden, head, t_hidden, teacher.head_weight, labels, chunk_size=chunk_size, divergence="reverse_kl",
-            alpha=1.0, num_tokens=denom, tokenizer_vocab_size=vocab)
+            hidden,
+            head,
+            t_hidden,
+            teacher.head_weight,
+            labels,
+            chunk_size=chunk_size,
+            divergence="reverse_kl",
+            alpha=1.0,
+            num_tokens=denom,
+            tokenizer_vocab_size=vocab,
+        )
         logprobs = token_logprobs(hidden, head, labels, chunk_size=chunk_size)
-        pg = ppo_clipped_sum(logprobs, batch["old_logprobs"], batch["advantages"], batch["weights"], valid,
-                             clip=clip) / denom
+        pg = (
+            ppo_clipped_sum(
+                logprobs,
+                batch["old_logprobs"],
+                batch["advantages"],
+                batch["weights"],
+                valid,
+                clip=clip,
+            )
+            / denom
+        )
         return pg + single, {**metrics, "pg_loss": pg.detach()}
 
     return student(input_ids, output_fn=loss_fn)
 
 
-def minillm_micro_batches(student: Transformer, teacher: Transformer, micro_examples: list[list[Example]],
-                          config: RolloutConfig, *, step: int, seed: int, rank: int, teacher_mix_alpha: float = 0.2,
-                          length_norm: bool = True, all_done: Callable[[bool], bool] = this_rank_only,
-                          all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
-                          cache_dtype: torch.dtype | None = None) -> tuple[list[dict[str, Tensor]], list[Rollout]]:
+def minillm_micro_batches(
+    student: Transformer,
+    teacher: Transformer,
+    micro_examples: list[list[Example]],
+    config: RolloutConfig,
+    *,
+    step: int,
+    seed: int,
+    rank: int,
+    teacher_mix_alpha: float = 0.2,
+    length_norm: bool = True,
+    all_done: Callable[[bool], bool] = this_rank_only,
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    cache_dtype: torch.dtype | None = None,
+) -> tuple[list[dict[str, Tensor]], list[Rollout]]:
     """This rank's micro-batches of one MiniLLM step (`minillm_batch` of a teacher-mixed rollout
     of each micro-batch's prompts), and the rollouts."""
-    rollouts = [rollout(student, teacher, [e.prompt_ids for e in examples], config, teacher_mix_alpha=teacher_mix_alpha,
-                        seed=sample_seed(seed=seed, step=step, micro_batch=m, rank=rank), all_done=all_done,
-                        cache_dtype=cache_dtype)
-                for m, examples in enumerate(micro_examples)]
-    batches = [minillm_batch(r, pad_id=config.pad_id, length_norm=length_norm, all_reduce_sum=all_reduce_sum)
-               for r in rollouts]
+    rollouts = [
+        rollout(
+            student,
+            teacher,
+            [e.prompt_ids for e in examples],
+            config,
+            teacher_mix_alpha=teacher_mix_alpha,
+            seed=sample_seed(seed=seed, step=step, micro_batch=m, rank=rank),
+            all_done=all_done,
+            cache_dtype=cache_dtype,
+        )
+        for m, examples in enumerate(micro_examples)
+    ]
+    batches = [
+        minillm_batch(
+            r, pad_id=config.pad_id, length_norm=length_norm, all_reduce_sum=all_reduce_sum
+        )
+        for r in rollouts
+    ]
     return batches, rollouts
 
 
@@ -382,10 +494,20 @@ def on_policy(*, seed: int, step: int, micro_batch: int, lmbda: float) -> bool:
     return bool(np.random.default_rng((_COIN_KEY, seed, step, micro_batch)).random() < lmbda)
 
 
-def gkd_micro_batches(student: Transformer, teacher: Transformer, micro_examples: list[list[Example]],
-                      config: RolloutConfig, *, step: int, seed: int, rank: int, lmbda: float, seq_kd: bool,
-                      all_done: Callable[[bool], bool] = this_rank_only,
-                      cache_dtype: torch.dtype | None = None) -> tuple[list[dict[str, Tensor]], list[Rollout]]:
+def gkd_micro_batches(
+    student: Transformer,
+    teacher: Transformer,
+    micro_examples: list[list[Example]],
+    config: RolloutConfig,
+    *,
+    step: int,
+    seed: int,
+    rank: int,
+    lmbda: float,
+    seq_kd: bool,
+    all_done: Callable[[bool], bool] = this_rank_only,
+    cache_dtype: torch.dtype | None = None,
+) -> tuple[list[dict[str, Tensor]], list[Rollout]]:
     """This rank's micro-batches of one GKD step, and the rollouts behind the on-policy ones.
 
     Per micro-batch: with probability lmbda the student answers the prompts (the teacher
@@ -395,8 +517,11 @@ def gkd_micro_batches(student: Transformer, teacher: Transformer, micro_examples
     batches, rollouts = [], []
     for m, examples in enumerate(micro_examples):
         prompts = [e.prompt_ids for e in examples]
-        seeded = dict(seed=sample_seed(seed=seed, step=step, micro_batch=m, rank=rank), all_done=all_done,
-                      cache_dtype=cache_dtype)
+        seeded = dict(
+            seed=sample_seed(seed=seed, step=step, micro_batch=m, rank=rank),
+            all_done=all_done,
+            cache_dtype=cache_dtype,
+        )
         if on_policy(seed=seed, step=step, micro_batch=m, lmbda=lmbda):
             r = rollout(student, teacher, prompts, config, teacher_mix_alpha=0.0, **seeded)
             rollouts.append(r)
@@ -409,21 +534,42 @@ def gkd_micro_batches(student: Transformer, teacher: Transformer, micro_examples
     return batches, rollouts
 
 
-def step_micro_batches(method: str, student: Transformer, teacher: Transformer, micro_examples: list[list[Example]],
-                       config: RolloutConfig, *, step: int, seed: int, rank: int, lmbda: float, seq_kd: bool,
-                       teacher_mix_alpha: float, length_norm: bool, all_done: Callable[[bool], bool] = this_rank_only,
-                       all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
-                       cache_dtype: torch.dtype | None = None) -> tuple[list[dict[str, Tensor]], list[float]]:
+def step_micro_batches(
+    method: str,
+    student: Transformer,
+    teacher: Transformer,
+    micro_examples: list[list[Example]],
+    config: RolloutConfig,
+    *,
+    step: int,
+    seed: int,
+    rank: int,
+    lmbda: float,
+    seq_kd: bool,
+    teacher_mix_alpha: float,
+    length_norm: bool,
+    all_done: Callable[[bool], bool] = this_rank_only,
+    all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
+    cache_dtype: torch.dtype | None = None,
+) -> tuple[list[dict[str, Tensor]], list[float]]:
     """train.py's step of `method` (gkd or minillm): this rank's micro-batches, and the step's
     `rollout_sums`, which train.py adds up over steps and ranks for the log."""
     common = dict(step=step, seed=seed, rank=rank, all_done=all_done, cache_dtype=cache_dtype)
     if method == "gkd":
-        batches, rollouts = gkd_micro_batches(student, teacher, micro_examples, config, lmbda=lmbda, seq_kd=seq_kd,
-                                              **common)
+        batches, rollouts = gkd_micro_batches(
+            student, teacher, micro_examples, config, lmbda=lmbda, seq_kd=seq_kd, **common
+        )
     else:
-        batches, rollouts = minillm_micro_batches(student, teacher, micro_examples, config,
-                                                  teacher_mix_alpha=teacher_mix_alpha, length_norm=length_norm,
-                                                  all_reduce_sum=all_reduce_sum, **common)
+        batches, rollouts = minillm_micro_batches(
+            student,
+            teacher,
+            micro_examples,
+            config,
+            teacher_mix_alpha=teacher_mix_alpha,
+            length_norm=length_norm,
+            all_reduce_sum=all_reduce_sum,
+            **common,
+        )
     return batches, rollout_sums(rollouts, micro_batches=len(batches))
 
 
@@ -435,7 +581,7 @@ def repeated_ngrams(tokens: list[int], n: int = 4) -> tuple[int, int]:
     and reward hacking show up here before anywhere else."""
     seen, repeats = set(), 0
     for i in range(len(tokens) - n + 1):
-        gram = tuple(tokens[i:i + n])
+        gram = tuple(tokens[i : i + n])
         repeats += gram in seen
         seen.add(gram)
     return repeats, max(len(tokens) - n + 1, 0)
@@ -466,15 +612,26 @@ def rollout_sums(rollouts: list[Rollout], *, micro_batches: int) -> list[float]:
 def rollout_metrics(sums: list[float]) -> dict[str, float]:
     """Log values from summed `rollout_sums`; NaN-free when a step had no rollout."""
     sequences = max(sums[0], 1.0)
-    return {"response_length": sums[1] / sequences, "seq_reverse_kl": sums[2] / sequences,
-            "repetition": sums[3] / max(sums[4], 1.0), "on_policy_fraction": sums[5] / max(sums[6], 1.0)}
+    return {
+        "response_length": sums[1] / sequences,
+        "seq_reverse_kl": sums[2] / sequences,
+        "repetition": sums[3] / max(sums[4], 1.0),
+        "on_policy_fraction": sums[5] / max(sums[6], 1.0),
+    }
 
 
 # ----------------------------------------------------------------------------- data and checks
 
 
-def load_prompt_examples(path: str | Path, tokenizer: Tokenizer, *, method: str, seq_len: int,
-                         max_new_tokens: int, needs_responses: bool) -> tuple[list[Example], DataStats]:
+def load_prompt_examples(
+    path: str | Path,
+    tokenizer: Tokenizer,
+    *,
+    method: str,
+    seq_len: int,
+    max_new_tokens: int,
+    needs_responses: bool,
+) -> tuple[list[Example], DataStats]:
     """Training data of an on-policy method: every record must carry a prompt.
 
     needs_responses (GKD with lmbda < 1 and no seq_kd): `load_examples`, prompts and data
@@ -484,16 +641,21 @@ def load_prompt_examples(path: str | Path, tokenizer: Tokenizer, *, method: str,
     """
     for where, record in _read_jsonl(path):
         if "prompt" not in record and "messages" not in record:
-            raise ValueError(f"{where}: method={method} samples responses to prompts, but this record has none; "
-                             'use {"prompt": ...} or {"messages": ...} records (plain text goes in lm_data)')
+            raise ValueError(
+                f"{where}: method={method} samples responses to prompts, but this record has none; "
+                'use {"prompt": ...} or {"messages": ...} records (plain text goes in lm_data)'
+            )
         if needs_responses and "prompt" in record and "response" not in record:
-            raise ValueError(f'{where}: no "response", but with lmbda < 1 and seq_kd = false method={method} also '
-                             "trains on the data's responses; set lmbda = 1, or seq_kd = true, or add responses")
+            raise ValueError(
+                f'{where}: no "response", but with lmbda < 1 and seq_kd = false method={method} also '
+                "trains on the data's responses; set lmbda = 1, or seq_kd = true, or add responses"
+            )
     if needs_responses:
         return load_examples(path, tokenizer, seq_len=seq_len)
     if seq_len - max_new_tokens < 1:
-        raise ValueError(f"seq_len={seq_len} leaves no room for a prompt beside max_new_tokens={max_new_tokens}; "
-                         "raise seq_len or lower max_new_tokens")
+        raise ValueError(
+            f"seq_len={seq_len} leaves no room for a prompt beside max_new_tokens={max_new_tokens}; "
+            "raise seq_len or lower max_new_tokens"
+        )
     prompts, stats = load_prompts(path, tokenizer, max_len=seq_len - max_new_tokens)
     return [Example(p.ids, [IGNORE] * len(p.ids), p.ids, 0) for p in prompts], stats
-

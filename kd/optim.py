@@ -4,6 +4,7 @@ warmup then cosine decay (the schedule of GPT-3 / Chinchilla-style runs).
 Pure functions: `lr_at(step, ...)` is the whole schedule, so resuming needs no scheduler
 state beyond the step count. Used by `train.py`; tested in tests/test_train_units.py.
 """
+
 import math
 
 import torch
@@ -22,7 +23,9 @@ def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr: fl
     return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, *, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.AdamW:
+def build_optimizer(
+    model: nn.Module, *, lr: float, weight_decay: float, fused: bool = True
+) -> torch.optim.AdamW:
     """AdamW with two groups: weight decay on matrices (projections, embeddings), none on vectors.
 
     Decaying RMSNorm gains or biases pulls them towards 0, which is not a prior anyone wants;

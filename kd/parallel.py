@@ -17,6 +17,7 @@ so `teacher.head_weight` can be used by the loss outside the teacher's forward.
 
 Tested by tests/test_parallel.py (2 gloo processes vs 1) and the train tests.
 """
+
 import contextlib
 import functools
 import os
@@ -127,7 +128,9 @@ def barrier() -> None:
 # ----------------------------------------------------------------------------- sharding
 
 
-def shard_student(model: nn.Module, *, precision: str, activation_checkpointing: bool, compile: bool) -> None:
+def shard_student(
+    model: nn.Module, *, precision: str, activation_checkpointing: bool, compile: bool
+) -> None:
     """FSDP2 on each block, then the root (embeddings, final norm, head); sums, never averages, grads."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     layers = model.model.layers
@@ -136,7 +139,9 @@ def shard_student(model: nn.Module, *, precision: str, activation_checkpointing:
             # Keep only the block's input; recompute its activations during backward.
             block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
         if compile:
-            layers[i] = block = torch.compile(block)  # state-dict keys gain `_orig_mod.`; DCP strips it
+            layers[i] = block = torch.compile(
+                block
+            )  # state-dict keys gain `_orig_mod.`; DCP strips it
         fully_shard(block, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     for module in model.modules():
@@ -173,7 +178,9 @@ def load_full_state_dict(model: nn.Module, state_dict: dict[str, Tensor] | None)
 
 def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The unsharded state dict on rank 0's CPU (empty on other ranks), e.g. for an HF export."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
 
 
 @contextlib.contextmanager
@@ -266,7 +273,9 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(
+        model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
+    )
 
 
 def run_on_rank0(fn: Callable[[], T]) -> T | None:

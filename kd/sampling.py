@@ -15,6 +15,7 @@ forward per new token, each row stopping at its own EOS.
 
 Tests: `.venv/bin/python -m pytest -q tests/test_sampling.py`.
 """
+
 from collections.abc import Callable
 
 import torch
@@ -63,7 +64,9 @@ def sampling_probs(
     return torch.softmax(z, dim=-1)
 
 
-def sample_from_probs(probs: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_from_probs(
+    probs: torch.Tensor, *, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """One token id per row of probs (B, V), drawn with P(i) = probs_i / sum(probs).
 
     Exponential race instead of torch.multinomial (gpt-fast's trick, no host-device sync):
@@ -132,7 +135,9 @@ def generate(
     B, P = len(prompts), max(len(p) for p in prompts)
     S = max_seq_len or P + max_new_tokens - 1
     if P > S:
-        raise ValueError(f"the longest prompt ({P} tokens) does not fit max_seq_len={S}: raise it or shorten")
+        raise ValueError(
+            f"the longest prompt ({P} tokens) does not fit max_seq_len={S}: raise it or shorten"
+        )
     # Decode step i writes the token sampled at step i at slot P + i and samples token i + 1;
     # the last token is not written, so S slots give S - P + 1 tokens.
     steps = min(max_new_tokens, S - P + 1)
@@ -142,7 +147,7 @@ def generate(
     tokens = torch.full((B, P), pad_id, dtype=torch.long)
     mask = torch.ones(B, S, dtype=torch.bool)
     for b, p in enumerate(prompts):
-        tokens[b, P - len(p):] = torch.tensor(p, dtype=torch.long)
+        tokens[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
         mask[b, : P - len(p)] = False
     tokens, mask = tokens.to(device), mask.to(device)
     eos = torch.tensor(sorted(eos_token_ids or ()), dtype=torch.long, device=device)
@@ -162,23 +167,32 @@ def generate(
     try:
         # Each call passes the mask up to the last slot it writes: attention then reads only
         # the used slots, not all S (kd/model.py's docstring), and the host knows that length.
-        logits = model(tokens, input_pos=torch.arange(P, device=device), attention_mask=mask[:, :P],
-                       output_fn=last_logits)  # (B, V)
+        logits = model(
+            tokens,
+            input_pos=torch.arange(P, device=device),
+            attention_mask=mask[:, :P],
+            output_fn=last_logits,
+        )  # (B, V)
         out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
         done = torch.zeros(B, dtype=torch.bool, device=device)
         pos = torch.tensor([P], device=device)  # (1,): the slot the next decode step writes
         torch.backends.mkldnn.enabled = mkldnn_enabled and not one_row_bf16
         for i in range(steps):
-            next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p,
-                                   generator=generator)
+            next_ids = sample_next(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+            )
             next_ids = next_ids.masked_fill(done, pad_id)  # (B,)
             out[:, i] = next_ids
             if on_token is not None:
                 on_token(next_ids)
             done |= torch.isin(next_ids, eos)
-            if i + 1 == steps or ((i + 1) % check_every == 0 and bool(done.all())):  # host-device sync
+            if i + 1 == steps or (
+                (i + 1) % check_every == 0 and bool(done.all())
+            ):  # host-device sync
                 break
-            logits = model(next_ids[:, None], input_pos=pos, attention_mask=mask[:, :P + i + 1])[:, -1]  # (B, V)
+            logits = model(next_ids[:, None], input_pos=pos, attention_mask=mask[:, : P + i + 1])[
+                :, -1
+            ]  # (B, V)
             pos += 1
     finally:
         torch.backends.mkldnn.enabled = mkldnn_enabled

@@ -11,6 +11,7 @@ embeddings, final norm and head are copied whole.
 
 Used by train.py (`student_layers = [...]`); tested in tests/test_train_units.py.
 """
+
 from dataclasses import replace
 
 from torch import Tensor
@@ -24,18 +25,28 @@ def layer_subset_config(teacher: ModelConfig, layers: list[int]) -> ModelConfig:
     """The teacher's config with only `layers`; each kept layer keeps its attention window."""
     bad = [i for i in layers if not 0 <= i < teacher.num_hidden_layers]
     if not layers or bad:
-        raise ValueError(f"student_layers={list(layers)}: each index must be in 0..{teacher.num_hidden_layers - 1} "
-                         "(the teacher's layers)")
+        raise ValueError(
+            f"student_layers={list(layers)}: each index must be in 0..{teacher.num_hidden_layers - 1} "
+            "(the teacher's layers)"
+        )
     layer_types = None
     if teacher.model_type == "qwen2" and teacher.use_sliding_window:
-        layer_types = ["full_attention" if teacher.window(i) is None else "sliding_attention" for i in layers]
+        layer_types = [
+            "full_attention" if teacher.window(i) is None else "sliding_attention" for i in layers
+        ]
     return replace(teacher, num_hidden_layers=len(layers), layer_types=layer_types)
 
 
-def layer_subset_state_dict(teacher_state_dict: dict[str, Tensor], layers: list[int]) -> dict[str, Tensor]:
+def layer_subset_state_dict(
+    teacher_state_dict: dict[str, Tensor], layers: list[int]
+) -> dict[str, Tensor]:
     """Teacher tensors renamed for the student: block layers[j] becomes block j; the rest as is."""
     out = {k: v for k, v in teacher_state_dict.items() if not k.startswith(LAYER_PREFIX)}
     for new, old in enumerate(layers):
         prefix = f"{LAYER_PREFIX}{old}."
-        out |= {f"{LAYER_PREFIX}{new}.{k[len(prefix):]}": v for k, v in teacher_state_dict.items() if k.startswith(prefix)}
+        out |= {
+            f"{LAYER_PREFIX}{new}.{k[len(prefix) :]}": v
+            for k, v in teacher_state_dict.items()
+            if k.startswith(prefix)
+        }
     return out

@@ -45,6 +45,7 @@ inequality each is a lower bound of its full-vocabulary value, and equal to it a
 
 Written by scripts/cache_teacher.py. Tests: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -72,9 +73,11 @@ Tensor = torch.Tensor
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
-LAYOUT = ("per shard: ids (n, k), logprobs (n, k), log_tail (n,), offsets (examples + 1,) int64; "
-          "rows = positions with labels != -100 of the shard's examples, in order; "
-          "log-probs at the cache temperature, ids sorted by decreasing probability")
+LAYOUT = (
+    "per shard: ids (n, k), logprobs (n, k), log_tail (n,), offsets (examples + 1,) int64; "
+    "rows = positions with labels != -100 of the shard's examples, in order; "
+    "log-probs at the cache temperature, ids sorted by decreasing probability"
+)
 
 
 @dataclass(frozen=True)
@@ -116,8 +119,15 @@ def config_sha256(model_dir: str | Path) -> str:
 
 
 @torch.no_grad()
-def teacher_topk(teacher: Transformer, input_ids: Tensor, labels: Tensor, *, k: int,
-                 temperature: float = 1.0, chunk_size: int = 1024) -> tuple[Tensor, Tensor, Tensor]:
+def teacher_topk(
+    teacher: Transformer,
+    input_ids: Tensor,
+    labels: Tensor,
+    *,
+    k: int,
+    temperature: float = 1.0,
+    chunk_size: int = 1024,
+) -> tuple[Tensor, Tensor, Tensor]:
     """(ids (n, k), log-probs (n, k), log tail (n,)) of the teacher at the n positions with a label.
 
     Rows follow the row-major order of labels != IGNORE. Log-probs are fp32 log_softmax(z / T)
@@ -129,14 +139,16 @@ def teacher_topk(teacher: Transformer, input_ids: Tensor, labels: Tensor, *, k: 
         raise ValueError(f"top-k k={k} must be in 1..{weight.shape[0]} (the teacher's vocabulary)")
     ids, logprobs, log_tail = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = hidden[start:start + chunk_size] @ weight.T  # (c, V) in the teacher's dtype
+        logits = hidden[start : start + chunk_size] @ weight.T  # (c, V) in the teacher's dtype
         log_p = F.log_softmax(logits.float() / temperature, dim=-1)  # (c, V) fp32
         top, top_ids = log_p.topk(k, dim=-1)  # (c, k), largest first
         ids.append(top_ids)
         logprobs.append(top)
         # log of the mass outside the top-k, as a logsumexp over those V - k entries:
         # log(1 - sum exp(top)) loses all precision when the top-k hold nearly all the mass.
-        log_tail.append(log_p.scatter(-1, top_ids, -math.inf).logsumexp(-1))  # (c,); -inf when k = V
+        log_tail.append(
+            log_p.scatter(-1, top_ids, -math.inf).logsumexp(-1)
+        )  # (c,); -inf when k = V
     return torch.cat(ids), torch.cat(logprobs), torch.cat(log_tail)
 
 
@@ -155,16 +167,22 @@ def _read_manifest(path: Path) -> tuple[CacheSpec, dict]:
     """(spec, the whole manifest) of the cache in `path`."""
     file = path / MANIFEST
     if not file.is_file():
-        raise FileNotFoundError(f"{file} not found: {path} is not a teacher cache; make one with "
-                                "scripts/cache_teacher.py")
+        raise FileNotFoundError(
+            f"{file} not found: {path} is not a teacher cache; make one with "
+            "scripts/cache_teacher.py"
+        )
     try:
         manifest = json.loads(file.read_text())
         spec = CacheSpec(**{f.name: manifest[f.name] for f in dataclasses.fields(CacheSpec)})
     except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{file} is not a readable cache manifest ({e!r}); make the cache again") from None
+        raise ValueError(
+            f"{file} is not a readable cache manifest ({e!r}); make the cache again"
+        ) from None
     if manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{file}: format_version {manifest.get('format_version')} is not "
-                         f"{FORMAT_VERSION}; make the cache again with this version of kd")
+        raise ValueError(
+            f"{file}: format_version {manifest.get('format_version')} is not "
+            f"{FORMAT_VERSION}; make the cache again with this version of kd"
+        )
     return spec, manifest
 
 
@@ -174,9 +192,19 @@ def _idle_forward(teacher: Transformer, device: torch.device) -> None:
     teacher(torch.zeros(1, 1, dtype=torch.long, device=device), output_fn=lambda h, w: None)
 
 
-def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], spec: CacheSpec, *,
-                batch_size: int = 8, max_shards: int | None = None, info: dict | None = None,
-                on_batch: Callable[[int], None] | None = None, rank: int = 0, world_size: int = 1) -> bool:
+def write_cache(
+    out: str | Path,
+    teacher: Transformer,
+    examples: list[Example],
+    spec: CacheSpec,
+    *,
+    batch_size: int = 8,
+    max_shards: int | None = None,
+    info: dict | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
+) -> bool:
     """Write (or continue) the cache of `examples` in `out`; return True once it is complete.
 
     Resumes after the last shard the manifest lists, if the existing manifest has the same
@@ -194,21 +222,39 @@ def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], 
     """
     out = Path(out)
     if spec.num_examples != len(examples):
-        raise ValueError(f"spec.num_examples={spec.num_examples} but {len(examples)} examples were given")
+        raise ValueError(
+            f"spec.num_examples={spec.num_examples} but {len(examples)} examples were given"
+        )
     if spec.dtype not in DTYPES:
         raise ValueError(f"cache dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}")
     if spec.examples_per_shard < 1 or batch_size < 1:
-        raise ValueError(f"examples_per_shard={spec.examples_per_shard} and batch_size={batch_size} must be >= 1")
+        raise ValueError(
+            f"examples_per_shard={spec.examples_per_shard} and batch_size={batch_size} must be >= 1"
+        )
     out.mkdir(parents=True, exist_ok=True)
-    if (out / MANIFEST).exists():  # every rank reads it: rank 0 rewrites it only after the first round's barrier
+    if (
+        out / MANIFEST
+    ).exists():  # every rank reads it: rank 0 rewrites it only after the first round's barrier
         old, manifest = _read_manifest(out)
         if old != spec:
-            field = next(f.name for f in dataclasses.fields(CacheSpec) if getattr(old, f.name) != getattr(spec, f.name))
-            raise ValueError(f"{out} holds a cache with {field}={getattr(old, field)!r}, this run has "
-                             f"{getattr(spec, field)!r}; use another output directory or delete it")
+            field = next(
+                f.name
+                for f in dataclasses.fields(CacheSpec)
+                if getattr(old, f.name) != getattr(spec, f.name)
+            )
+            raise ValueError(
+                f"{out} holds a cache with {field}={getattr(old, field)!r}, this run has "
+                f"{getattr(spec, field)!r}; use another output directory or delete it"
+            )
     else:
-        manifest = {"format_version": FORMAT_VERSION, **dataclasses.asdict(spec), **(info or {}),
-                    "layout": LAYOUT, "shards": [], "complete": False}
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            **dataclasses.asdict(spec),
+            **(info or {}),
+            "layout": LAYOUT,
+            "shards": [],
+            "complete": False,
+        }
     n_shards = math.ceil(len(examples) / spec.examples_per_shard)
     start = len(manifest["shards"])
     stop = n_shards if max_shards is None else min(n_shards, start + max_shards)
@@ -218,12 +264,18 @@ def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], 
 
     def bounds(shard: int) -> tuple[int, int]:
         """The shard's examples [first, end)."""
-        return shard * spec.examples_per_shard, min((shard + 1) * spec.examples_per_shard, len(examples))
+        return shard * spec.examples_per_shard, min(
+            (shard + 1) * spec.examples_per_shard, len(examples)
+        )
 
     for first_shard in range(start, stop, world_size):
-        shards = range(first_shard, min(first_shard + world_size, stop))  # this round's, one per rank
+        shards = range(
+            first_shard, min(first_shard + world_size, stop)
+        )  # this round's, one per rank
         mine = first_shard + rank
-        first, end = bounds(mine) if mine in shards else (0, 0)  # (0, 0): no shard left for this rank
+        first, end = (
+            bounds(mine) if mine in shards else (0, 0)
+        )  # (0, 0): no shard left for this rank
         # Lock-step: a sharded teacher's every forward all-gathers each block's weights, a
         # collective all ranks must join, so all run as many forwards as the round's biggest
         # shard needs; a rank out of batches (the last, shorter shard, or none) runs idle ones.
@@ -232,32 +284,55 @@ def write_cache(out: str | Path, teacher: Transformer, examples: list[Example], 
         for step in range(math.ceil(max(sizes) / batch_size)):
             i = first + step * batch_size
             if i < end:
-                batch = collate(examples[i:min(i + batch_size, end)], pad_id=0)  # right padding: pads unseen
-                topk = teacher_topk(teacher, batch["input_ids"].to(device), batch["labels"].to(device),
-                                    k=spec.k, temperature=spec.temperature)
-                parts.append(tuple(t.cpu() for t in topk))  # host copy: a sync on a GPU, once per batch
+                batch = collate(
+                    examples[i : min(i + batch_size, end)], pad_id=0
+                )  # right padding: pads unseen
+                topk = teacher_topk(
+                    teacher,
+                    batch["input_ids"].to(device),
+                    batch["labels"].to(device),
+                    k=spec.k,
+                    temperature=spec.temperature,
+                )
+                parts.append(
+                    tuple(t.cpu() for t in topk)
+                )  # host copy: a sync on a GPU, once per batch
             else:
                 _idle_forward(teacher, device)
             if on_batch is not None:  # every rank is at this step too (lock-step)
-                on_batch(bounds(first_shard)[0] + sum(min((step + 1) * batch_size, n) for n in sizes))
+                on_batch(
+                    bounds(first_shard)[0] + sum(min((step + 1) * batch_size, n) for n in sizes)
+                )
         if mine in shards:
             tensors = {
                 "ids": torch.cat([p[0] for p in parts]).to(ids_dtype(spec.vocab_size)),
                 "logprobs": torch.cat([p[1] for p in parts]).to(DTYPES[spec.dtype]),
                 "log_tail": torch.cat([p[2] for p in parts]).to(DTYPES[spec.dtype]),
-                "offsets": torch.tensor([0] + [e.num_targets for e in examples[first:end]]).cumsum(0),  # (E + 1,)
+                "offsets": torch.tensor([0] + [e.num_targets for e in examples[first:end]]).cumsum(
+                    0
+                ),  # (E + 1,)
             }
-            _atomic_write(out / f"shard-{mine:05d}.safetensors",
-                          lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+            _atomic_write(
+                out / f"shard-{mine:05d}.safetensors",
+                lambda p: save_file(tensors, p, metadata={"format": "pt"}),
+            )
         if world_size > 1:
             parallel.barrier()  # every shard of the round is renamed into place before it is listed
         for shard in shards:
             lo, hi = bounds(shard)
-            manifest["shards"].append({"file": f"shard-{shard:05d}.safetensors", "first": lo, "end": hi,
-                                       "tokens": sum(e.num_targets for e in examples[lo:hi])})
+            manifest["shards"].append(
+                {
+                    "file": f"shard-{shard:05d}.safetensors",
+                    "first": lo,
+                    "end": hi,
+                    "tokens": sum(e.num_targets for e in examples[lo:hi]),
+                }
+            )
         manifest["complete"] = shards.stop == n_shards
         if rank == 0:
-            _write_manifest(out, manifest)  # after the shards' renames: a listed shard is always whole
+            _write_manifest(
+                out, manifest
+            )  # after the shards' renames: a listed shard is always whole
     return manifest["complete"]
 
 
@@ -273,7 +348,9 @@ def retemper(logprobs: Tensor, log_tail: Tensor, ratio: float) -> Tensor:
     which at a = 1 also removes the rounding of 16-bit storage (sum of buckets = 1 in fp32).
     """
     logprobs, log_tail = logprobs.float(), log_tail.float()
-    tail = log_tail if ratio == 1.0 else log_tail + (ratio - 1.0) * logprobs[..., -1]  # -inf stays -inf
+    tail = (
+        log_tail if ratio == 1.0 else log_tail + (ratio - 1.0) * logprobs[..., -1]
+    )  # -inf stays -inf
     buckets = torch.cat([ratio * logprobs, tail.unsqueeze(-1)], dim=-1)  # (..., k + 1)
     return F.log_softmax(buckets, dim=-1)[..., :-1]
 
@@ -295,31 +372,48 @@ class TeacherCache:
         return self.spec.num_examples
 
     @classmethod
-    def open(cls, path: str | Path, *, tokenizer: Tokenizer, data_path: str | Path, seq_len: int,
-             examples: list[Example]) -> TeacherCache:
+    def open(
+        cls,
+        path: str | Path,
+        *,
+        tokenizer: Tokenizer,
+        data_path: str | Path,
+        seq_len: int,
+        examples: list[Example],
+    ) -> TeacherCache:
         """Open a complete cache after checking it was made for this tokenizer, data file, seq_len
         and these examples; a mismatch is a ValueError naming the field and the fix."""
         path = Path(path)
         spec, manifest = _read_manifest(path)
         remake = "; make the cache for this run with scripts/cache_teacher.py"
         if not manifest.get("complete"):
-            raise ValueError(f"{path} is incomplete ({len(manifest['shards'])} shards written): run "
-                             "scripts/cache_teacher.py again with the same arguments to finish it")
+            raise ValueError(
+                f"{path} is incomplete ({len(manifest['shards'])} shards written): run "
+                "scripts/cache_teacher.py again with the same arguments to finish it"
+            )
         if spec.tokenizer_fingerprint != tokenizer.fingerprint():
-            raise ValueError(f"{path}: tokenizer_fingerprint differs: the cache was made with another "
-                             f"tokenizer (ids would index different tokens){remake}")
+            raise ValueError(
+                f"{path}: tokenizer_fingerprint differs: the cache was made with another "
+                f"tokenizer (ids would index different tokens){remake}"
+            )
         if spec.data_sha256 != file_sha256(data_path):
-            raise ValueError(f"{path}: data_sha256 differs: the cache was made from another data file "
-                             f"than {data_path} ({manifest.get('data', 'path unknown')}){remake}")
+            raise ValueError(
+                f"{path}: data_sha256 differs: the cache was made from another data file "
+                f"than {data_path} ({manifest.get('data', 'path unknown')}){remake}"
+            )
         if spec.seq_len != seq_len:
-            raise ValueError(f"{path}: seq_len is {spec.seq_len} in the cache, {seq_len} here; "
-                             f"set seq_len = {spec.seq_len}{remake.replace(';', ' or')}")
+            raise ValueError(
+                f"{path}: seq_len is {spec.seq_len} in the cache, {seq_len} here; "
+                f"set seq_len = {spec.seq_len}{remake.replace(';', ' or')}"
+            )
         cache = cls(path, spec, manifest)
         counts = torch.cat([o.diff() for o in cache._offsets])  # (N,) rows per example
         targets = torch.tensor([e.num_targets for e in examples])
         if counts.shape != targets.shape or not torch.equal(counts, targets):
-            raise ValueError(f"{path}: num_examples / trained tokens per example differ from the data "
-                             f"({len(counts)} vs {len(targets)} examples): the tokenization changed{remake}")
+            raise ValueError(
+                f"{path}: num_examples / trained tokens per example differ from the data "
+                f"({len(counts)} vs {len(targets)} examples): the tokenization changed{remake}"
+            )
         return cache
 
     def _rows(self, index: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -328,12 +422,18 @@ class TeacherCache:
             raise ValueError(f"example index {index} is outside the cache's 0..{len(self) - 1}")
         shard = index // self.spec.examples_per_shard
         j = index - self.shards[shard]["first"]
-        a, b = self._offsets[shard][j:j + 2].tolist()
+        a, b = self._offsets[shard][j : j + 2].tolist()
         f = self._files[shard]
         return f.get_slice("ids")[a:b], f.get_slice("logprobs")[a:b], f.get_slice("log_tail")[a:b]
 
-    def topk_for(self, indices: Sequence[int] | Tensor, labels: Tensor, *, temperature: float = 1.0,
-                 ignore_index: int = IGNORE) -> TopK:
+    def topk_for(
+        self,
+        indices: Sequence[int] | Tensor,
+        labels: Tensor,
+        *,
+        temperature: float = 1.0,
+        ignore_index: int = IGNORE,
+    ) -> TopK:
         """The teacher of a micro-batch as `TopK(ids (B, T, k), logprobs (B, T, k))` at `temperature`.
 
         indices: (B,) each row's example index (its position in load_examples' list).
@@ -353,11 +453,15 @@ class TeacherCache:
         counts = valid.sum(-1).tolist()  # host values: labels live on the CPU here
         for i, r, n in zip(indices, rows, counts):
             if r[0].shape[0] != n:
-                raise ValueError(f"example {i} has {n} labelled positions in the batch but {r[0].shape[0]} "
-                                 "in the cache: the batch does not come from the cached data")
+                raise ValueError(
+                    f"example {i} has {n} labelled positions in the batch but {r[0].shape[0]} "
+                    "in the cache: the batch does not come from the cached data"
+                )
         ids = torch.arange(k).expand(B, T, k).clone()  # (B, T, k) filler: k distinct ids,
         logprobs = torch.full((B, T, k), -math.log(k))  # uniform over them (a valid distribution)
         ids[valid] = torch.cat([r[0] for r in rows]).long()  # row-major order = example by example
         ratio = self.spec.temperature / temperature
-        logprobs[valid] = retemper(torch.cat([r[1] for r in rows]), torch.cat([r[2] for r in rows]), ratio)
+        logprobs[valid] = retemper(
+            torch.cat([r[1] for r in rows]), torch.cat([r[2] for r in rows]), ratio
+        )
         return TopK(ids, logprobs)

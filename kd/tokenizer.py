@@ -19,6 +19,7 @@ Two rules copied from transformers (5.x, `TokenizersBackend`) so the ids agree:
   and the special tokens (`bos_token`, `eos_token`, ...) as variables.
 decode() does no `clean_up_tokenization_spaces`: transformers 5 skips it for BPE tokenizers too.
 """
+
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
@@ -31,7 +32,15 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import Tokenizer as Backend
 
 # The named special tokens transformers passes to chat templates (SPECIAL_TOKENS_ATTRIBUTES).
-SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+SPECIAL_TOKEN_NAMES = (
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+)
 
 
 class Tokenizer:
@@ -84,14 +93,18 @@ class Tokenizer:
         """Text of `ids`; special (control) tokens such as `<|im_end|>` dropped by default."""
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = False, **kwargs) -> str:
+    def apply_chat_template(
+        self, messages: list[dict], *, add_generation_prompt: bool = False, **kwargs
+    ) -> str:
         """Render a conversation to text, as transformers' `apply_chat_template(..., tokenize=False)`.
 
         Extra keyword arguments become template variables (e.g. `tools=[...]`, `enable_thinking=False`);
         they override the special-token variables of the same name, as in transformers.
         """
         if self.chat_template is None:
-            raise ValueError("tokenizer has no chat_template: add one to tokenizer_config.json or chat_template.jinja")
+            raise ValueError(
+                "tokenizer has no chat_template: add one to tokenizer_config.json or chat_template.jinja"
+            )
         if not messages:
             raise ValueError("cannot apply the chat template to an empty conversation")
         if self._compiled_template is None:
@@ -128,9 +141,17 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x, ensure_ascii: bool = False, indent: int | None = None, separators=None, sort_keys: bool = False) -> str:
+def _tojson(
+    x,
+    ensure_ascii: bool = False,
+    indent: int | None = None,
+    separators=None,
+    sort_keys: bool = False,
+) -> str:
     # jinja's own tojson escapes <, >, & for HTML, which would change rendered tool schemas.
-    return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+    return json.dumps(
+        x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:
@@ -182,5 +203,6 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
         eos = json.loads(generation_file.read_text(encoding="utf-8")).get("eos_token_id")
         extra_eos = [eos] if isinstance(eos, int) else list(eos or [])
 
-    return Tokenizer(backend, special_tokens=special_tokens, chat_template=chat_template, extra_eos_ids=extra_eos)
-
+    return Tokenizer(
+        backend, special_tokens=special_tokens, chat_template=chat_template, extra_eos_ids=extra_eos
+    )

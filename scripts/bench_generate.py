@@ -16,6 +16,7 @@ is also timed at bf16 batch 1 under that same switch.
 
 Prints a markdown table (docs/benchmarks.md, "## Generation", has the recorded one).
 """
+
 import argparse
 import os
 import platform
@@ -57,25 +58,41 @@ def copy_bandwidth(nbytes: int = 1 << 30, repeats: int = 5) -> float:
     return 2 * nbytes / best
 
 
-def ours(model, prompts: list[list[int]], new_tokens: int, pad_id: int) -> tuple[float, float, list[list[int]]]:
+def ours(
+    model, prompts: list[list[int]], new_tokens: int, pad_id: int
+) -> tuple[float, float, list[list[int]]]:
     """(tokens/s of wall time, tokens/s of process CPU time, new tokens) of kd's generate."""
     t0, c0 = time.perf_counter(), time.process_time()
-    out = generate(model, prompts, max_new_tokens=new_tokens, temperature=0.0, eos_token_ids=None, pad_id=pad_id)
+    out = generate(
+        model,
+        prompts,
+        max_new_tokens=new_tokens,
+        temperature=0.0,
+        eos_token_ids=None,
+        pad_id=pad_id,
+    )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert all(len(r) == new_tokens for r in out)
     return len(prompts) * new_tokens / wall, len(prompts) * new_tokens / cpu, out
 
 
-def theirs(model, prompts: list[list[int]], new_tokens: int, pad_id: int, *,
-           onednn: bool = True) -> tuple[float, float, list[list[int]]]:
+def theirs(
+    model, prompts: list[list[int]], new_tokens: int, pad_id: int, *, onednn: bool = True
+) -> tuple[float, float, list[list[int]]]:
     """The same for transformers.generate on the same left-padded batch (default dynamic cache)."""
     P = max(len(p) for p in prompts)
     ids = torch.tensor([[pad_id] * (P - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in prompts])
     t0, c0 = time.perf_counter(), time.process_time()
     with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=onednn):
-        out = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
-                             use_cache=True, pad_token_id=pad_id)
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            use_cache=True,
+            pad_token_id=pad_id,
+        )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     assert out.shape[1] == P + new_tokens
     return len(prompts) * new_tokens / wall, len(prompts) * new_tokens / cpu, out[:, P:].tolist()
@@ -96,24 +113,39 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="models/smollm2-135m-instruct")
     p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=2, help="runs of each measurement; the best counts")
-    p.add_argument("--dtypes", help="comma-separated from fp32, bf16; default fp32, plus bf16 where this CPU is "
-                   "faster in it (on an AVX2-only CPU bf16 is ~70x slower: kd.parallel.fast_dtype)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="runs of each measurement; the best counts"
+    )
+    p.add_argument(
+        "--dtypes",
+        help="comma-separated from fp32, bf16; default fp32, plus bf16 where this CPU is "
+        "faster in it (on an AVX2-only CPU bf16 is ~70x slower: kd.parallel.fast_dtype)",
+    )
     args = p.parse_args()
     fast_bf16 = fast_dtype(torch.device("cpu")) == torch.bfloat16
-    dtype_names = args.dtypes.split(",") if args.dtypes else ["fp32", *(["bf16"] if fast_bf16 else [])]
+    dtype_names = (
+        args.dtypes.split(",") if args.dtypes else ["fp32", *(["bf16"] if fast_bf16 else [])]
+    )
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     n = args.new_tokens
     hf_logging.disable_progress_bar()
 
     tok = load_tokenizer(args.model)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else min(tok.eos_token_ids)
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
-                          add_special_tokens=False) for q in QUESTIONS]
-    print(f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}; "
-          f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {n} new tokens, greedy, "
-          f"best of {args.repeats}", flush=True)
+    prompts = [
+        tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
+            add_special_tokens=False,
+        )
+        for q in QUESTIONS
+    ]
+    print(
+        f"# {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), load average {os.getloadavg()[0]:.1f}; "
+        f"prompts {min(map(len, prompts))}-{max(map(len, prompts))} tokens, {n} new tokens, greedy, "
+        f"best of {args.repeats}",
+        flush=True,
+    )
 
     rows = []  # (what, ours tokens/s, theirs tokens/s, ours / theirs in CPU time, same tokens)
     cached_fp32_b1 = None
@@ -129,7 +161,8 @@ def main() -> None:
             # Alternate the two and keep each one's best run: other processes on a shared
             # machine only ever slow a run down, so the best is the least disturbed.
             variants = [("", True)] + [(" (transformers with oneDNN off too)", False)] * (
-                (dtype_name, batch) == ("bf16", 1))
+                (dtype_name, batch) == ("bf16", 1)
+            )
             for label, onednn in variants:
                 ours_tps = ours_cpu = theirs_tps = theirs_cpu = 0.0
                 for _ in range(args.repeats):
@@ -138,19 +171,33 @@ def main() -> None:
                     tps, cpu, theirs_out = theirs(hf, batch_prompts, n, pad_id, onednn=onednn)
                     theirs_tps, theirs_cpu = max(theirs_tps, tps), max(theirs_cpu, cpu)
                 same = sum(a == b for a, b in zip(ours_out, theirs_out))
-                rows.append((f"{dtype_name}, batch {batch}{label}", ours_tps, theirs_tps, ours_cpu / theirs_cpu,
-                             f"{same}/{batch}"))
-                print(f"{rows[-1][0]}: ours {ours_tps:.1f}, transformers {theirs_tps:.1f} tokens/s", flush=True)
+                rows.append(
+                    (
+                        f"{dtype_name}, batch {batch}{label}",
+                        ours_tps,
+                        theirs_tps,
+                        ours_cpu / theirs_cpu,
+                        f"{same}/{batch}",
+                    )
+                )
+                print(
+                    f"{rows[-1][0]}: ours {ours_tps:.1f}, transformers {theirs_tps:.1f} tokens/s",
+                    flush=True,
+                )
             if (dtype_name, batch) == ("fp32", 1):
                 cached_fp32_b1 = ours_tps
-                uncached_tps = max(uncached(model, batch_prompts[0], n) for _ in range(args.repeats))
+                uncached_tps = max(
+                    uncached(model, batch_prompts[0], n) for _ in range(args.repeats)
+                )
                 print(f"fp32, batch 1, uncached: {uncached_tps:.1f} tokens/s", flush=True)
         del model, hf
 
     bandwidth = copy_bandwidth()
     print(f"\n# load average at the end {os.getloadavg()[0]:.1f}")
-    print("\n| greedy, batch | kd tokens/s | transformers tokens/s | kd / transformers | same, CPU time "
-          "| same tokens |")
+    print(
+        "\n| greedy, batch | kd tokens/s | transformers tokens/s | kd / transformers | same, CPU time "
+        "| same tokens |"
+    )
     print("| --- | ---: | ---: | ---: | ---: | ---: |")
     for what, a, b, cpu_ratio, same in rows:
         print(f"| {what} | {a:.1f} | {b:.1f} | {a / b:.2f}x | {cpu_ratio:.2f}x | {same} |")
@@ -165,7 +212,9 @@ def main() -> None:
         if what.endswith("batch 1"):
             wb = weight_bytes[what.split(",")[0]]
             bound = bandwidth / wb
-            print(f"| {what.split(',')[0]} | {wb / 1e6:.0f} MB | {bound:.1f} | {a:.1f} | {a / bound:.0%} |")
+            print(
+                f"| {what.split(',')[0]} | {wb / 1e6:.0f} MB | {bound:.1f} | {a:.1f} | {a / bound:.0%} |"
+            )
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ Run:  .venv/bin/python scripts/bench_losses.py            # the issue's grid (sl
       .venv/bin/python scripts/bench_losses.py --tokens 4096 8192 --shapes 576x49152
       .venv/bin/python scripts/bench_losses.py --quick --topk 32    # a top-32 teacher cache
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,7 +45,9 @@ TEMPERATURE, ALPHA = 2.0, 0.5
 NAIVE_COPIES = 7  # live (N x V) fp32 buffers at the naive peak (measured: 6.5)
 
 
-def naive_loss(h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def naive_loss(
+    h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
     """The usual snippet: materialize both models' logits in fp32, then KL + CE over valid tokens."""
     logits = (h @ w.T).float()  # (N, V)
     with torch.no_grad():
@@ -54,7 +57,9 @@ def naive_loss(h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: torch.Ten
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || q) per token
     ce = F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")
     valid = labels != -100
-    return (ALPHA * TEMPERATURE**2 * (kl * valid).sum() + (1 - ALPHA) * (ce * valid).sum()) / valid.sum()
+    return (
+        ALPHA * TEMPERATURE**2 * (kl * valid).sum() + (1 - ALPHA) * (ce * valid).sum()
+    ) / valid.sum()
 
 
 def chunked_loss(h, w, th, tw, labels, *, chunk_size: int) -> torch.Tensor:
@@ -64,15 +69,27 @@ def chunked_loss(h, w, th, tw, labels, *, chunk_size: int) -> torch.Tensor:
     return loss
 
 
-def naive_topk_loss(h: torch.Tensor, w: torch.Tensor, teacher: TopK, labels: torch.Tensor) -> torch.Tensor:
+def naive_topk_loss(
+    h: torch.Tensor, w: torch.Tensor, teacher: TopK, labels: torch.Tensor
+) -> torch.Tensor:
     """kd's dense top-k loss: full fp32 student logits, autograd through `distillation_loss`."""
-    loss, _ = distillation_loss((h @ w.T).float(), teacher, labels, temperature=TEMPERATURE, alpha=ALPHA)
+    loss, _ = distillation_loss(
+        (h @ w.T).float(), teacher, labels, temperature=TEMPERATURE, alpha=ALPHA
+    )
     return loss
 
 
 def chunked_topk_loss(h, w, teacher: TopK, labels, *, chunk_size: int) -> torch.Tensor:
     loss, _ = chunked_distillation_loss(
-        h, w, None, None, labels, chunk_size=chunk_size, teacher_logits=teacher, temperature=TEMPERATURE, alpha=ALPHA
+        h,
+        w,
+        None,
+        None,
+        labels,
+        chunk_size=chunk_size,
+        teacher_logits=teacher,
+        temperature=TEMPERATURE,
+        alpha=ALPHA,
     )
     return loss
 
@@ -80,7 +97,8 @@ def chunked_topk_loss(h, w, teacher: TopK, labels, *, chunk_size: int) -> torch.
 def topk_teacher(th: torch.Tensor, tw: torch.Tensor, k: int) -> TopK:
     """The teacher's top-k log-probs at T, as a cache holds them; 256 rows at a time (small peak)."""
     parts = [
-        torch.log_softmax(th[i : i + 256] @ tw.T / TEMPERATURE, -1).topk(k, dim=-1) for i in range(0, th.shape[0], 256)
+        torch.log_softmax(th[i : i + 256] @ tw.T / TEMPERATURE, -1).topk(k, dim=-1)
+        for i in range(0, th.shape[0], 256)
     ]
     return TopK(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]))
 
@@ -96,16 +114,26 @@ def make_inputs(n: int, hidden: int, vocab: int, device: str) -> tuple[torch.Ten
     return h, w, th, tw, labels.to(device)
 
 
-def run_one(impl: str, n: int, hidden: int, vocab: int, chunk_size: int, device: str, topk: int = 0) -> dict[str, float]:
+def run_one(
+    impl: str, n: int, hidden: int, vocab: int, chunk_size: int, device: str, topk: int = 0
+) -> dict[str, float]:
     """Measure one case in this (fresh) process; topk > 0: a top-k teacher cache instead of the head."""
     if topk:
-        fn = naive_topk_loss if impl == "naive" else (lambda *a: chunked_topk_loss(*a, chunk_size=chunk_size))
+        fn = (
+            naive_topk_loss
+            if impl == "naive"
+            else (lambda *a: chunked_topk_loss(*a, chunk_size=chunk_size))
+        )
     else:
         fn = naive_loss if impl == "naive" else (lambda *a: chunked_loss(*a, chunk_size=chunk_size))
 
     def inputs_of(n: int, vocab: int) -> tuple:
         h, w, th, tw, labels = make_inputs(n, hidden, vocab, device)
-        return (h, w, topk_teacher(th, tw, min(topk, vocab)), labels) if topk else (h, w, th, tw, labels)
+        return (
+            (h, w, topk_teacher(th, tw, min(topk, vocab)), labels)
+            if topk
+            else (h, w, th, tw, labels)
+        )
 
     small = inputs_of(64, 512)
     fn(*small).backward()  # warm-up: kernels, allocator, lazy imports
@@ -137,19 +165,32 @@ def _times(result: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
-    parser.add_argument("--shapes", nargs="+", default=["576x49152", "2048x128256"], help="HIDDENxVOCAB")
+    parser.add_argument(
+        "--shapes", nargs="+", default=["576x49152", "2048x128256"], help="HIDDENxVOCAB"
+    )
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--max-naive-gib", type=float, default=10.0, help="skip naive cases estimated above this")
-    parser.add_argument("--quick", action="store_true", help="one small case (1024 tokens, 576x49152)")
     parser.add_argument(
-        "--topk", type=int, default=0, help="teacher as its cached top-K log-probs (e.g. 32); 0: the dense head"
+        "--max-naive-gib", type=float, default=10.0, help="skip naive cases estimated above this"
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="one small case (1024 tokens, 576x49152)"
+    )
+    parser.add_argument(
+        "--topk",
+        type=int,
+        default=0,
+        help="teacher as its cached top-K log-probs (e.g. 32); 0: the dense head",
     )
     parser.add_argument("--run-one", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run_one:
         impl, n, hidden, vocab, chunk, device, topk = args.run_one
-        print(json.dumps(run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device, int(topk))))
+        print(
+            json.dumps(
+                run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device, int(topk))
+            )
+        )
         return
     if args.quick:
         args.tokens, args.shapes = [1024], ["576x49152"]
@@ -174,12 +215,25 @@ def main() -> None:
                 if impl == "naive" and estimate_gib > args.max_naive_gib:
                     result[impl] = None
                     continue
-                cmd = [sys.executable, __file__, "--run-one", impl, str(n), str(hidden), str(vocab), str(args.chunk_size), args.device, str(args.topk)]
+                cmd = [
+                    sys.executable,
+                    __file__,
+                    "--run-one",
+                    impl,
+                    str(n),
+                    str(hidden),
+                    str(vocab),
+                    str(args.chunk_size),
+                    args.device,
+                    str(args.topk),
+                ]
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
                 result[impl] = json.loads(out.strip().splitlines()[-1])
             naive, chunked = result["naive"], result["chunked"]
             if naive is None:
-                print(f"| {n} | {hidden} | {vocab} | skipped (~{estimate_gib:.0f} GiB) | {chunked['peak_mib']:.0f} | - | - | {_times(chunked)} | - |")
+                print(
+                    f"| {n} | {hidden} | {vocab} | skipped (~{estimate_gib:.0f} GiB) | {chunked['peak_mib']:.0f} | - | - | {_times(chunked)} | - |"
+                )
             else:
                 print(
                     f"| {n} | {hidden} | {vocab} | {naive['peak_mib']:.0f} | {chunked['peak_mib']:.0f} | "

@@ -18,6 +18,7 @@ too big for one device fits on N, and the ranks take the cache's shards in round
 byte-identical to a one-process run's, and a run may be resumed with another number of ranks.
 A plain `python scripts/cache_teacher.py` is a world of one and runs the same code.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,13 @@ def _progress(total: int, tokens_per_example: float) -> Callable[[int], None]:
         rate = (done - resumed_at[0]) / elapsed if elapsed > 0 else 0.0
         eta = (total - done) / rate if rate > 0 else float("nan")
         bar = "#" * int(30 * done / total)
-        print(f"\r[{bar:<30}] {done}/{total} examples, {rate * tokens_per_example:.0f} tokens/s, "
-              f"{eta:.0f} s left", end="", file=sys.stderr, flush=True)
+        print(
+            f"\r[{bar:<30}] {done}/{total} examples, {rate * tokens_per_example:.0f} tokens/s, "
+            f"{eta:.0f} s left",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
 
     return show
 
@@ -61,15 +67,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--teacher", required=True, help="teacher HF directory")
     parser.add_argument("--data", required=True, help="training JSONL file (as given to train.py)")
     parser.add_argument("--out", required=True, help="cache directory to write (or resume)")
-    parser.add_argument("--top-k", type=int, required=True, help="tokens kept per position, e.g. 32")
+    parser.add_argument(
+        "--top-k", type=int, required=True, help="tokens kept per position, e.g. 32"
+    )
     parser.add_argument("--seq-len", type=int, default=512, help="train.py's seq_len")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's)")
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of log-probs")
-    parser.add_argument("--temperature", type=float, default=1.0, help="temperature of the cached log-probs")
-    parser.add_argument("--teacher-dtype", default="auto", choices=["auto", *sorted(parallel.DTYPES)],
-                        help="auto: bf16 on a GPU or where this CPU is faster in it, else fp32")
+    parser.add_argument(
+        "--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of log-probs"
+    )
+    parser.add_argument(
+        "--temperature", type=float, default=1.0, help="temperature of the cached log-probs"
+    )
+    parser.add_argument(
+        "--teacher-dtype",
+        default="auto",
+        choices=["auto", *sorted(parallel.DTYPES)],
+        help="auto: bf16 on a GPU or where this CPU is faster in it, else fp32",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward")
-    parser.add_argument("--examples-per-shard", type=int, default=4096, help="examples per shard file")
+    parser.add_argument(
+        "--examples-per-shard", type=int, default=4096, help="examples per shard file"
+    )
     parser.add_argument("--max-shards", type=int, help="stop after writing this many new shards")
     args = parser.parse_args(argv)
     world = parallel.init_distributed()
@@ -82,14 +100,24 @@ def main(argv: list[str] | None = None) -> None:
         say(stats, file=sys.stderr)
         config = load_config(args.teacher)
         spec = CacheSpec(
-            tokenizer_fingerprint=tokenizer.fingerprint(), data_sha256=file_sha256(args.data),
-            seq_len=args.seq_len, teacher_config_sha256=config_sha256(args.teacher),
-            vocab_size=config.vocab_size, num_examples=len(examples), k=args.top_k, dtype=args.dtype,
-            temperature=args.temperature, examples_per_shard=args.examples_per_shard,
+            tokenizer_fingerprint=tokenizer.fingerprint(),
+            data_sha256=file_sha256(args.data),
+            seq_len=args.seq_len,
+            teacher_config_sha256=config_sha256(args.teacher),
+            vocab_size=config.vocab_size,
+            num_examples=len(examples),
+            k=args.top_k,
+            dtype=args.dtype,
+            temperature=args.temperature,
+            examples_per_shard=args.examples_per_shard,
         )
         if not 1 <= args.top_k <= config.vocab_size:
-            raise ValueError(f"--top-k {args.top_k} must be in 1..{config.vocab_size} (the teacher's vocabulary)")
-        dtype = parallel.DTYPES[parallel.resolve_precision(args.teacher_dtype, world.device)]  # the same on all ranks
+            raise ValueError(
+                f"--top-k {args.top_k} must be in 1..{config.vocab_size} (the teacher's vocabulary)"
+            )
+        dtype = parallel.DTYPES[
+            parallel.resolve_precision(args.teacher_dtype, world.device)
+        ]  # the same on all ranks
 
         def on_meta() -> Transformer:  # shapes only: memory comes after sharding
             with torch.device("meta"):
@@ -100,19 +128,37 @@ def main(argv: list[str] | None = None) -> None:
         teacher = on_meta()
         parallel.shard_teacher(teacher, compile=False)
         teacher.to_empty(device=world.device)
-        parallel.load_full_state_dict(teacher, parallel.run_on_rank0(lambda: check_state_dict(
-            load_state_dict(args.teacher, dtype=dtype), on_meta(), args.teacher)))
+        parallel.load_full_state_dict(
+            teacher,
+            parallel.run_on_rank0(
+                lambda: check_state_dict(
+                    load_state_dict(args.teacher, dtype=dtype), on_meta(), args.teacher
+                )
+            ),
+        )
         info = {"teacher": str(args.teacher), "data": str(args.data)}
         progress = _progress(len(examples), stats.tokens / len(examples)) if world.is_main else None
-        complete = write_cache(args.out, teacher, examples, spec, batch_size=args.batch_size,
-                               max_shards=args.max_shards, info=info, on_batch=progress,
-                               rank=world.rank, world_size=world.world_size)
+        complete = write_cache(
+            args.out,
+            teacher,
+            examples,
+            spec,
+            batch_size=args.batch_size,
+            max_shards=args.max_shards,
+            info=info,
+            on_batch=progress,
+            rank=world.rank,
+            world_size=world.world_size,
+        )
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     finally:
         parallel.shutdown()
     say(file=sys.stderr)
-    say(f"{args.out}: {'complete' if complete else 'partial: run again to continue'}", file=sys.stderr)
+    say(
+        f"{args.out}: {'complete' if complete else 'partial: run again to continue'}",
+        file=sys.stderr,
+    )
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ exists, so an interrupted comparison resumes. docs/results.md gets the demo's ta
 runs/demo/eval/) and this comparison, with the settings and the machine; `--methods ""`
 writes the demo's section alone.
 """
+
 import argparse
 import json
 import sys
@@ -39,23 +40,52 @@ METHODS = {
     "forward_kl": ["--loss=forward_kl", "--alpha=1.0"],
     "reverse_kl": ["--loss=reverse_kl", "--alpha=1.0"],
     "jsd": ["--loss=jsd", "--alpha=1.0", "--beta=0.5"],
-    "gkd": ["--method=gkd", "--loss=jsd", "--alpha=1.0", "--beta=0.5", "--lmbda=1.0", "--max_new_tokens=64"],
+    "gkd": [
+        "--method=gkd",
+        "--loss=jsd",
+        "--alpha=1.0",
+        "--beta=0.5",
+        "--lmbda=1.0",
+        "--max_new_tokens=64",
+    ],
 }
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="Other --key=value arguments override "
-                                "configs/demo.toml settings of train.py for every method.")
-    p.add_argument("--out", type=Path, default=Path("runs/compare"), help="run directory (default runs/compare)")
-    p.add_argument("--demo", type=Path, default=Path("runs/demo"), help="the demo's run directory (data, eval)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Other --key=value arguments override "
+        "configs/demo.toml settings of train.py for every method.",
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/compare"),
+        help="run directory (default runs/compare)",
+    )
+    p.add_argument(
+        "--demo", type=Path, default=Path("runs/demo"), help="the demo's run directory (data, eval)"
+    )
     p.add_argument("--teacher", default="models/smollm2-135m-instruct", help="teacher HF directory")
-    p.add_argument("--config", type=Path, default=ROOT.parent / "configs/demo.toml", help="train.py settings")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated, from: "
-                   + ", ".join(METHODS))
-    p.add_argument("--results", type=Path, default=ROOT.parent / "docs/results.md", help="markdown file to write")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer (as make demo)")
+    p.add_argument(
+        "--config", type=Path, default=ROOT.parent / "configs/demo.toml", help="train.py settings"
+    )
+    p.add_argument(
+        "--methods", default=",".join(METHODS), help="comma-separated, from: " + ", ".join(METHODS)
+    )
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=ROOT.parent / "docs/results.md",
+        help="markdown file to write",
+    )
+    p.add_argument(
+        "--max-new-tokens", type=int, default=64, help="longest greedy answer (as make demo)"
+    )
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
-    p.add_argument("--note", default="", help="a sentence on the conditions of the run, for the results file")
+    p.add_argument(
+        "--note", default="", help="a sentence on the conditions of the run, for the results file"
+    )
     args, rest = p.parse_known_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in args.methods if m not in METHODS]
@@ -63,37 +93,53 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
     bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
     if bad:
-        raise ValueError(f"unexpected argument {bad[0]!r}: train.py settings are given as --key=value")
+        raise ValueError(
+            f"unexpected argument {bad[0]!r}: train.py settings are given as --key=value"
+        )
     for name in ("train.jsonl", "heldout.jsonl"):
         if not (args.demo / "data" / name).is_file():
-            raise FileNotFoundError(f"{args.demo / 'data' / name} not found: run `make demo` first (its stages 1-2 "
-                                    "write the teacher's answers), or pass --demo DIR")
+            raise FileNotFoundError(
+                f"{args.demo / 'data' / name} not found: run `make demo` first (its stages 1-2 "
+                "write the teacher's answers), or pass --demo DIR"
+            )
     return args, rest
 
 
-def method_args(args: argparse.Namespace, method: str, overrides: list[str], precision: str) -> list[str]:
+def method_args(
+    args: argparse.Namespace, method: str, overrides: list[str], precision: str
+) -> list[str]:
     """train.py's arguments for one method, in demo.train_args' order: config, paths, method, overrides."""
     demo_args = argparse.Namespace(config=args.config, teacher=args.teacher, out=args.demo)
     common = demo.train_args(demo_args, [], precision)
     return [*common, f"--out={args.out / method}", *METHODS[method], *overrides]
 
 
-def settings_lines(cfg: TrainConfig, args: argparse.Namespace, n_train: int, n_heldout: int) -> list[str]:
+def settings_lines(
+    cfg: TrainConfig, args: argparse.Namespace, n_train: int, n_heldout: int
+) -> list[str]:
     """The settings every row of a table shares, as markdown list items."""
-    return [f"- student: teacher layers {list(cfg.student_layers)} of {Path(cfg.teacher[0]).name}",
-            f"- data: the teacher's greedy answers to {n_train} training prompts ({args.demo / 'data'}); "
-            f"evaluation on {n_heldout} held-out prompts and the teacher's greedy answers to them",
-            f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples, seq_len {cfg.seq_len}, "
-            f"lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to {cfg.min_lr}), weight decay {cfg.weight_decay}, "
-            f"precision {cfg.precision}, seed {cfg.seed}"]
+    return [
+        f"- student: teacher layers {list(cfg.student_layers)} of {Path(cfg.teacher[0]).name}",
+        f"- data: the teacher's greedy answers to {n_train} training prompts ({args.demo / 'data'}); "
+        f"evaluation on {n_heldout} held-out prompts and the teacher's greedy answers to them",
+        f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples, seq_len {cfg.seq_len}, "
+        f"lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to {cfg.min_lr}), weight decay {cfg.weight_decay}, "
+        f"precision {cfg.precision}, seed {cfg.seed}",
+    ]
 
 
 def read(path: Path) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def run_methods(args: argparse.Namespace, configs: dict[str, TrainConfig], overrides: list[str], *,
-                device: torch.device, precision: str) -> tuple[dict[str, dict], dict[str, float]]:
+def run_methods(
+    args: argparse.Namespace,
+    configs: dict[str, TrainConfig],
+    overrides: list[str],
+    *,
+    device: torch.device,
+    precision: str,
+) -> tuple[dict[str, dict], dict[str, float]]:
     """Train and evaluate each method (skipping what is done); the table's rows and training seconds."""
     dtype = DTYPES[precision]
     tokenizer = load_tokenizer(args.teacher)
@@ -107,20 +153,43 @@ def run_methods(args: argparse.Namespace, configs: dict[str, TrainConfig], overr
         if not (run / "final").exists():
             resume = ["--resume=true"] if checkpoint.complete_checkpoints(run) else []
             t0 = time.perf_counter()
-            demo.run_child([sys.executable, str(ROOT.parent / "train.py"),
-                            *method_args(args, method, overrides, precision), *resume])
+            demo.run_child(
+                [
+                    sys.executable,
+                    str(ROOT.parent / "train.py"),
+                    *method_args(args, method, overrides, precision),
+                    *resume,
+                ]
+            )
             seconds[method] = time.perf_counter() - t0
-            if not (run / "final").is_dir():  # train.py stops early, with a checkpoint, on a SIGTERM
-                raise demo.ChildFailed(f"train.py stopped early for {method}; run again to resume it")
+            if not (
+                run / "final"
+            ).is_dir():  # train.py stops early, with a checkpoint, on a SIGTERM
+                raise demo.ChildFailed(
+                    f"train.py stopped early for {method}; run again to resume it"
+                )
         if not (args.out / f"{method}.json").exists():
             student = demo.for_eval(hf.load_model(run / "final", dtype=dtype), device, dtype)
             demo.evaluate_stage(method, student, teacher, tokenizer, eval_set, args.out, eval_args)
-    for name, model in (("student_before", lambda: demo.student_before(next(iter(configs.values())))),
-                        ("teacher", lambda: teacher)):
+    for name, model in (
+        ("student_before", lambda: demo.student_before(next(iter(configs.values())))),
+        ("teacher", lambda: teacher),
+    ):
         if not (args.out / f"{name}.json").exists():
-            demo.evaluate_stage(name, demo.for_eval(model(), device, dtype), teacher, tokenizer, eval_set, args.out,
-                                eval_args, answers=eval_set.references if name == "teacher" else None)
-    rows = {"teacher": read(args.out / "teacher.json"), "student before": read(args.out / "student_before.json")}
+            demo.evaluate_stage(
+                name,
+                demo.for_eval(model(), device, dtype),
+                teacher,
+                tokenizer,
+                eval_set,
+                args.out,
+                eval_args,
+                answers=eval_set.references if name == "teacher" else None,
+            )
+    rows = {
+        "teacher": read(args.out / "teacher.json"),
+        "student before": read(args.out / "student_before.json"),
+    }
     return rows | {m: read(args.out / f"{m}.json") for m in configs}, seconds
 
 
@@ -128,31 +197,69 @@ def main(argv: list[str]) -> None:
     args, overrides = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = fast_precision(device)
-    configs = {m: load_config(method_args(args, m, overrides, precision)) for m in args.methods}  # check all first
+    configs = {
+        m: load_config(method_args(args, m, overrides, precision)) for m in args.methods
+    }  # check all first
     args.out.mkdir(parents=True, exist_ok=True)
-    rows, seconds = run_methods(args, configs, overrides, device=device, precision=precision) if configs else ({}, {})
+    rows, seconds = (
+        run_methods(args, configs, overrides, device=device, precision=precision)
+        if configs
+        else ({}, {})
+    )
 
     n_train = len((args.demo / "data" / "train.jsonl").read_text().splitlines())
     n_heldout = len((args.demo / "data" / "heldout.jsonl").read_text().splitlines())
     metrics_note = demo.metrics_note(n_heldout)
-    lines = ["# Results", "", f"Machine: {describe_machine(device)}." + (f" {args.note}" if args.note else ""), ""]
+    lines = [
+        "# Results",
+        "",
+        f"Machine: {describe_machine(device)}." + (f" {args.note}" if args.note else ""),
+        "",
+    ]
     demo_evals = args.demo / "eval"
     names = ("teacher", "student_before", "student_after")
     if all((demo_evals / f"{n}.json").is_file() for n in names):
         demo_rows = {n.replace("_", " "): read(demo_evals / f"{n}.json") for n in names}
-        demo_cfg = load_config([f"--config={args.demo / 'train' / 'train_config.toml'}"])  # as train.py ran it
+        demo_cfg = load_config(
+            [f"--config={args.demo / 'train' / 'train_config.toml'}"]
+        )  # as train.py ran it
         verdict, _ = demo.verdict(demo_rows["student before"], demo_rows["student after"])
-        lines += ["## make demo", "", f"{demo_cfg.loss} (alpha {demo_cfg.alpha}) on the teacher's answers; full "
-                  f"report in {args.demo / 'report.md'}.", "", *settings_lines(demo_cfg, args, n_train, n_heldout),
-                  "", format_table(demo_rows), "", metrics_note, "", *verdict, ""]
+        lines += [
+            "## make demo",
+            "",
+            f"{demo_cfg.loss} (alpha {demo_cfg.alpha}) on the teacher's answers; full "
+            f"report in {args.demo / 'report.md'}.",
+            "",
+            *settings_lines(demo_cfg, args, n_train, n_heldout),
+            "",
+            format_table(demo_rows),
+            "",
+            metrics_note,
+            "",
+            *verdict,
+            "",
+        ]
     if configs:
-        lines += ["## Methods at equal steps and data", "", "Made by `scripts/compare_methods.py`. Every method "
-                  "starts from the same student and sees the same batches in the same order; alpha = 1 (no "
-                  "cross-entropy mixed in) except SFT, which is cross-entropy only.", "",
-                  *settings_lines(next(iter(configs.values())), args, n_train, n_heldout), "", format_table(rows),
-                  "", metrics_note]
+        lines += [
+            "## Methods at equal steps and data",
+            "",
+            "Made by `scripts/compare_methods.py`. Every method "
+            "starts from the same student and sees the same batches in the same order; alpha = 1 (no "
+            "cross-entropy mixed in) except SFT, which is cross-entropy only.",
+            "",
+            *settings_lines(next(iter(configs.values())), args, n_train, n_heldout),
+            "",
+            format_table(rows),
+            "",
+            metrics_note,
+        ]
     if seconds:
-        lines += ["", "Training wall time this run: " + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items()) + "."]
+        lines += [
+            "",
+            "Training wall time this run: "
+            + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())
+            + ".",
+        ]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(("\n" + format_table(rows) if rows else "") + f"\nwrote {args.results}")

@@ -10,6 +10,7 @@ table (kd/evaluate.py): token-level KL to the teacher and perplexity on the teac
 responses, top-1 agreement, Rouge-L F1 of the model's greedy answer against the teacher's,
 generation tokens/s. --output FILE.json also saves the numbers and the model's answers.
 """
+
 import argparse
 import json
 import sys
@@ -28,20 +29,37 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", required=True, type=Path, help="HF directory of the model to evaluate")
-    p.add_argument("--teacher", required=True, type=Path, help="HF directory of the teacher (its tokenizer is used)")
-    p.add_argument("--data", required=True, type=Path, help="JSONL of prompts with the teacher's responses")
+    p.add_argument(
+        "--model", required=True, type=Path, help="HF directory of the model to evaluate"
+    )
+    p.add_argument(
+        "--teacher",
+        required=True,
+        type=Path,
+        help="HF directory of the teacher (its tokenizer is used)",
+    )
+    p.add_argument(
+        "--data", required=True, type=Path, help="JSONL of prompts with the teacher's responses"
+    )
     p.add_argument("--max-new-tokens", type=int, default=128, help="longest greedy answer")
     p.add_argument("--batch-size", type=int, default=32, help="prompts per generation batch")
-    p.add_argument("--dtype", choices=["auto", *DTYPES], default="auto",
-                   help="auto: bf16 on a GPU or where this CPU is faster in it, else fp32")
-    p.add_argument("--output", type=Path, help="also write the metrics and answers to this JSON file")
+    p.add_argument(
+        "--dtype",
+        choices=["auto", *DTYPES],
+        default="auto",
+        help="auto: bf16 on a GPU or where this CPU is faster in it, else fp32",
+    )
+    p.add_argument(
+        "--output", type=Path, help="also write the metrics and answers to this JSON file"
+    )
     args = p.parse_args(argv)
     if args.max_new_tokens < 1 or args.batch_size < 1:
         raise ValueError("--max-new-tokens and --batch-size must be >= 1")
     for name in ("model", "teacher"):
         if not (getattr(args, name) / "config.json").is_file():
-            raise FileNotFoundError(f"--{name} {getattr(args, name)}: no config.json there; give an HF model directory")
+            raise FileNotFoundError(
+                f"--{name} {getattr(args, name)}: no config.json there; give an HF model directory"
+            )
     return args
 
 
@@ -51,27 +69,48 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = fast_dtype(device) if args.dtype == "auto" else DTYPES[args.dtype]
         tokenizer = load_tokenizer(args.teacher)
-        if (args.model / "tokenizer.json").is_file() and \
-                load_tokenizer(args.model).fingerprint() != tokenizer.fingerprint():
-            raise ValueError(f"the tokenizer of {args.model} differs from the teacher's: token-level metrics "
-                             "need one vocabulary")
+        if (args.model / "tokenizer.json").is_file() and load_tokenizer(
+            args.model
+        ).fingerprint() != tokenizer.fingerprint():
+            raise ValueError(
+                f"the tokenizer of {args.model} differs from the teacher's: token-level metrics "
+                "need one vocabulary"
+            )
         eval_set = load_eval_set(args.data, tokenizer)
 
         def load(path: Path) -> torch.nn.Module:
-            return load_model(path, dtype=dtype).to(device).decode_layout().eval().requires_grad_(False)
+            return (
+                load_model(path, dtype=dtype)
+                .to(device)
+                .decode_layout()
+                .eval()
+                .requires_grad_(False)
+            )
 
         teacher = load(args.teacher)
         model = teacher if args.model.resolve() == args.teacher.resolve() else load(args.model)
-        print(f"evaluating {args.model} against {args.teacher} on {len(eval_set.prompts)} prompts of {args.data} "
-              f"({describe_machine(device)}, {str(dtype).removeprefix('torch.')})", file=sys.stderr)
-        metrics = evaluate(model, tokenizer, eval_set, teacher=teacher, max_new_tokens=args.max_new_tokens,
-                           batch_size=args.batch_size, log=lambda s: print(s, file=sys.stderr, flush=True))
+        print(
+            f"evaluating {args.model} against {args.teacher} on {len(eval_set.prompts)} prompts of {args.data} "
+            f"({describe_machine(device)}, {str(dtype).removeprefix('torch.')})",
+            file=sys.stderr,
+        )
+        metrics = evaluate(
+            model,
+            tokenizer,
+            eval_set,
+            teacher=teacher,
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 1
     print(format_table({str(args.model): metrics}))
     if args.output is not None:
-        args.output.write_text(json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+        args.output.write_text(
+            json.dumps(metrics, indent=1, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
     return 0
 
 

@@ -24,6 +24,7 @@ What it undoes (GGUF format: github.com/ggml-org/ggml/blob/master/docs/gguf.md):
 The directory is written beside OUT_DIR under a temporary name and renamed into place, so an
 interrupted import never leaves a half-written OUT_DIR.
 """
+
 import argparse
 import json
 import re
@@ -38,7 +39,16 @@ import gguf
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    Tokenizer,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
 
@@ -56,7 +66,11 @@ LLAMA3_SPLIT = (
 )
 
 # GGUF tensor names -> HF names (per block: blk.{i}.NAME -> model.layers.{i}.HF_NAME).
-GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+GLOBAL_NAMES = {
+    "token_embd": "model.embed_tokens",
+    "output_norm": "model.norm",
+    "output": "lm_head",
+}
 BLOCK_NAMES = {
     "attn_q": "self_attn.q_proj",
     "attn_k": "self_attn.k_proj",
@@ -73,15 +87,23 @@ BLOCK_NAMES = {
 def read_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
     """Open a GGUF file; return the reader and its metadata as plain Python values."""
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file (run `make teacher` to download the default teacher)")
+        raise FileNotFoundError(
+            f"{path}: no such file (run `make teacher` to download the default teacher)"
+        )
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
-            raise ValueError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+            raise ValueError(
+                f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)"
+            )
     reader = gguf.GGUFReader(path)
-    meta = {key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")}
+    meta = {
+        key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")
+    }
     arch = meta.get("general.architecture")
     if arch not in HF_CLASSES:
-        raise ValueError(f"{path}: architecture {arch!r} is not supported (supported: {', '.join(HF_CLASSES)})")
+        raise ValueError(
+            f"{path}: architecture {arch!r} is not supported (supported: {', '.join(HF_CLASSES)})"
+        )
     return reader, meta
 
 
@@ -99,10 +121,14 @@ def hf_tensor_name(name: str) -> str:
             return f"model.layers.{match[1]}.{BLOCK_NAMES[match[2]]}.{kind}"
     elif base in GLOBAL_NAMES:
         return f"{GLOBAL_NAMES[base]}.{kind}"
-    raise ValueError(f"tensor {name!r} has no HF counterpart (rope scaling and other extras are not supported)")
+    raise ValueError(
+        f"tensor {name!r} has no HF counterpart (rope scaling and other extras are not supported)"
+    )
 
 
-def convert_weights(reader: gguf.GGUFReader, meta: dict[str, Any], *, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def convert_weights(
+    reader: gguf.GGUFReader, meta: dict[str, Any], *, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
     """Dequantize every tensor, rename it to HF and undo the llama Q/K permutation."""
     arch = meta["general.architecture"]
     n_head = meta[f"{arch}.attention.head_count"]
@@ -110,7 +136,9 @@ def convert_weights(reader: gguf.GGUFReader, meta: dict[str, Any], *, dtype: tor
     state = {}
     for i, tensor in enumerate(reader.tensors):
         # dequantize returns fp32 in torch's (out, in) order; tensor.shape is ggml's reversed order.
-        w = torch.from_numpy(np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+        w = torch.from_numpy(
+            np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        )
         name = hf_tensor_name(tensor.name)
         if arch == "llama" and ".self_attn.q_proj." in name:
             w = unpermute_rows(w, n_head)
@@ -122,7 +150,9 @@ def convert_weights(reader: gguf.GGUFReader, meta: dict[str, Any], *, dtype: tor
     return state
 
 
-def hf_config(meta: dict[str, Any], state: dict[str, torch.Tensor], *, dtype: torch.dtype) -> dict[str, Any]:
+def hf_config(
+    meta: dict[str, Any], state: dict[str, torch.Tensor], *, dtype: torch.dtype
+) -> dict[str, Any]:
     """config.json in the Hub's format (as SmolLM2's and Qwen2's own config.json files are)."""
     arch = meta["general.architecture"]
 
@@ -167,26 +197,38 @@ def hf_config(meta: dict[str, Any], state: dict[str, torch.Tensor], *, dtype: to
 
 def pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     """The HF pre-tokenizer for llama.cpp's tokenizer.ggml.pre name; unknown names raise."""
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)  # GPT-2's regex split
+    byte_level = pre_tokenizers.ByteLevel(
+        add_prefix_space=False, use_regex=True
+    )  # GPT-2's regex split
     if pre in ("default", "gpt-2"):
         return byte_level
     if pre == "smollm":  # every digit on its own, then GPT-2's split
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in ("qwen2", "llama-bpe"):  # own regex split, then bytes -> unicode symbols only
-        split = pre_tokenizers.Split(Regex(QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT), behavior="isolated")
-        return pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    raise ValueError(f"pre-tokenizer {pre!r} is not supported (supported: default, gpt-2, smollm, qwen2, llama-bpe)")
+        split = pre_tokenizers.Split(
+            Regex(QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT), behavior="isolated"
+        )
+        return pre_tokenizers.Sequence(
+            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
+        )
+    raise ValueError(
+        f"pre-tokenizer {pre!r} is not supported (supported: default, gpt-2, smollm, qwen2, llama-bpe)"
+    )
 
 
 def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """The byte-level BPE tokenizer.json described by the tokenizer.ggml.* metadata."""
     model = meta.get("tokenizer.ggml.model")
     if model != "gpt2":
-        raise ValueError(f"tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')")
+        raise ValueError(
+            f"tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')"
+        )
     tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
     vocab = {token: i for i, token in enumerate(tokens)}
     if len(vocab) != len(tokens):
-        raise ValueError("tokenizer.ggml.tokens has duplicate tokens; cannot build a BPE vocabulary")
+        raise ValueError(
+            "tokenizer.ggml.tokens has duplicate tokens; cannot build a BPE vocabulary"
+        )
     merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]  # "Ġ t" -> ("Ġ", "t")
     tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
     pre = meta.get("tokenizer.ggml.pre", "default")
@@ -196,19 +238,39 @@ def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     tok.decoder = decoders.ByteLevel()
 
     # Added tokens match before BPE runs; special ones are dropped by decode(skip_special_tokens).
-    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                            for t, kind in zip(tokens, types) if kind == CONTROL])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False)
-                    for t, kind in zip(tokens, types) if kind == USER_DEFINED])
+    tok.add_special_tokens(
+        [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(tokens, types)
+            if kind == CONTROL
+        ]
+    )
+    tok.add_tokens(
+        [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(tokens, types)
+            if kind == USER_DEFINED
+        ]
+    )
 
     # transformers 5 (and kd) add BOS/EOS from this post-processor alone, whatever
     # tokenizer_config.json says, so GGUF's add_bos_token / add_eos_token must live here.
-    bos = tokens[meta["tokenizer.ggml.bos_token_id"]] if meta.get("tokenizer.ggml.add_bos_token") else None
-    eos = tokens[meta["tokenizer.ggml.eos_token_id"]] if meta.get("tokenizer.ggml.add_eos_token") else None
+    bos = (
+        tokens[meta["tokenizer.ggml.bos_token_id"]]
+        if meta.get("tokenizer.ggml.add_bos_token")
+        else None
+    )
+    eos = (
+        tokens[meta["tokenizer.ggml.eos_token_id"]]
+        if meta.get("tokenizer.ggml.add_eos_token")
+        else None
+    )
     if bos or eos:
         single = (f"{bos}:0 " if bos else "") + "$A:0" + (f" {eos}:0" if eos else "")
         special = [(t, vocab[t]) for t in (bos, eos) if t]
-        tok.post_processor = processors.TemplateProcessing(single=single, pair=f"{single} $B:1", special_tokens=special)
+        tok.post_processor = processors.TemplateProcessing(
+            single=single, pair=f"{single} $B:1", special_tokens=special
+        )
     else:
         tok.post_processor = processors.ByteLevel(trim_offsets=False)
     return tok
@@ -217,8 +279,10 @@ def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
 def tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """tokenizer_config.json and generation_config.json from the GGUF's special-token metadata."""
     tokens = meta["tokenizer.ggml.tokens"]
-    ids = {role: meta.get(f"tokenizer.ggml.{key}_token_id") for role, key in
-           (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))}
+    ids = {
+        role: meta.get(f"tokenizer.ggml.{key}_token_id")
+        for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))
+    }
     chat_template = meta.get("tokenizer.chat_template")
     tokenizer_config = {
         # The generic fast tokenizer uses tokenizer.json as written; GPT2Tokenizer would
@@ -245,14 +309,19 @@ def tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return tokenizer_config, generation_config
 
 
-def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16) -> Path:
+def import_gguf(
+    gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16
+) -> Path:
     """Write the HF directory for `gguf_path` to `out_dir` (which must not exist yet)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists: remove it first to re-import")
     start = time.perf_counter()
     reader, meta = read_gguf(gguf_path)
-    print(f"import_gguf: {gguf_path} ({meta['general.architecture']}, {len(reader.tensors)} tensors)", flush=True)
+    print(
+        f"import_gguf: {gguf_path} ({meta['general.architecture']}, {len(reader.tensors)} tensors)",
+        flush=True,
+    )
     tokenizer = build_tokenizer(meta)
     state = convert_weights(reader, meta, dtype=dtype)
     config = hf_config(meta, state, dtype=dtype)
@@ -263,9 +332,14 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
     try:
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         tokenizer.save(str(tmp / "tokenizer.json"))
-        for name, content in (("config.json", config), ("tokenizer_config.json", tokenizer_config),
-                              ("generation_config.json", generation_config)):
-            (tmp / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        for name, content in (
+            ("config.json", config),
+            ("tokenizer_config.json", tokenizer_config),
+            ("generation_config.json", generation_config),
+        ):
+            (tmp / name).write_text(
+                json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
         tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
         for f in tmp.iterdir():
             f.chmod(0o644)
@@ -275,7 +349,9 @@ def import_gguf(gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtyp
         raise
     size_mb = sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20
     seconds = time.perf_counter() - start
-    print(f"import_gguf: wrote {out_dir} ({size_mb:.0f} MiB, {dtype}) in {seconds:.1f} s", flush=True)
+    print(
+        f"import_gguf: wrote {out_dir} ({size_mb:.0f} MiB, {dtype}) in {seconds:.1f} s", flush=True
+    )
     return out_dir
 
 
@@ -283,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("gguf", type=Path, help="input .gguf file")
     parser.add_argument("out_dir", type=Path, help="output HF directory (must not exist)")
-    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight dtype on disk")
+    parser.add_argument(
+        "--dtype", choices=("bfloat16", "float32"), default="bfloat16", help="weight dtype on disk"
+    )
     args = parser.parse_args(argv)
     try:
         import_gguf(args.gguf, args.out_dir, dtype=getattr(torch, args.dtype))

@@ -7,6 +7,7 @@ Left: training loss (solid) and its divergence / cross-entropy parts (dashed / d
 step. Right: held-out KL to the teacher and top-1 agreement. matplotlib is optional: without
 it the script prints the last values of each run instead and says how to get the figure.
 """
+
 import argparse
 import json
 import sys
@@ -25,7 +26,9 @@ def read_metrics(run: Path) -> tuple[list[dict], list[dict]]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="train.py output directories")
-    parser.add_argument("--out", type=Path, help="PNG to write (default: RUN/metrics.png of the first run)")
+    parser.add_argument(
+        "--out", type=Path, help="PNG to write (default: RUN/metrics.png of the first run)"
+    )
     args = parser.parse_args(argv)
     try:
         data = {run: read_metrics(run) for run in args.runs}
@@ -36,8 +39,12 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib
     except ImportError:
         for run, (train, evals) in data.items():
-            print(f"{run}: {json.dumps({**(train[-1] if train else {}), **(evals[-1] if evals else {})})}")
-        print("matplotlib is not installed (pip install matplotlib) for the figure", file=sys.stderr)
+            print(
+                f"{run}: {json.dumps({**(train[-1] if train else {}), **(evals[-1] if evals else {})})}"
+            )
+        print(
+            "matplotlib is not installed (pip install matplotlib) for the figure", file=sys.stderr
+        )
         return 0
     matplotlib.use("Agg")  # files only, no display needed
     import matplotlib.pyplot as plt
@@ -46,15 +53,30 @@ def main(argv: list[str] | None = None) -> int:
     twin = right.twinx()  # top-1 agreement, a fraction, on its own axis
     for run, (train, evals) in data.items():
         steps = [r["step"] for r in train]
-        line, = left.plot(steps, [r["loss"] for r in train], label=f"{run.name} loss")
+        (line,) = left.plot(steps, [r["loss"] for r in train], label=f"{run.name} loss")
         if train and "divergence" in train[0]:  # absent for loss = sft
-            left.plot(steps, [r["divergence"] for r in train], "--", color=line.get_color(), label=f"{run.name} divergence")
-        left.plot(steps, [r["ce"] for r in train], ":", color=line.get_color(), label=f"{run.name} CE")
+            left.plot(
+                steps,
+                [r["divergence"] for r in train],
+                "--",
+                color=line.get_color(),
+                label=f"{run.name} divergence",
+            )
+        left.plot(
+            steps, [r["ce"] for r in train], ":", color=line.get_color(), label=f"{run.name} CE"
+        )
         if evals:
             eval_steps = [r["step"] for r in evals]
-            line, = right.plot(eval_steps, [r["eval_kl"] for r in evals], "o-", label=f"{run.name} KL")
-            twin.plot(eval_steps, [r["eval_top1_agreement"] for r in evals], "s--", color=line.get_color(),
-                      label=f"{run.name} top-1")
+            (line,) = right.plot(
+                eval_steps, [r["eval_kl"] for r in evals], "o-", label=f"{run.name} KL"
+            )
+            twin.plot(
+                eval_steps,
+                [r["eval_top1_agreement"] for r in evals],
+                "s--",
+                color=line.get_color(),
+                label=f"{run.name} top-1",
+            )
     left.set(xlabel="step", ylabel="training loss (per token)", title="training")
     right.set(xlabel="step", ylabel="KL(teacher || student), nats/token (solid)", title="held-out")
     twin.set_ylabel("top-1 agreement with the teacher (dashed)")

@@ -2,6 +2,7 @@
 
 Run the suite with `make test` (it fetches the teacher first) or `.venv/bin/python -m pytest -q`.
 """
+
 from pathlib import Path
 
 import pytest

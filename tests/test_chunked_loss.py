@@ -14,6 +14,7 @@ logits; and which path each divergence and teacher form takes.
 
 Run: .venv/bin/python -m pytest -q tests/test_chunked_loss.py
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,11 @@ import pytest
 import torch
 
 import kd.chunked_loss
-from kd.chunked_loss import _analytic_loss_and_grad, _autograd_loss_and_grad, chunked_distillation_loss
+from kd.chunked_loss import (
+    _analytic_loss_and_grad,
+    _autograd_loss_and_grad,
+    chunked_distillation_loss,
+)
 from kd.losses import TopK, distillation_loss
 
 N, H, HT, V = 37, 8, 12, 50  # 37 tokens: a prime, so most chunk sizes leave a ragged last chunk
@@ -60,8 +65,15 @@ def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) 
 
 def analytic_options(divergence: str, temperature: float, alpha: float) -> dict:
     """The options dict `_analytic_loss_and_grad` takes, for one divergence, T and alpha."""
-    return dict(divergence=divergence, temperature=temperature, alpha=alpha, ignore_index=-100, teacher_weights=None,
-                teacher_mixture="probs", tokenizer_vocab_size=None)
+    return dict(
+        divergence=divergence,
+        temperature=temperature,
+        alpha=alpha,
+        ignore_index=-100,
+        teacher_weights=None,
+        teacher_mixture="probs",
+        tokenizer_vocab_size=None,
+    )
 
 
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 100])
@@ -70,9 +82,15 @@ def test_chunked_equals_dense(name, kw, chunk_size):
     h, w, th, tw, labels = tensors()
     opts = dict(divergence=name, temperature=2.0, alpha=0.7, **kw)
     dense, dense_metrics = distillation_loss(h @ w.T, th @ tw.T, labels, **opts)
-    chunked, metrics = chunked_distillation_loss(h, w, th, tw, labels, chunk_size=chunk_size, **opts)
+    chunked, metrics = chunked_distillation_loss(
+        h, w, th, tw, labels, chunk_size=chunk_size, **opts
+    )
     # float64 throughout; only the order of summation over chunks differs.
-    assert_close([chunked, metrics["divergence"], metrics["ce"]], [dense, dense_metrics["divergence"], dense_metrics["ce"]], 1e-12)
+    assert_close(
+        [chunked, metrics["divergence"], metrics["ce"]],
+        [dense, dense_metrics["divergence"], dense_metrics["ce"]],
+        1e-12,
+    )
     assert_close(grads(chunked, h, w), grads(dense, h, w), 1e-12)
 
 
@@ -84,25 +102,38 @@ def test_teacher_forms():
     padded = torch.cat([tw, torch.randn(6, HT, dtype=torch.float64)])  # 6 padding rows
     cases = [  # (chunked arguments, dense teacher, extra options)
         ((None, None), {"teacher_logits": th @ tw.T}, th @ tw.T, {}),
-        ((None, None), {"teacher_logits": TopK(top.indices, top.values)}, TopK(top.indices, top.values), {}),
+        (
+            (None, None),
+            {"teacher_logits": TopK(top.indices, top.values)},
+            TopK(top.indices, top.values),
+            {},
+        ),
         (([th, th2], [tw, tw2]), {}, [th @ tw.T, th2 @ tw2.T], {"teacher_weights": [0.3, 0.7]}),
         (([th, th2], [tw, tw2]), {}, [th @ tw.T, th2 @ tw2.T], {"teacher_mixture": "logits"}),
         ((th, padded), {}, th @ padded.T, {"tokenizer_vocab_size": V - 2}),
     ]
     for (t_hidden, t_weight), teacher_kw, dense_teacher, opts in cases:
         dense, _ = distillation_loss(h @ w.T, dense_teacher, labels, temperature=2.0, **opts)
-        chunked, _ = chunked_distillation_loss(h, w, t_hidden, t_weight, labels, chunk_size=8, temperature=2.0, **teacher_kw, **opts)
-        assert_close([chunked] + grads(chunked, h, w), [dense] + grads(dense, h, w), 1e-12)  # float64
+        chunked, _ = chunked_distillation_loss(
+            h, w, t_hidden, t_weight, labels, chunk_size=8, temperature=2.0, **teacher_kw, **opts
+        )
+        assert_close(
+            [chunked] + grads(chunked, h, w), [dense] + grads(dense, h, w), 1e-12
+        )  # float64
     # (B, T, H) hidden states and (B, T) labels are flattened inside; grads keep the shape.
     dense, _ = distillation_loss(h @ w.T, th @ tw.T, labels)
-    chunked, _ = chunked_distillation_loss(h.reshape(1, N, H), w, th.reshape(1, N, HT), tw, labels.reshape(1, N), chunk_size=8)
+    chunked, _ = chunked_distillation_loss(
+        h.reshape(1, N, H), w, th.reshape(1, N, HT), tw, labels.reshape(1, N), chunk_size=8
+    )
     assert_close([chunked] + grads(chunked, h, w), [dense] + grads(dense, h, w), 1e-12)
 
 
 def test_bf16_inputs_give_bf16_grads_and_fp32_loss():
     h, w, th, tw, labels = tensors(seed=2, dtype=torch.float32)
     hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
-    loss, _ = chunked_distillation_loss(hb, wb, th.bfloat16(), tw.bfloat16(), labels, chunk_size=8, temperature=2.0)
+    loss, _ = chunked_distillation_loss(
+        hb, wb, th.bfloat16(), tw.bfloat16(), labels, chunk_size=8, temperature=2.0
+    )
     gh, gw = grads(loss, hb, wb)
     assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
     ref, _ = distillation_loss(h @ w.T, th @ tw.T, labels, temperature=2.0)
@@ -120,7 +151,11 @@ def test_micro_batches_with_global_count_give_the_full_gradient():
     full = grads(chunked_distillation_loss(h, w, th, tw, labels, chunk_size=8)[0], h, w)
     n = int((labels != -100).sum())
     parts = [
-        grads(chunked_distillation_loss(h[r], w, th[r], tw, labels[r], chunk_size=8, num_tokens=n)[0], h, w)
+        grads(
+            chunked_distillation_loss(h[r], w, th[r], tw, labels[r], chunk_size=8, num_tokens=n)[0],
+            h,
+            w,
+        )
         for r in (slice(0, 10), slice(10, N))
     ]
     summed = [parts[0][i] + parts[1][i] for i in range(2)]
@@ -129,7 +164,9 @@ def test_micro_batches_with_global_count_give_the_full_gradient():
 
 def test_no_valid_token_and_no_grad():
     h, w, th, tw, labels = tensors(seed=4)
-    loss, metrics = chunked_distillation_loss(h, w, th, tw, torch.full_like(labels, -100), chunk_size=8)
+    loss, metrics = chunked_distillation_loss(
+        h, w, th, tw, torch.full_like(labels, -100), chunk_size=8
+    )
     gh, gw = grads(loss, h, w)
     assert float(loss.detach()) == 0.0 and (gh == 0).all() and (gw == 0).all()
     assert int(metrics["valid_tokens"]) == 0
@@ -158,7 +195,9 @@ def test_saved_tensors_stay_within_one_chunk_of_logits():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss, _ = chunked_distillation_loss(h, w, th, tw, labels, chunk_size=8, divergence="jsd")
     loss.backward()
-    assert max(largest) <= max(8 * V, 64 * H, V * H), max(largest)  # a chunk of logits, or the grads
+    assert max(largest) <= max(8 * V, 64 * H, V * H), max(
+        largest
+    )  # a chunk of logits, or the grads
 
 
 def test_input_errors_are_value_errors():
@@ -193,20 +232,35 @@ def test_analytic_gradient_equals_autograd(name, temperature, alpha):
     student = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
     teacher = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
     student[:, -4:] = teacher[:, -4:] = float("-inf")  # padded vocab rows, masked in both models
-    if name in ("forward_kl", "topk", "topk_all"):  # entries only the teacher rules out: p = 0 where q > 0 (finite KL)
+    if name in (
+        "forward_kl",
+        "topk",
+        "topk_all",
+    ):  # entries only the teacher rules out: p = 0 where q > 0 (finite KL)
         teacher[torch.rand(n, V, generator=g) < 0.2] = float("-inf")
-    if name in ("topk", "topk_all"):  # the teacher cached as its top-k log-probs at T (k = V: -inf ones too)
+    if name in (
+        "topk",
+        "topk_all",
+    ):  # the teacher cached as its top-k log-probs at T (k = V: -inf ones too)
         top = torch.log_softmax(teacher / temperature, -1).topk(3 if name == "topk" else V, dim=-1)
         teacher = TopK(top.indices, top.values)
-    if name == "topk":  # row 1 (a valid token): the student's tail mass, ~exp(-2000 / T), underflows to 0
+    if (
+        name == "topk"
+    ):  # row 1 (a valid token): the student's tail mass, ~exp(-2000 / T), underflows to 0
         student[1, top.indices[1]] += 2000.0
     labels = torch.randint(0, V - 4, (n,), generator=g)
     labels[::3] = -100
     denom = torch.tensor(20)  # a global count larger than the chunk's 8 valid tokens
-    options = analytic_options(name if name in ("forward_kl", "reverse_kl") else "forward_kl", temperature, alpha)
+    options = analytic_options(
+        name if name in ("forward_kl", "reverse_kl") else "forward_kl", temperature, alpha
+    )
     teacher_arg = None if name == "sft" else teacher
-    *sums, grad = _analytic_loss_and_grad(student, teacher_arg, labels, denom, need_grad=True, **options)
-    *want_sums, want_grad = _autograd_loss_and_grad(student, teacher_arg, labels, denom, options, True)
+    *sums, grad = _analytic_loss_and_grad(
+        student, teacher_arg, labels, denom, need_grad=True, **options
+    )
+    *want_sums, want_grad = _autograd_loss_and_grad(
+        student, teacher_arg, labels, denom, options, True
+    )
     assert torch.isfinite(grad).all()
     assert (grad[labels == -100] == 0).all() and (grad[:, -4:] == 0).all()
     # float64; the same per-position functions give the sums, the closed form differs from
@@ -251,14 +305,25 @@ def test_topk_gradient_equals_numpy_reference():
     want_total = alpha * temperature**2 * want_div + (1.0 - alpha) * want_ce
 
     top_ids = torch.from_numpy(ids)
-    teacher = TopK(top_ids, torch.log_softmax(torch.from_numpy(zt) / temperature, -1).gather(-1, top_ids))
+    teacher = TopK(
+        top_ids, torch.log_softmax(torch.from_numpy(zt) / temperature, -1).gather(-1, top_ids)
+    )
     options = analytic_options("forward_kl", temperature, alpha)
     total, div, ce, grad = _analytic_loss_and_grad(
-        torch.from_numpy(z), teacher, torch.from_numpy(labels), torch.tensor(denom), need_grad=True, **options
+        torch.from_numpy(z),
+        teacher,
+        torch.from_numpy(labels),
+        torch.tensor(denom),
+        need_grad=True,
+        **options,
     )
     # float64; the reference forms q_tail as 1 - sum (exact enough with 45 of 50 tokens in the
     # tail), kd as a logsumexp: O(1) values, rounding ~1e-15.
-    assert_close([total, div, ce, grad], [torch.tensor(x) for x in (want_total, want_div, want_ce, want_grad)], 1e-12)
+    assert_close(
+        [total, div, ce, grad],
+        [torch.tensor(x) for x in (want_total, want_div, want_ce, want_grad)],
+        1e-12,
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16], ids=["float64", "bf16"])
@@ -272,7 +337,9 @@ def test_topk_chunked_equals_dense(alpha, k, dtype):
     teacher = TopK(top.indices, top.values.to(dtype))  # a bf16 cache for bf16 inputs
     opts = dict(divergence="forward_kl", temperature=2.0, alpha=alpha)
     dense, dense_metrics = distillation_loss(h @ w.T, teacher, labels, **opts)
-    chunked, metrics = chunked_distillation_loss(h, w, None, None, labels, chunk_size=8, teacher_logits=teacher, **opts)
+    chunked, metrics = chunked_distillation_loss(
+        h, w, None, None, labels, chunk_size=8, teacher_logits=teacher, **opts
+    )
     got = [chunked, metrics["divergence"], metrics["ce"], *grads(chunked, h, w)]
     want = [dense, dense_metrics["divergence"], dense_metrics["ce"], *grads(dense, h, w)]
     if dtype == torch.float64:

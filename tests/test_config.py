@@ -7,6 +7,7 @@ that every config in configs/ (on-policy ones included) parses and validates.
 
 Run: .venv/bin/python -m pytest -q tests/test_config.py
 """
+
 from dataclasses import fields
 from pathlib import Path
 
@@ -19,9 +20,13 @@ REQUIRED = ["--teacher=t", "--student=s", "--data=d.jsonl"]
 
 def test_toml_then_overrides(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('teacher = ["a", "b"]\nteacher_weights = [0.25, 0.75]\nstudent_layers = [0, 3]\n'
-                    'data = "x.jsonl"\nlr = 1e-3\nmax_steps = 7\nresume = true\n')
-    cfg = load_config(["--config", str(toml), "--lr=2e-4", "--data=y.jsonl,z.jsonl", "--resume=false"])
+    toml.write_text(
+        'teacher = ["a", "b"]\nteacher_weights = [0.25, 0.75]\nstudent_layers = [0, 3]\n'
+        'data = "x.jsonl"\nlr = 1e-3\nmax_steps = 7\nresume = true\n'
+    )
+    cfg = load_config(
+        ["--config", str(toml), "--lr=2e-4", "--data=y.jsonl,z.jsonl", "--resume=false"]
+    )
     assert cfg.teacher == ("a", "b") and cfg.teacher_weights == (0.25, 0.75)
     assert cfg.student_layers == (0, 3) and cfg.max_steps == 7
     assert cfg.lr == 2e-4 and cfg.data == ("y.jsonl", "z.jsonl") and cfg.resume is False
@@ -31,40 +36,62 @@ def test_every_setting_has_a_command_line_form_and_help():
     text = help_text()
     for f in fields(TrainConfig):
         assert f"--{f.name}=" in text, f.name
-    cfg = load_config(["--teacher=t", "--data=d", "--activation_checkpointing=true", "--student_layers=1,2", "--loss=jsd"])
+    cfg = load_config(
+        [
+            "--teacher=t",
+            "--data=d",
+            "--activation_checkpointing=true",
+            "--student_layers=1,2",
+            "--loss=jsd",
+        ]
+    )
     assert cfg.activation_checkpointing is True and cfg.loss == "jsd"
 
 
 def test_to_toml_round_trip(tmp_path):
-    cfg = load_config(["--teacher=a,b", "--student_layers=0,2", "--data=x.jsonl", "--out=runs/x y", "--compile=true"])
+    cfg = load_config(
+        [
+            "--teacher=a,b",
+            "--student_layers=0,2",
+            "--data=x.jsonl",
+            "--out=runs/x y",
+            "--compile=true",
+        ]
+    )
     path = tmp_path / "saved.toml"
     path.write_text(cfg.to_toml())
     assert load_config(["--config", str(path)]) == cfg
 
 
-@pytest.mark.parametrize("argv, words", [
-    ([*REQUIRED, "--learning_rate=1"], ["learning_rate", "--help"]),
-    ([*REQUIRED, "--max_steps=ten"], ["max_steps", "ten"]),
-    ([*REQUIRED, "--resume=maybe"], ["resume", "maybe"]),
-    ([*REQUIRED, "--loss=kl"], ["loss", "forward_kl"]),
-    ([*REQUIRED, "--precision=fp8"], ["precision", "bf16"]),
-    ([*REQUIRED, "--alpha=1.5"], ["alpha"]),
-    ([*REQUIRED, "--grad_accum=0"], ["grad_accum"]),
-    (["--student=s", "--data=d"], ["teacher"]),
-    (["--teacher=t", "--data=d"], ["student", "student_layers"]),
-    ([*REQUIRED, "--student_layers=1"], ["exactly one"]),
-    ([*REQUIRED, "--teacher_weights=1,2"], ["teacher_weights"]),
-    ([*REQUIRED, "positional"], ["positional"]),
-    ([*REQUIRED, "--method=rl"], ["method", "gkd", "minillm"]),
-    (["--teacher=a,b", "--student=s", "--data=d", "--method=gkd"], ["method=gkd", "one teacher"]),
-    ([*REQUIRED, "--method=minillm", "--teacher_cache=c"], ["method=minillm", "teacher_cache"]),
-    ([*REQUIRED, "--lm_data=pt.jsonl"], ["lm_data", "method=minillm"]),
-    ([*REQUIRED, "--method=gkd", "--max_new_tokens=0"], ["max_new_tokens=0"]),
-    ([*REQUIRED, "--method=minillm", "--rollout_top_p=0"], ["rollout_top_p"]),
-    ([*REQUIRED, "--lmbda=2"], ["lmbda=2"]),
-    ([*REQUIRED, "--ppo_clip=1"], ["ppo_clip=1"]),
-    ([*REQUIRED, "--lm_loss_weight=-1"], ["lm_loss_weight"]),
-])
+@pytest.mark.parametrize(
+    "argv, words",
+    [
+        ([*REQUIRED, "--learning_rate=1"], ["learning_rate", "--help"]),
+        ([*REQUIRED, "--max_steps=ten"], ["max_steps", "ten"]),
+        ([*REQUIRED, "--resume=maybe"], ["resume", "maybe"]),
+        ([*REQUIRED, "--loss=kl"], ["loss", "forward_kl"]),
+        ([*REQUIRED, "--precision=fp8"], ["precision", "bf16"]),
+        ([*REQUIRED, "--alpha=1.5"], ["alpha"]),
+        ([*REQUIRED, "--grad_accum=0"], ["grad_accum"]),
+        (["--student=s", "--data=d"], ["teacher"]),
+        (["--teacher=t", "--data=d"], ["student", "student_layers"]),
+        ([*REQUIRED, "--student_layers=1"], ["exactly one"]),
+        ([*REQUIRED, "--teacher_weights=1,2"], ["teacher_weights"]),
+        ([*REQUIRED, "positional"], ["positional"]),
+        ([*REQUIRED, "--method=rl"], ["method", "gkd", "minillm"]),
+        (
+            ["--teacher=a,b", "--student=s", "--data=d", "--method=gkd"],
+            ["method=gkd", "one teacher"],
+        ),
+        ([*REQUIRED, "--method=minillm", "--teacher_cache=c"], ["method=minillm", "teacher_cache"]),
+        ([*REQUIRED, "--lm_data=pt.jsonl"], ["lm_data", "method=minillm"]),
+        ([*REQUIRED, "--method=gkd", "--max_new_tokens=0"], ["max_new_tokens=0"]),
+        ([*REQUIRED, "--method=minillm", "--rollout_top_p=0"], ["rollout_top_p"]),
+        ([*REQUIRED, "--lmbda=2"], ["lmbda=2"]),
+        ([*REQUIRED, "--ppo_clip=1"], ["ppo_clip=1"]),
+        ([*REQUIRED, "--lm_loss_weight=-1"], ["lm_loss_weight"]),
+    ],
+)
 def test_bad_values_name_the_setting(argv, words):
     with pytest.raises(ValueError) as info:
         load_config(argv)

@@ -9,6 +9,7 @@ imported, the SmolLM2 teacher's tokenizer.
 
 Run: .venv/bin/python -m pytest -q tests/test_data.py
 """
+
 import json
 from collections import Counter
 from pathlib import Path
@@ -52,6 +53,7 @@ def check_shifted(example) -> None:
 
 # ----------------------------------------------------------------------------- label masks
 
+
 def test_text_record_trains_every_token_and_eos(tok, tmp_path):
     path = write_jsonl(tmp_path / "t.jsonl", [{"text": "The river rises in the hills."}])
     [ex], stats = load_examples(path, tok, seq_len=64)
@@ -66,11 +68,14 @@ def test_prompt_response_with_template_trains_reply_and_end_of_turn(tok, tmp_pat
     [ex], _ = load_examples(write_jsonl(tmp_path / "p.jsonl", [record]), tok, seq_len=64)
     check_shifted(ex)
     assert trained_text(tok, ex) == "Paris.<|im_end|>"  # not the newline ChatML renders after it
-    chat = [{"role": "user", "content": record["prompt"]},
-            {"role": "assistant", "content": record["response"]}]
+    chat = [
+        {"role": "user", "content": record["prompt"]},
+        {"role": "assistant", "content": record["response"]},
+    ]
     assert tok.decode(ex.input_ids, skip_special_tokens=False) == tok.apply_chat_template(chat)
     assert tok.decode(ex.prompt_ids, skip_special_tokens=False) == (
-        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+        "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )
 
 
 def test_prompt_response_without_template_trains_response_and_eos(plain_tok, tmp_path):
@@ -82,13 +87,16 @@ def test_prompt_response_without_template_trains_response_and_eos(plain_tok, tmp
 
 
 def test_messages_train_only_assistant_turns(tok, tmp_path):
-    messages = [{"role": "system", "content": "Be brief."},
-                {"role": "user", "content": "Capital of Japan?"},
-                {"role": "assistant", "content": "Tokyo."},
-                {"role": "user", "content": "And Spain?"},
-                {"role": "assistant", "content": "Madrid."}]
-    [ex], _ = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": messages}]), tok,
-                            seq_len=128)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Capital of Japan?"},
+        {"role": "assistant", "content": "Tokyo."},
+        {"role": "user", "content": "And Spain?"},
+        {"role": "assistant", "content": "Madrid."},
+    ]
+    [ex], _ = load_examples(
+        write_jsonl(tmp_path / "m.jsonl", [{"messages": messages}]), tok, seq_len=128
+    )
     check_shifted(ex)
     assert trained_text(tok, ex) == "Tokyo.<|im_end|>Madrid.<|im_end|>"
     assert tok.decode(ex.input_ids, skip_special_tokens=False) == tok.apply_chat_template(messages)
@@ -98,8 +106,11 @@ def test_messages_train_only_assistant_turns(tok, tmp_path):
 
 def test_truncation_and_dropping_are_counted(tok, tmp_path):
     long_text = "The capital of France is Paris. " * 20
-    records = [{"text": long_text}, {"text": "short"},
-               {"prompt": long_text, "response": "Paris."}]  # the reply starts past seq_len
+    records = [
+        {"text": long_text},
+        {"text": "short"},
+        {"prompt": long_text, "response": "Paris."},
+    ]  # the reply starts past seq_len
     examples, stats = load_examples(write_jsonl(tmp_path / "l.jsonl", records), tok, seq_len=16)
     assert (stats.records, stats.truncated, stats.dropped, stats.examples) == (3, 2, 1, 2)
     assert [len(e.input_ids) for e in examples] == [16, len(tok.encode("short")) + 1]
@@ -116,20 +127,27 @@ def test_collate_right_pads_with_ignored_labels(tok, tmp_path):
     n0, n1 = len(examples[0].input_ids), len(examples[1].input_ids)
     assert batch["input_ids"].shape == batch["labels"].shape == (2, n0)
     assert batch["input_ids"][1, n1:].eq(tok.pad_token_id).all()
-    assert batch["labels"][1, n1 - 1:].eq(IGNORE).all()
+    assert batch["labels"][1, n1 - 1 :].eq(IGNORE).all()
     assert batch["labels"][0].tolist() == examples[0].labels
 
 
 # ----------------------------------------------------------------------------- prompts
 
+
 def test_load_prompts_match_training_prompts(tok, tmp_path):
-    chat = [{"role": "user", "content": "Capital of Japan?"},
-            {"role": "assistant", "content": "Tokyo."}]
-    records = [{"prompt": "Capital of Japan?"}, {"messages": chat},
-               {"prompt": "Capital of Japan? " * 30}]
+    chat = [
+        {"role": "user", "content": "Capital of Japan?"},
+        {"role": "assistant", "content": "Tokyo."},
+    ]
+    records = [
+        {"prompt": "Capital of Japan?"},
+        {"messages": chat},
+        {"prompt": "Capital of Japan? " * 30},
+    ]
     prompts, stats = load_prompts(write_jsonl(tmp_path / "q.jsonl", records), tok, max_len=40)
-    [ex], _ = load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": chat}]), tok,
-                            seq_len=64)
+    [ex], _ = load_examples(
+        write_jsonl(tmp_path / "m.jsonl", [{"messages": chat}]), tok, seq_len=64
+    )
     assert [p.ids for p in prompts] == [ex.prompt_ids, ex.prompt_ids]
     assert prompts[1].messages == chat[:1]  # the final assistant turn is the reply to redo
     assert (stats.examples, stats.dropped) == (2, 1)
@@ -137,20 +155,27 @@ def test_load_prompts_match_training_prompts(tok, tmp_path):
 
 # ----------------------------------------------------------------------------- errors
 
+
 def test_malformed_line_names_file_and_line(tok, tmp_path):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"text": "fine"}, '{"text": "oops"'])
     with pytest.raises(ValueError, match=r"bad\.jsonl:2: not a valid"):
         load_examples(path, tok, seq_len=16)
 
 
-@pytest.mark.parametrize("record, field", [
-    ({"question": "hi"}, '"text"'),
-    ({"prompt": "hi"}, '"response"'),
-    ({"text": 3}, '"text"'),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant"),
-    ({"messages": [{"role": "user"}]}, r'"messages\[0\]"'),
-    ({"messages": [{"role": "assistant", "content": "hi"}]}, r'"messages\[0\]" is an assistant'),
-])
+@pytest.mark.parametrize(
+    "record, field",
+    [
+        ({"question": "hi"}, '"text"'),
+        ({"prompt": "hi"}, '"response"'),
+        ({"text": 3}, '"text"'),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "no assistant"),
+        ({"messages": [{"role": "user"}]}, r'"messages\[0\]"'),
+        (
+            {"messages": [{"role": "assistant", "content": "hi"}]},
+            r'"messages\[0\]" is an assistant',
+        ),
+    ],
+)
 def test_bad_record_names_file_line_and_field(tok, tmp_path, record, field):
     path = write_jsonl(tmp_path / "r.jsonl", ["", {"text": "ok"}, record])
     with pytest.raises(ValueError, match=rf"r\.jsonl:3: .*{field}"):
@@ -160,15 +185,17 @@ def test_bad_record_names_file_line_and_field(tok, tmp_path, record, field):
 def test_messages_need_a_chat_template(plain_tok, tmp_path):
     chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(ValueError, match=r"m\.jsonl:1: .*chat template"):
-        load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": chat}]), plain_tok,
-                      seq_len=16)
+        load_examples(
+            write_jsonl(tmp_path / "m.jsonl", [{"messages": chat}]), plain_tok, seq_len=16
+        )
 
 
 def test_template_that_rewrites_earlier_turns_is_refused(tmp_path):
     # Rendering the message count first changes the text of every prefix, as templates that
     # drop past reasoning do; the assistant tokens cannot then be located.
-    tok = load_tokenizer(make_tiny_tokenizer(tmp_path / "tok", chat_template="{{ messages|length }}"
-                                             + CHATML))
+    tok = load_tokenizer(
+        make_tiny_tokenizer(tmp_path / "tok", chat_template="{{ messages|length }}" + CHATML)
+    )
     chat = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]
     with pytest.raises(ValueError, match=r'm\.jsonl:1: field "messages\[1\]": the chat template'):
         load_examples(write_jsonl(tmp_path / "m.jsonl", [{"messages": chat}]), tok, seq_len=16)
@@ -182,6 +209,7 @@ def test_missing_and_empty_files(tok, tmp_path):
 
 
 # ----------------------------------------------------------------------------- batch stream
+
 
 @pytest.fixture(scope="module")
 def numbered(tok, tmp_path_factory):
@@ -205,8 +233,15 @@ def rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
 
 
 def batches(sources, *, batch_size=2, grad_accum=4, rank=0, world_size=1, seed=0):
-    return Batches(sources, batch_size=batch_size, grad_accum=grad_accum, rank=rank,
-                   world_size=world_size, seed=seed, pad_id=2)
+    return Batches(
+        sources,
+        batch_size=batch_size,
+        grad_accum=grad_accum,
+        rank=rank,
+        world_size=world_size,
+        seed=seed,
+        pad_id=2,
+    )
 
 
 def test_ranks_and_micro_batches_partition_the_same_global_batch(numbered):
@@ -216,8 +251,13 @@ def test_ranks_and_micro_batches_partition_the_same_global_batch(numbered):
         for world_size, grad_accum, batch_size in [(1, 4, 2), (2, 2, 2), (4, 1, 2), (2, 1, 4)]:
             union = Counter()
             for rank in range(world_size):
-                b = batches([(numbered, 1.0)], batch_size=batch_size, grad_accum=grad_accum,
-                            rank=rank, world_size=world_size)
+                b = batches(
+                    [(numbered, 1.0)],
+                    batch_size=batch_size,
+                    grad_accum=grad_accum,
+                    rank=rank,
+                    world_size=world_size,
+                )
                 micro = b.micro_batches(step)
                 assert len(micro) == grad_accum
                 assert all(m["input_ids"].shape[0] == batch_size for m in micro)
@@ -240,6 +280,7 @@ def test_deterministic_by_seed(numbered):
     def stream(seed):
         b = batches([(numbered, 1.0)], seed=seed)
         return [[key(e) for e in b.global_batch_examples(s)] for s in range(6)]
+
     assert stream(0) == stream(0)
     assert stream(0) != stream(1)
 
@@ -252,9 +293,11 @@ def test_resume_from_state_equals_uninterrupted(numbered):
         for a, b in zip(straight.micro_batches(step), resumed.micro_batches(step)):
             assert torch.equal(a["input_ids"], b["input_ids"])
             assert torch.equal(a["labels"], b["labels"])
-    for changed in [batches([(numbered, 1.0)], seed=4),
-                    batches([(numbered[1:], 1.0)], seed=3),
-                    batches([(numbered, 1.0)], seed=3, grad_accum=2)]:
+    for changed in [
+        batches([(numbered, 1.0)], seed=4),
+        batches([(numbered[1:], 1.0)], seed=3),
+        batches([(numbered, 1.0)], seed=3, grad_accum=2),
+    ]:
         with pytest.raises(ValueError, match="checkpoint's data"):
             changed.load_state_dict(straight.state_dict())
 
@@ -281,6 +324,7 @@ def test_global_targets_counts_every_rank(numbered):
 
 # ----------------------------------------------------------------------------- the teacher
 
+
 @pytest.mark.teacher
 def test_teacher_tokenizer_masks(teacher_dir, tmp_path):
     tok = load_tokenizer(teacher_dir)
@@ -289,4 +333,5 @@ def test_teacher_tokenizer_masks(teacher_dir, tmp_path):
     check_shifted(ex)
     assert trained_text(tok, ex) == "Paris.<|im_end|>"
     assert tok.decode(ex.prompt_ids, skip_special_tokens=False).endswith(
-        "What is the capital of France?<|im_end|>\n<|im_start|>assistant\n")
+        "What is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+    )

@@ -14,6 +14,7 @@ Checks
 
 Run: `.venv/bin/python -m pytest -q tests/test_eval.py` (a few seconds).
 """
+
 import math
 import random
 
@@ -135,23 +136,118 @@ def test_porter_stemmer_matches_nltk():
     porter = pytest.importorskip("nltk.stem.porter")
     nltk_stem = porter.PorterStemmer().stem
     words = [
-        "caresses", "ponies", "ties", "cats", "feed", "agreed", "plastered", "motoring", "sing",
-        "conflated", "troubled", "sized", "hopping", "tanned", "falling", "hissing", "fizzed",
-        "failing", "filing", "happy", "sky", "skies", "dying", "lying", "news", "innings",
-        "relational", "conditional", "valenci", "hesitanci", "digitizer", "conformabli",
-        "radicalli", "differentli", "vileli", "analogousli", "vietnamization", "predication",
-        "operator", "feudalism", "decisiveness", "hopefulness", "callousness", "formaliti",
-        "sensitiviti", "sensibiliti", "triplicate", "formative", "formalize", "electriciti",
-        "electrical", "hopeful", "goodness", "revival", "allowance", "inference", "airliner",
-        "gyroscopic", "adjustable", "defensible", "irritant", "replacement", "adjustment",
-        "dependent", "adoption", "homologou", "communism", "activate", "angulariti", "homologous",
-        "effective", "bowdlerize", "probate", "rate", "cease", "controll", "roll", "generously",
-        "dies", "died", "spied", "proceed", "exceed", "succeeded", "analogies", "fully",
+        "caresses",
+        "ponies",
+        "ties",
+        "cats",
+        "feed",
+        "agreed",
+        "plastered",
+        "motoring",
+        "sing",
+        "conflated",
+        "troubled",
+        "sized",
+        "hopping",
+        "tanned",
+        "falling",
+        "hissing",
+        "fizzed",
+        "failing",
+        "filing",
+        "happy",
+        "sky",
+        "skies",
+        "dying",
+        "lying",
+        "news",
+        "innings",
+        "relational",
+        "conditional",
+        "valenci",
+        "hesitanci",
+        "digitizer",
+        "conformabli",
+        "radicalli",
+        "differentli",
+        "vileli",
+        "analogousli",
+        "vietnamization",
+        "predication",
+        "operator",
+        "feudalism",
+        "decisiveness",
+        "hopefulness",
+        "callousness",
+        "formaliti",
+        "sensitiviti",
+        "sensibiliti",
+        "triplicate",
+        "formative",
+        "formalize",
+        "electriciti",
+        "electrical",
+        "hopeful",
+        "goodness",
+        "revival",
+        "allowance",
+        "inference",
+        "airliner",
+        "gyroscopic",
+        "adjustable",
+        "defensible",
+        "irritant",
+        "replacement",
+        "adjustment",
+        "dependent",
+        "adoption",
+        "homologou",
+        "communism",
+        "activate",
+        "angulariti",
+        "homologous",
+        "effective",
+        "bowdlerize",
+        "probate",
+        "rate",
+        "cease",
+        "controll",
+        "roll",
+        "generously",
+        "dies",
+        "died",
+        "spied",
+        "proceed",
+        "exceed",
+        "succeeded",
+        "analogies",
+        "fully",
     ]
     # Random letter strings ending in the suffixes the rules look for exercise every branch.
     rng = random.Random(0)
-    suffixes = ["ational", "alli", "logi", "fulli", "ization", "ness", "ement", "ion", "ize",
-                "ate", "e", "ll", "y", "ies", "ied", "eed", "ed", "ing", "sses", "s", "bled"]
+    suffixes = [
+        "ational",
+        "alli",
+        "logi",
+        "fulli",
+        "ization",
+        "ness",
+        "ement",
+        "ion",
+        "ize",
+        "ate",
+        "e",
+        "ll",
+        "y",
+        "ies",
+        "ied",
+        "eed",
+        "ed",
+        "ing",
+        "sses",
+        "s",
+        "bled",
+    ]
     for _ in range(3000):
         stem = "".join(rng.choice("bcdfglmnrstvwxyaeiouy") for _ in range(rng.randint(1, 6)))
         words.append(stem + rng.choice(suffixes) + rng.choice(["", "s", "ed", "ing"]))
@@ -170,13 +266,17 @@ PAIRS = [
     ("the the the", "a an the"),  # only articles: empty after normalization
     ("very very very good good", "good very good very"),  # repeated words
     ("Running runners ran quickly; the runner runs.", "A runner was running quickly."),  # stems
-    ("Photosynthesis converts light energy into chemical energy in plants.",
-     "Plants use photosynthesis to convert sunlight into chemical energy stored in sugar."),
+    (
+        "Photosynthesis converts light energy into chemical energy in plants.",
+        "Plants use photosynthesis to convert sunlight into chemical energy stored in sugar.",
+    ),
     ("def add(a, b):\n    return a + b", "def add(x, y): return x + y"),  # code
     ("2 + 2 = 4, so the answer is 4.", "The answer is 4"),  # digits
     ("Café naïve résumé über", "cafe naive resume uber"),  # non-ASCII letters
-    ("Generalizations, organizational hopefulness and relational conditioning.",
-     "General organization, hopeful relations, conditional."),
+    (
+        "Generalizations, organizational hopefulness and relational conditioning.",
+        "General organization, hopeful relations, conditional.",
+    ),
     ("  lots   of\twhitespace\n\nhere ", "lots of whitespace here"),
 ]
 

@@ -6,6 +6,7 @@ reproducing its own greedy answers, the table, and the CLI.
 
 Run: `.venv/bin/python -m pytest -q tests/test_evaluate.py`.
 """
+
 import importlib.util
 import json
 import math
@@ -18,15 +19,26 @@ from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 from kd.data import load_prompts
 from kd.eval import corpus_rouge_l, summarize, token_metrics
-from kd.evaluate import (evaluate, format_table, greedy_answers, load_eval_set, pad_id_of,
-                         teacher_forced_metrics)
+from kd.evaluate import (
+    evaluate,
+    format_table,
+    greedy_answers,
+    load_eval_set,
+    pad_id_of,
+    teacher_forced_metrics,
+)
 from kd.hf import load_model
 from kd.sampling import generate
 from kd.tokenizer import load_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
-QUESTIONS = ["What is the capital of Spain?", "Explain a tokenizer.", "Tell me about the river.", "def add(a, b):",
-             "Café"]
+QUESTIONS = [
+    "What is the capital of Spain?",
+    "Explain a tokenizer.",
+    "Tell me about the river.",
+    "def add(a, b):",
+    "Café",
+]
 
 
 def load_script(name: str):
@@ -37,7 +49,9 @@ def load_script(name: str):
 
 
 def tiny_model_dir(path: Path, seed: int) -> Path:
-    make_tiny_checkpoint(path, "llama", seed=seed, vocab_size=TINY_VOCAB_SIZE, initializer_range=0.2)
+    make_tiny_checkpoint(
+        path, "llama", seed=seed, vocab_size=TINY_VOCAB_SIZE, initializer_range=0.2
+    )
     make_tiny_tokenizer(path)
     return path
 
@@ -46,13 +60,25 @@ def tiny_model_dir(path: Path, seed: int) -> Path:
 def dirs(tmp_path_factory) -> dict[str, Path]:
     """A tiny 'teacher', a different tiny 'student', and the teacher's greedy answers as data."""
     root = tmp_path_factory.mktemp("evaluate")
-    teacher_dir, student_dir = tiny_model_dir(root / "teacher", 0), tiny_model_dir(root / "student", 1)
+    teacher_dir, student_dir = (
+        tiny_model_dir(root / "teacher", 0),
+        tiny_model_dir(root / "student", 1),
+    )
     tok = load_tokenizer(teacher_dir)
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
-                          add_special_tokens=False) for q in QUESTIONS]
-    answers = greedy_answers(load_model(teacher_dir).eval(), tok, prompts, max_new_tokens=10, log=lambda s: None)
+    prompts = [
+        tok.encode(
+            tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True),
+            add_special_tokens=False,
+        )
+        for q in QUESTIONS
+    ]
+    answers = greedy_answers(
+        load_model(teacher_dir).eval(), tok, prompts, max_new_tokens=10, log=lambda s: None
+    )
     data = root / "heldout.jsonl"
-    data.write_text("".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in zip(QUESTIONS, answers)))
+    data.write_text(
+        "".join(json.dumps({"prompt": q, "response": a}) + "\n" for q, a in zip(QUESTIONS, answers))
+    )
     return {"teacher": teacher_dir, "student": student_dir, "data": data}
 
 
@@ -65,8 +91,17 @@ def test_load_eval_set_reads_both_record_kinds(dirs, tmp_path) -> None:
     assert eval_set.prompts == [p.ids for p in load_prompts(dirs["data"], tok)[0]]
     assert len(eval_set.examples) == len(QUESTIONS)
     chat = tmp_path / "chat.jsonl"
-    chat.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
-                                             {"role": "assistant", "content": "Hello there."}]}) + "\n")
+    chat.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello there."},
+                ]
+            }
+        )
+        + "\n"
+    )
     eval_set = load_eval_set(chat, tok)
     assert (eval_set.questions, eval_set.references) == (["Hi"], ["Hello there."])
 
@@ -74,9 +109,18 @@ def test_load_eval_set_reads_both_record_kinds(dirs, tmp_path) -> None:
 def test_load_eval_set_needs_teacher_answers(dirs, tmp_path) -> None:
     tok = load_tokenizer(dirs["teacher"])
     no_answer = tmp_path / "prompts.jsonl"
-    no_answer.write_text(json.dumps({"messages": [{"role": "user", "content": "Hi"},
-                                                  {"role": "assistant", "content": "Hello."},
-                                                  {"role": "user", "content": "And?"}]}) + "\n")
+    no_answer.write_text(
+        json.dumps(
+            {
+                "messages": [
+                    {"role": "user", "content": "Hi"},
+                    {"role": "assistant", "content": "Hello."},
+                    {"role": "user", "content": "And?"},
+                ]
+            }
+        )
+        + "\n"
+    )
     with pytest.raises(ValueError, match=r"prompts.jsonl:1: no teacher answer"):
         load_eval_set(no_answer, tok)
 
@@ -88,7 +132,9 @@ def test_teacher_forced_metrics(dirs) -> None:
     pad = pad_id_of(tok)
     one = teacher_forced_metrics(student, examples, teacher=teacher, pad_id=pad, batch_size=1)
     padded = teacher_forced_metrics(student, examples, teacher=teacher, pad_id=pad, batch_size=3)
-    for key in one:  # right padding carries no labels; only float rounding of the padded matmuls differs
+    for (
+        key
+    ) in one:  # right padding carries no labels; only float rounding of the padded matmuls differs
         assert math.isclose(one[key], padded[key], rel_tol=1e-5), (key, one[key], padded[key])
     assert one["kl"] > 0.01 and one["top1_agreement"] < 1.0
     # Against kd/eval.py directly on the first example, with the labels the loader built.
@@ -105,9 +151,22 @@ def test_greedy_answers_match_one_by_one_generation(dirs) -> None:
     tok = load_tokenizer(dirs["student"])
     model = load_model(dirs["student"]).eval()
     prompts = load_eval_set(dirs["data"], tok).prompts
-    answers = greedy_answers(model, tok, prompts, max_new_tokens=10, batch_size=2, log=lambda s: None)
-    alone = [tok.decode(generate(model, [p], max_new_tokens=10, temperature=0.0, eos_token_ids=tok.eos_token_ids,
-                                 pad_id=pad_id_of(tok))[0]) for p in prompts]
+    answers = greedy_answers(
+        model, tok, prompts, max_new_tokens=10, batch_size=2, log=lambda s: None
+    )
+    alone = [
+        tok.decode(
+            generate(
+                model,
+                [p],
+                max_new_tokens=10,
+                temperature=0.0,
+                eos_token_ids=tok.eos_token_ids,
+                pad_id=pad_id_of(tok),
+            )[0]
+        )
+        for p in prompts
+    ]
     assert answers == alone
 
 
@@ -120,21 +179,45 @@ def test_teacher_recovers_its_own_answers_and_table(dirs) -> None:
     # even against itself; so compare with the references' own score rather than with 100.
     assert mine["answers"] == eval_set.references and mine["kl"] == 0.0
     assert mine["rouge_l"] == corpus_rouge_l(eval_set.references, eval_set.references) > 0
-    given = evaluate(teacher, tok, eval_set, teacher=teacher, answers=eval_set.references, log=lambda s: None)
-    assert given["answers"] is eval_set.references and given["rouge_l"] == mine["rouge_l"] and given["tokens_per_s"] > 0
+    given = evaluate(
+        teacher, tok, eval_set, teacher=teacher, answers=eval_set.references, log=lambda s: None
+    )
+    assert (
+        given["answers"] is eval_set.references
+        and given["rouge_l"] == mine["rouge_l"]
+        and given["tokens_per_s"] > 0
+    )
     other = evaluate(student, tok, eval_set, teacher=teacher, max_new_tokens=10, log=lambda s: None)
     assert other["rouge_l"] < 100.0 and other["kl"] > 0 and len(other["answers"]) == len(QUESTIONS)
-    table = format_table({"teacher": mine, "student": other, "no teacher": {"ppl": 3.0}}).splitlines()
+    table = format_table(
+        {"teacher": mine, "student": other, "no teacher": {"ppl": 3.0}}
+    ).splitlines()
     assert table[0].startswith("| model | params (M) | KL to teacher") and len(table) == 5
-    assert table[2].startswith("| teacher | 0.") and "| 0.000 |" in table[2] and "100.0%" in table[2]
+    assert (
+        table[2].startswith("| teacher | 0.") and "| 0.000 |" in table[2] and "100.0%" in table[2]
+    )
     assert table[4].startswith("| no teacher | – | – | 3.00 |")
 
 
 def test_cli_prints_the_table(dirs, tmp_path, capsys) -> None:
     cli = load_script("evaluate")
     out = tmp_path / "metrics.json"
-    rc = cli.main(["--model", str(dirs["student"]), "--teacher", str(dirs["teacher"]), "--data", str(dirs["data"]),
-                   "--max-new-tokens", "10", "--dtype", "fp32", "--output", str(out)])
+    rc = cli.main(
+        [
+            "--model",
+            str(dirs["student"]),
+            "--teacher",
+            str(dirs["teacher"]),
+            "--data",
+            str(dirs["data"]),
+            "--max-new-tokens",
+            "10",
+            "--dtype",
+            "fp32",
+            "--output",
+            str(out),
+        ]
+    )
     assert rc == 0
     stdout = capsys.readouterr().out.splitlines()
     assert stdout[0].startswith("| model |") and stdout[2].startswith(f"| {dirs['student']} |")
@@ -142,13 +225,21 @@ def test_cli_prints_the_table(dirs, tmp_path, capsys) -> None:
     assert saved["kl"] > 0 and len(saved["answers"]) == len(QUESTIONS)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"--model": "/no/such/dir"}, "--model /no/such/dir: no config.json"),
-    ({"--data": "/no/such.jsonl"}, "/no/such.jsonl"),
-    ({"--batch-size": "0"}, "must be >= 1"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"--model": "/no/such/dir"}, "--model /no/such/dir: no config.json"),
+        ({"--data": "/no/such.jsonl"}, "/no/such.jsonl"),
+        ({"--batch-size": "0"}, "must be >= 1"),
+    ],
+)
 def test_cli_errors_are_one_line(dirs, capsys, change, message) -> None:
-    args = {"--model": str(dirs["student"]), "--teacher": str(dirs["teacher"]), "--data": str(dirs["data"]), **change}
+    args = {
+        "--model": str(dirs["student"]),
+        "--teacher": str(dirs["teacher"]),
+        "--data": str(dirs["data"]),
+        **change,
+    }
     rc = load_script("evaluate").main([x for kv in args.items() for x in kv])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1

@@ -4,6 +4,7 @@ one-line errors; plus the real teacher's greedy answer to a factual question.
 
 Run: `.venv/bin/python -m pytest -q tests/test_generate.py` (the teacher test needs `make teacher`).
 """
+
 import json
 import os
 import subprocess
@@ -37,17 +38,37 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # as one_thread, for the child process
-    return subprocess.run([sys.executable, str(REPO / "generate.py"), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, str(REPO / "generate.py"), *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_streams_the_greedy_completion(tiny_dir: Path) -> None:
-    proc = run_cli("--model", str(tiny_dir), "--prompt", "The capital of France",
-                   "--max-new-tokens", "12", "--temperature", "0")
+    proc = run_cli(
+        "--model",
+        str(tiny_dir),
+        "--prompt",
+        "The capital of France",
+        "--max-new-tokens",
+        "12",
+        "--temperature",
+        "0",
+    )
     assert proc.returncode == 0, proc.stderr
     tok = load_tokenizer(tiny_dir)
-    new = generate(load_model(tiny_dir), [tok.encode("The capital of France")], max_new_tokens=12,
-                   temperature=0.0, eos_token_ids=tok.eos_token_ids, pad_id=tok.pad_token_id)[0]
+    new = generate(
+        load_model(tiny_dir),
+        [tok.encode("The capital of France")],
+        max_new_tokens=12,
+        temperature=0.0,
+        eos_token_ids=tok.eos_token_ids,
+        pad_id=tok.pad_token_id,
+    )[0]
     assert proc.stdout == tok.decode(new, skip_special_tokens=True) + "\n"
     assert "tokens/s" in proc.stderr
 
@@ -68,14 +89,28 @@ RECORDS = [
 
 def test_batch_mode_writes_responses_and_resumes(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     inp = write_jsonl(tmp_path / "in.jsonl", RECORDS)
-    args = ["--model", str(tiny_dir), "--prompts-file", str(inp), "--chat", "--batch-size", "2",
-            "--max-new-tokens", "6", "--seed", "3"]
+    args = [
+        "--model",
+        str(tiny_dir),
+        "--prompts-file",
+        str(inp),
+        "--chat",
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--seed",
+        "3",
+    ]
     assert cli.main(args + ["--output", str(tmp_path / "a.jsonl")]) == 0
     assert "5/5 records" in capsys.readouterr().err
     lines = (tmp_path / "a.jsonl").read_text().splitlines()
     full = [json.loads(line) for line in lines]
     assert [r["id"] for r in full] == [0, 1, 2, 3, 4]
-    assert all(isinstance(r["response"], str) for r in full) and full[2]["response"] != "a reference answer"
+    assert (
+        all(isinstance(r["response"], str) for r in full)
+        and full[2]["response"] != "a reference answer"
+    )
     assert {k: v for k, v in full[1].items() if k != "response"} == RECORDS[1]
     assert not (tmp_path / "a.jsonl.partial").exists()
 
@@ -94,18 +129,41 @@ def test_batch_mode_writes_responses_and_resumes(tiny_dir: Path, tmp_path: Path,
 def test_errors_are_one_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
     bad_json = tmp_path / "bad.jsonl"
     bad_json.write_text('{"prompt": "ok"}\n\n{"prompt": oops}\n')
-    no_prompt = write_jsonl(tmp_path / "no_prompt.jsonl", [{"prompt": "ok"}, {"text": "no prompt field"}])
+    no_prompt = write_jsonl(
+        tmp_path / "no_prompt.jsonl", [{"prompt": "ok"}, {"text": "no prompt field"}]
+    )
     bad_chat = write_jsonl(tmp_path / "bad_chat.jsonl", [{"messages": ["hi"]}])
     empty = write_jsonl(tmp_path / "empty.jsonl", [{"prompt": "ok"}, {"prompt": ""}])
     out = ["--output", str(tmp_path / "o.jsonl")]
     cases = [
-        (["--model", str(tmp_path / "missing"), "--prompt", "hi"], "missing: model directory not found"),
-        (["--model", str(tiny_dir), "--prompts-file", str(bad_json), *out], f"{bad_json}:3: not valid JSON"),
-        (["--model", str(tiny_dir), "--prompts-file", str(no_prompt), *out], f"{no_prompt}:2: needs a string 'prompt'"),
-        (["--model", str(tiny_dir), "--prompts-file", str(bad_chat), *out], f"{bad_chat}:1: 'messages' must be"),
-        (["--model", str(tiny_dir), "--prompts-file", str(empty), *out], f"{empty}:2: the prompt is empty"),
-        (["--model", str(tiny_dir), "--prompts-file", str(tmp_path / "none.jsonl"), *out], "prompts file not found"),
-        (["--model", str(tiny_dir), "--prompt", "hi", "--top-p", "0"], "top_p=0.0 is outside (0, 1]"),
+        (
+            ["--model", str(tmp_path / "missing"), "--prompt", "hi"],
+            "missing: model directory not found",
+        ),
+        (
+            ["--model", str(tiny_dir), "--prompts-file", str(bad_json), *out],
+            f"{bad_json}:3: not valid JSON",
+        ),
+        (
+            ["--model", str(tiny_dir), "--prompts-file", str(no_prompt), *out],
+            f"{no_prompt}:2: needs a string 'prompt'",
+        ),
+        (
+            ["--model", str(tiny_dir), "--prompts-file", str(bad_chat), *out],
+            f"{bad_chat}:1: 'messages' must be",
+        ),
+        (
+            ["--model", str(tiny_dir), "--prompts-file", str(empty), *out],
+            f"{empty}:2: the prompt is empty",
+        ),
+        (
+            ["--model", str(tiny_dir), "--prompts-file", str(tmp_path / "none.jsonl"), *out],
+            "prompts file not found",
+        ),
+        (
+            ["--model", str(tiny_dir), "--prompt", "hi", "--top-p", "0"],
+            "top_p=0.0 is outside (0, 1]",
+        ),
     ]
     for argv, message in cases:
         assert cli.main(argv) == 1, argv
@@ -117,7 +175,16 @@ def test_errors_are_one_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
 
 @pytest.mark.teacher
 def test_teacher_knows_the_capital_of_france(teacher_dir: Path, capsys) -> None:
-    argv = ["--model", str(teacher_dir), "--chat", "--prompt", "What is the capital of France?",
-            "--temperature", "0", "--max-new-tokens", "24"]
+    argv = [
+        "--model",
+        str(teacher_dir),
+        "--chat",
+        "--prompt",
+        "What is the capital of France?",
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        "24",
+    ]
     assert cli.main(argv) == 0
     assert "Paris" in capsys.readouterr().out

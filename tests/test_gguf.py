@@ -12,6 +12,7 @@ mistake gives > 40), greedy chat answer about France's capital mentions Paris.
 
     .venv/bin/python -m pytest -q tests/test_gguf.py
 """
+
 import importlib.util
 import json
 import subprocess
@@ -24,8 +25,14 @@ import numpy as np
 import pytest
 import torch
 from tiny_tokenizer import CHATML, TINY_VOCAB_SIZE, make_tiny_tokenizer
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config,
-                          Qwen2ForCausalLM)
+from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    LlamaConfig,
+    LlamaForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 from kd.hf import load_model
 from kd.tokenizer import load_tokenizer
@@ -52,10 +59,18 @@ during the Renaissance and the Reformation."""
 
 # HF -> GGUF names, written out independently of the importer's own table.
 GGUF_NAMES = {
-    "model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output",
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-    "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+    "model.embed_tokens": "token_embd",
+    "model.norm": "output_norm",
+    "lm_head": "output",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
 }
 
 
@@ -69,7 +84,11 @@ def importer() -> ModuleType:
 
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """llama.cpp convert_hf_to_gguf.py, LlamaModel.permute: rotate-half rows -> interleaved pairs."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return (
+        w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(w.shape)
+    )
 
 
 def gguf_name(hf_name: str) -> str:
@@ -80,7 +99,9 @@ def gguf_name(hf_name: str) -> str:
     return f"{GGUF_NAMES[base]}.{kind}"
 
 
-def write_gguf(model: torch.nn.Module, tok_dir: Path, path: Path, *, arch: str, pre: str = "smollm") -> None:
+def write_gguf(
+    model: torch.nn.Module, tok_dir: Path, path: Path, *, arch: str, pre: str = "smollm"
+) -> None:
     """Write `model` and the tokenizer in `tok_dir` as an F32 GGUF, as llama.cpp's converter would."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), arch)
@@ -125,12 +146,24 @@ def write_gguf(model: torch.nn.Module, tok_dir: Path, path: Path, *, arch: str, 
 
 def tiny_model(arch: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    common = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-5)
+    common = dict(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+    )
     if arch == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False))
+        model = LlamaForCausalLM(
+            LlamaConfig(**common, rope_theta=10000.0, tie_word_embeddings=False)
+        )
     else:
-        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True))
+        model = Qwen2ForCausalLM(
+            Qwen2Config(**common, rope_theta=1000000.0, tie_word_embeddings=True)
+        )
     with torch.no_grad():  # HF inits biases to 0 and norms to 1; perturb so every tensor matters
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.02)
@@ -162,9 +195,15 @@ def test_round_trip_tiny_model(importer: ModuleType, tmp_path: Path, arch: str, 
     assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
     assert tok.encode(text) == hf_tok.encode(text)
     messages = [{"role": "user", "content": "hi"}]
-    assert tok.apply_chat_template(messages, add_generation_prompt=True) == hf_tok.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False)
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.vocab_size) == (1, 2, 2, TINY_VOCAB_SIZE)
+    assert tok.apply_chat_template(
+        messages, add_generation_prompt=True
+    ) == hf_tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id, tok.vocab_size) == (
+        1,
+        2,
+        2,
+        TINY_VOCAB_SIZE,
+    )
     if pre == "smollm":  # same pre-tokenizer as the tiny tokenizer was trained with: identical ids
         assert tok.fingerprint() == load_tokenizer(tok_dir).fingerprint()
 
@@ -174,22 +213,34 @@ def test_bf16_output(importer: ModuleType, tmp_path: Path) -> None:
     write_gguf(tiny_model("llama"), tok_dir, tmp_path / "tiny.gguf", arch="llama")
     out = importer.import_gguf(tmp_path / "tiny.gguf", tmp_path / "hf")  # default dtype
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    assert AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.dtype == torch.bfloat16
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny.gguf", "tok"]  # no temp dir left
+    assert (
+        AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.dtype == torch.bfloat16
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "hf",
+        "tiny.gguf",
+        "tok",
+    ]  # no temp dir left
 
 
 def test_cli_rejects_non_gguf_in_one_line(tmp_path: Path) -> None:
     bad = tmp_path / "model.gguf"
     bad.write_text("not a gguf")
-    result = subprocess.run([sys.executable, str(SCRIPT), str(bad), str(tmp_path / "out")],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(bad), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
     assert "not a GGUF file" in result.stderr
     assert not (tmp_path / "out").exists()
 
 
-def test_errors_are_one_line(importer: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_errors_are_one_line(
+    importer: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     assert importer.main([str(tmp_path / "missing.gguf"), str(tmp_path / "out")]) == 1
     assert capsys.readouterr().err.startswith("error: ")
 
@@ -221,9 +272,19 @@ def teacher(teacher_dir: Path) -> tuple[torch.nn.Module, object]:
 @pytest.mark.teacher
 def test_teacher_config(teacher_dir: Path) -> None:
     config = json.loads((teacher_dir / "config.json").read_text())
-    expected = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                    num_attention_heads=9, num_key_value_heads=3, head_dim=64, vocab_size=49152,
-                    rope_theta=100000.0, rms_norm_eps=1e-5, tie_word_embeddings=True)  # FACTS.md
+    expected = dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )  # FACTS.md
     assert {k: config[k] for k in expected} == expected
 
 
@@ -241,10 +302,13 @@ def test_teacher_perplexity(teacher: tuple) -> None:
 @pytest.mark.teacher
 def test_teacher_answers_paris(teacher: tuple) -> None:
     model, tok = teacher
-    prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                     add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}],
+        add_generation_prompt=True,
+        tokenize=False,
+    )
     ids = torch.tensor([tok.encode(prompt)])
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=20, do_sample=False)
-    answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer

@@ -9,6 +9,7 @@ output directory survives a save that fails halfway and is replaced by one that 
 
 Run: `.venv/bin/python -m pytest -q tests/test_hf.py`.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,8 +37,10 @@ def untied_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def copy_of(tmp_path):
     """A scratch copy of a checkpoint directory that a test may break."""
+
     def copy(src: Path) -> Path:
         return Path(shutil.copytree(src, tmp_path / "broken"))
+
     return copy
 
 
@@ -111,21 +114,31 @@ def test_missing_tensor_untied_needs_lm_head(untied_dir, copy_of):
     path = copy_of(untied_dir)
     rewrite_tensors(path, lambda sd: sd.pop("lm_head.weight"))
     message = one_line_error(ValueError, load_model, path)
-    assert "missing 1 tensor(s): lm_head.weight" in message and "tie_word_embeddings=False" in message
+    assert (
+        "missing 1 tensor(s): lm_head.weight" in message and "tie_word_embeddings=False" in message
+    )
 
 
 def test_unexpected_tensor(tied_dir, copy_of):
     path = copy_of(tied_dir)
-    rewrite_tensors(path, lambda sd: sd.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(2)))
-    assert "unexpected 1 tensor(s): model.layers.9.mlp.up_proj.weight" in one_line_error(ValueError, load_model, path)
+    rewrite_tensors(
+        path, lambda sd: sd.__setitem__("model.layers.9.mlp.up_proj.weight", torch.zeros(2))
+    )
+    assert "unexpected 1 tensor(s): model.layers.9.mlp.up_proj.weight" in one_line_error(
+        ValueError, load_model, path
+    )
 
 
 def test_tied_checkpoint_may_carry_an_identical_head(tied_dir, copy_of):
     path = copy_of(tied_dir)
-    rewrite_tensors(path, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone()))
+    rewrite_tensors(
+        path, lambda sd: sd.__setitem__("lm_head.weight", sd["model.embed_tokens.weight"].clone())
+    )
     model = load_model(path)
     assert model.lm_head is None
-    rewrite_tensors(path, lambda sd: sd.__setitem__("lm_head.weight", torch.zeros_like(sd["lm_head.weight"])))
+    rewrite_tensors(
+        path, lambda sd: sd.__setitem__("lm_head.weight", torch.zeros_like(sd["lm_head.weight"]))
+    )
     assert "unexpected 1 tensor(s): lm_head.weight" in one_line_error(ValueError, load_model, path)
 
 
@@ -133,7 +146,9 @@ def test_tied_checkpoint_may_carry_an_identical_head(tied_dir, copy_of):
 def test_save_then_load_round_trip(untied_dir, tied_dir, tmp_path, max_shard_bytes):
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
-    (tokenizer_dir / "tokenizer.json").write_text("{}")  # save only copies it; kd/tokenizer.py parses it
+    (tokenizer_dir / "tokenizer.json").write_text(
+        "{}"
+    )  # save only copies it; kd/tokenizer.py parses it
     for src in (untied_dir, tied_dir):
         model = load_model(src)
         out = tmp_path / src.parent.name

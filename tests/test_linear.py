@@ -10,6 +10,7 @@ matrices wider than tall, leaves the logits and cached greedy decoding unchanged
 
 Run: `.venv/bin/python -m pytest -q tests/test_linear.py`.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -64,7 +65,9 @@ def test_widths_not_divisible(threads):
     with torch.no_grad():
         w = torch.randn(50, 64)  # neither 50 outputs nor 64 inputs split 3 ways: plain F.linear
         assert torch.equal(linear(x, w), F.linear(x, w))
-        w = torch.randn(48, 64).t().contiguous().t()  # transposed, 64 inputs don't split: split the outputs
+        w = (
+            torch.randn(48, 64).t().contiguous().t()
+        )  # transposed, 64 inputs don't split: split the outputs
         err = np.abs(linear(x, w).numpy() - reference(x, w, None)).max()
         assert err < ATOL, f"max |linear - numpy| = {err}"
 
@@ -96,8 +99,15 @@ def test_split_really_runs_as_one_bmm(threads):
 
 @pytest.fixture
 def tiny_model() -> Transformer:
-    config = ModelConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    config = ModelConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     model = Transformer(config)
     model.init_weights(seed=0)
     return model.eval()
@@ -109,7 +119,9 @@ def test_decode_layout_keeps_the_model(threads, tiny_model, tmp_path):
     prompts = [[5, 6, 7], [8, 9]]
     with torch.no_grad():
         logits = tiny_model(ids)
-    tokens = generate(tiny_model, prompts, max_new_tokens=6, temperature=0.0, eos_token_ids=None, pad_id=0)
+    tokens = generate(
+        tiny_model, prompts, max_new_tokens=6, temperature=0.0, eos_token_ids=None, pad_id=0
+    )
     head = tiny_model.head_weight.detach().clone()
 
     mlp = tiny_model.model.layers[0].mlp
@@ -119,16 +131,27 @@ def test_decode_layout_keeps_the_model(threads, tiny_model, tmp_path):
     assert torch.equal(w, head)
     # Wider than tall (64 x 32): transposed in memory. Taller (32 x 64) and square: as loaded.
     assert mlp.gate_proj.weight.shape == (64, 32) and mlp.gate_proj.weight.t().is_contiguous()
-    assert mlp.down_proj.weight.is_contiguous() and tiny_model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+    assert (
+        mlp.down_proj.weight.is_contiguous()
+        and tiny_model.model.layers[0].self_attn.q_proj.weight.is_contiguous()
+    )
     assert tiny_model.model.embed_tokens.weight is w, "the tie survives: one parameter, two uses"
     with torch.no_grad():
         err = (tiny_model(ids) - logits).abs().max().item()
     assert err < 1e-5, f"logits moved by {err} after decode_layout (fp32 rounding only)"
-    assert generate(tiny_model, prompts, max_new_tokens=6, temperature=0.0, eos_token_ids=None, pad_id=0) == tokens
+    assert (
+        generate(
+            tiny_model, prompts, max_new_tokens=6, temperature=0.0, eos_token_ids=None, pad_id=0
+        )
+        == tokens
+    )
 
     save_model(tiny_model, tmp_path / "m")
     back = load_model(tmp_path / "m")
-    assert all(torch.equal(a, b) for a, b in zip(back.state_dict().values(), tiny_model.state_dict().values()))
+    assert all(
+        torch.equal(a, b)
+        for a, b in zip(back.state_dict().values(), tiny_model.state_dict().values())
+    )
 
 
 def test_decode_layout_leaves_bf16_alone(tiny_model):

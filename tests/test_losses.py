@@ -8,6 +8,7 @@ num_tokens, zero valid tokens, micro-batch invariance), multi-teacher mixtures, 
 
 Run: .venv/bin/python -m pytest -q tests/test_losses.py
 """
+
 from __future__ import annotations
 
 import math
@@ -50,7 +51,9 @@ def np_kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return np.where(a > 0, a * (np.log(a) - np.log(b)), 0.0).sum(-1)
 
 
-def np_divergence(name: str, s: np.ndarray, t: np.ndarray, temperature: float, **kw: float) -> np.ndarray:
+def np_divergence(
+    name: str, s: np.ndarray, t: np.ndarray, temperature: float, **kw: float
+) -> np.ndarray:
     """The formulas of the issue, applied literally in float64."""
     p, q = np_softmax(t / temperature), np_softmax(s / temperature)
     if name == "forward_kl":
@@ -91,12 +94,16 @@ def np_loss(s, t, labels, *, name, temperature, alpha, num_tokens=None, kw=None)
     return (alpha * temperature**2 * div[valid].sum() + (1 - alpha) * ce[valid].sum()) / n
 
 
-def rand_logits(*shape: int, seed: int = 0, scale: float = 3.0, dtype=torch.float64) -> torch.Tensor:
+def rand_logits(
+    *shape: int, seed: int = 0, scale: float = 3.0, dtype=torch.float64
+) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
-def call(name: str, s: torch.Tensor, t: torch.Tensor, *, temperature: float = 1.0, **kw: float) -> torch.Tensor:
+def call(
+    name: str, s: torch.Tensor, t: torch.Tensor, *, temperature: float = 1.0, **kw: float
+) -> torch.Tensor:
     return getattr(losses, name)(s, t, temperature=temperature, **kw)
 
 
@@ -121,7 +128,10 @@ def test_divergence_matches_numpy(name, kw, _, temperature, shape):
 
 @pytest.mark.parametrize("name,kw,_", CASES, ids=IDS)
 def test_fp32_inputs_compute_in_fp32(name, kw, _):
-    s, t = rand_logits(4, 3000, seed=3, dtype=torch.float32), rand_logits(4, 3000, seed=4, dtype=torch.float32)
+    s, t = (
+        rand_logits(4, 3000, seed=3, dtype=torch.float32),
+        rand_logits(4, 3000, seed=4, dtype=torch.float32),
+    )
     got = call(name, s, t, temperature=2.0, **kw)
     want = np_divergence(name, s.double().numpy(), t.double().numpy(), 2.0, **kw)
     assert got.dtype == torch.float32
@@ -178,7 +188,10 @@ def test_zero_on_equal_and_nonnegative(name, kw, _):
 
 
 def test_tvd_and_jsd_bounds_and_symmetry():
-    s, t = rand_logits(8, 50, seed=13, scale=40.0), rand_logits(8, 50, seed=14, scale=40.0)  # near one-hot
+    s, t = (
+        rand_logits(8, 50, seed=13, scale=40.0),
+        rand_logits(8, 50, seed=14, scale=40.0),
+    )  # near one-hot
     assert losses.tvd(s, t).max() <= 1.0
     j = losses.jsd(s, t, beta=0.5)
     assert j.max() <= math.log(2) + 1e-12  # float64 rounding
@@ -212,15 +225,30 @@ def labels_for(shape: tuple[int, ...], vocab: int, *, seed: int) -> torch.Tensor
 def test_distillation_loss_matches_numpy(name, kw, loss_kw, temperature):
     s, t = rand_logits(2, 9, 50, seed=17), rand_logits(2, 9, 50, seed=18)
     labels = labels_for((2, 9), 50, seed=19)
-    loss, metrics = distillation_loss(s, t, labels, divergence=name, temperature=temperature, alpha=0.3, **loss_kw)
-    want = np_loss(s.numpy(), t.numpy(), labels.numpy(), name=name, temperature=temperature, alpha=0.3, kw=kw)
+    loss, metrics = distillation_loss(
+        s, t, labels, divergence=name, temperature=temperature, alpha=0.3, **loss_kw
+    )
+    want = np_loss(
+        s.numpy(), t.numpy(), labels.numpy(), name=name, temperature=temperature, alpha=0.3, kw=kw
+    )
     assert abs(float(loss) - want) < 1e-10, abs(float(loss) - want)  # float64 both sides
     valid = (labels != -100).numpy()
     want_div = np_divergence(name, s.numpy(), t.numpy(), temperature, **kw)[valid].mean()
     assert abs(float(metrics["divergence"]) - want_div) < 1e-10  # unscaled: no T^2, no alpha
     assert int(metrics["valid_tokens"]) == valid.sum()
-    loss_n, _ = distillation_loss(s, t, labels, divergence=name, temperature=temperature, alpha=0.3, num_tokens=100, **loss_kw)
-    want_n = np_loss(s.numpy(), t.numpy(), labels.numpy(), name=name, temperature=temperature, alpha=0.3, num_tokens=100, kw=kw)
+    loss_n, _ = distillation_loss(
+        s, t, labels, divergence=name, temperature=temperature, alpha=0.3, num_tokens=100, **loss_kw
+    )
+    want_n = np_loss(
+        s.numpy(),
+        t.numpy(),
+        labels.numpy(),
+        name=name,
+        temperature=temperature,
+        alpha=0.3,
+        num_tokens=100,
+        kw=kw,
+    )
     assert abs(float(loss_n) - want_n) < 1e-10, abs(float(loss_n) - want_n)
 
 
@@ -229,7 +257,9 @@ def test_alpha_zero_is_sft_and_ignores_padding():
     labels = labels_for((2, 9), 50, seed=22)
     loss, metrics = distillation_loss(s, t, labels, alpha=0.0, temperature=2.0)
     ce = F.cross_entropy(s.reshape(-1, 50), labels.reshape(-1), ignore_index=-100)
-    assert abs(float(loss - ce)) < 1e-12 and abs(float(metrics["ce"] - ce)) < 1e-12  # float64 rounding
+    assert (
+        abs(float(loss - ce)) < 1e-12 and abs(float(metrics["ce"] - ce)) < 1e-12
+    )  # float64 rounding
     no_teacher, _ = distillation_loss(s, None, labels, alpha=0.0, temperature=2.0)
     assert abs(float(no_teacher - ce)) < 1e-12, abs(float(no_teacher - ce))  # float64 rounding
     with pytest.raises(ValueError, match="alpha=0"):
@@ -248,13 +278,17 @@ def test_micro_batches_with_global_count_give_the_full_gradient():
     s = rand_logits(4, 7, 30, seed=25).requires_grad_()
     t = rand_logits(4, 7, 30, seed=26)
     labels = labels_for((4, 7), 30, seed=27)
-    labels[3, :5] = -100  # micro-batches with different valid counts: the per-micro-batch-mean bug shows
+    labels[
+        3, :5
+    ] = -100  # micro-batches with different valid counts: the per-micro-batch-mean bug shows
     distillation_loss(s, t, labels, temperature=2.0)[0].backward()
     full = s.grad.clone()
     s.grad = None
     n = int((labels != -100).sum())
     for rows in (slice(0, 1), slice(1, 4)):
-        distillation_loss(s[rows], t[rows], labels[rows], temperature=2.0, num_tokens=n)[0].backward()
+        distillation_loss(s[rows], t[rows], labels[rows], temperature=2.0, num_tokens=n)[
+            0
+        ].backward()
     assert (s.grad - full).abs().max() < 1e-14, (s.grad - full).abs().max()  # float64 rounding
 
 
@@ -264,7 +298,9 @@ def test_loss_gradcheck_with_topk_and_teacher_mixture():
     labels = torch.tensor([[1, 2, -100], [3, -100, 7]])
     topk = torch.log_softmax(t1 / 2.0, -1).topk(3, dim=-1)
     for teacher in ([t1, t2], TopK(topk.indices, topk.values)):
-        fn = lambda a: distillation_loss(a, teacher, labels, divergence="jsd", beta=0.3, temperature=2.0)[0]  # noqa: E731
+        fn = lambda a: distillation_loss(
+            a, teacher, labels, divergence="jsd", beta=0.3, temperature=2.0
+        )[0]  # noqa: E731
         assert torch.autograd.gradcheck(fn, (s,))
 
 
@@ -280,7 +316,15 @@ def test_multi_teacher_mixtures_match_numpy():
     valid = (labels != -100).numpy()
     want = 4.0 * np_kl(p, np_softmax(s.numpy() / 2))[valid].sum() / valid.sum()
     assert abs(float(loss) - want) < 1e-10, abs(float(loss) - want)  # float64 both sides
-    loss, _ = distillation_loss(s, [t1, t2], labels, alpha=1.0, temperature=2.0, teacher_weights=[1, 3], teacher_mixture="logits")
+    loss, _ = distillation_loss(
+        s,
+        [t1, t2],
+        labels,
+        alpha=1.0,
+        temperature=2.0,
+        teacher_weights=[1, 3],
+        teacher_mixture="logits",
+    )
     avg = 0.25 * t1.numpy() + 0.75 * t2.numpy()  # weights normalized, logits averaged
     want = np_loss(s.numpy(), avg, labels.numpy(), name="forward_kl", temperature=2.0, alpha=1.0)
     assert abs(float(loss) - want) < 1e-10, abs(float(loss) - want)
@@ -293,7 +337,9 @@ def test_topk_with_k_equal_vocab_is_dense(name, kw, loss_kw):
     s, t = rand_logits(2, 6, 40, seed=35), rand_logits(2, 6, 40, seed=36)
     labels = labels_for((2, 6), 40, seed=37)
     top = torch.log_softmax(t / 2.0, -1).topk(40, dim=-1)
-    sparse, _ = distillation_loss(s, TopK(top.indices, top.values), labels, divergence=name, temperature=2.0, **loss_kw)
+    sparse, _ = distillation_loss(
+        s, TopK(top.indices, top.values), labels, divergence=name, temperature=2.0, **loss_kw
+    )
     dense, _ = distillation_loss(s, t, labels, divergence=name, temperature=2.0, **loss_kw)
     assert abs(float(sparse - dense)) < 1e-10, abs(float(sparse - dense))  # float64, reordered sums
 
@@ -306,7 +352,9 @@ def test_topk_tail_bucket_matches_numpy():
     p_k, q_k = np.take_along_axis(p, ids, -1), np.take_along_axis(q, ids, -1)
     p_b = np.concatenate([p_k, 1 - p_k.sum(-1, keepdims=True)], -1)  # k tokens + tail bucket
     q_b = np.concatenate([q_k, 1 - q_k.sum(-1, keepdims=True)], -1)
-    got, _ = distillation_loss(s, TopK(top.indices, top.values), torch.zeros(3, dtype=torch.long), alpha=1.0)
+    got, _ = distillation_loss(
+        s, TopK(top.indices, top.values), torch.zeros(3, dtype=torch.long), alpha=1.0
+    )
     want = np_kl(p_b, q_b).mean()
     assert abs(float(got) - want) < 1e-10, abs(float(got) - want)  # float64 both sides
     assert want < np_kl(p, q).mean()  # the bucketed KL is a lower bound of the full one
@@ -331,10 +379,22 @@ def test_padded_teacher_vocab_is_sliced_only_when_declared():
 
 @pytest.mark.parametrize("name,kw,loss_kw", CASES, ids=IDS)
 def test_bf16_inputs_give_fp32_results(name, kw, loss_kw):
-    s, t = rand_logits(2, 8, 500, seed=43, dtype=torch.float32), rand_logits(2, 8, 500, seed=44, dtype=torch.float32)
+    s, t = (
+        rand_logits(2, 8, 500, seed=43, dtype=torch.float32),
+        rand_logits(2, 8, 500, seed=44, dtype=torch.float32),
+    )
     labels = labels_for((2, 8), 500, seed=45)
-    got, _ = distillation_loss(s.bfloat16(), t.bfloat16(), labels, divergence=name, temperature=2.0, **loss_kw)
-    upcast, _ = distillation_loss(s.bfloat16().float(), t.bfloat16().float(), labels, divergence=name, temperature=2.0, **loss_kw)
+    got, _ = distillation_loss(
+        s.bfloat16(), t.bfloat16(), labels, divergence=name, temperature=2.0, **loss_kw
+    )
+    upcast, _ = distillation_loss(
+        s.bfloat16().float(),
+        t.bfloat16().float(),
+        labels,
+        divergence=name,
+        temperature=2.0,
+        **loss_kw,
+    )
     full, _ = distillation_loss(s, t, labels, divergence=name, temperature=2.0, **loss_kw)
     assert got.dtype == torch.float32
     assert float(got) == float(upcast)  # the math runs in fp32 on the bf16 values, nothing in bf16
@@ -355,7 +415,9 @@ def test_input_errors_are_value_errors():
         lambda: distillation_loss(s, t, labels, num_tokens=0),
         lambda: distillation_loss(s, [t, t], labels, teacher_weights=[1.0]),
         lambda: distillation_loss(s, [t], labels, teacher_mixture="geometric"),
-        lambda: distillation_loss(s, TopK(labels[:, None], t[:, :1]), labels, divergence="logit_mse"),
+        lambda: distillation_loss(
+            s, TopK(labels[:, None], t[:, :1]), labels, divergence="logit_mse"
+        ),
     ]
     for fn in bad:
         with pytest.raises(ValueError):

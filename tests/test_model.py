@@ -11,6 +11,7 @@ at loss ~ln(V); `output_fn` sees the final hidden state and head weight.
 
 Run: `.venv/bin/python -m pytest -q tests/test_model.py -s` (-s prints the max differences).
 """
+
 from __future__ import annotations
 
 import json
@@ -48,7 +49,9 @@ def tiny(request, tmp_path_factory):
 @torch.no_grad()
 def test_logits_match_transformers(tiny):
     arch, _, model, ref = tiny
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0)
+    )
     ours, theirs = model(ids), ref(ids).logits
     diff = (ours - theirs).abs().max().item()
     print(f"{arch}: max |logit diff| vs transformers = {diff:.2e}")
@@ -60,7 +63,9 @@ def test_transformers_loads_what_save_model_writes(tiny, tmp_path):
     arch, _, model, _ = tiny
     save_model(model, tmp_path / "saved", max_shard_bytes=40_000 if arch == "mistral" else 2**30)
     ref = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
-    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(5)
+    )
     diff = (model(ids) - ref(ids).logits).abs().max().item()
     print(f"{arch}: transformers on our saved copy, max |logit diff| = {diff:.2e}")
     assert diff < PARITY_ATOL, f"{arch}: transformers reads our save with logit diff {diff:.2e}"
@@ -70,13 +75,15 @@ def test_transformers_loads_what_save_model_writes(tiny, tmp_path):
 def test_kv_cache_decoding_equals_full_forward(tiny):
     arch, _, model, _ = tiny
     T, prompt = 20, 6  # 20 > mistral's window of 8: the window matters in the cache too
-    ids = torch.randint(0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, T), generator=torch.Generator().manual_seed(1)
+    )
     full = model(ids)
     model.setup_cache(2, 32)
     try:
         steps = [model(ids[:, :prompt], input_pos=torch.arange(prompt))]
         for t in range(prompt, T):
-            steps.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t])))
+            steps.append(model(ids[:, t : t + 1], input_pos=torch.tensor([t])))
     finally:
         model.clear_cache()
     diff = (torch.cat(steps, dim=1) - full).abs().max().item()
@@ -99,13 +106,15 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny):
         ids = torch.zeros(B, P + new, dtype=torch.long)
         mask = torch.zeros(B, S, dtype=torch.bool)
         for b, (seq, n) in enumerate(zip(batch, lens)):
-            ids[b, P - n:] = seq
-            mask[b, P - n:P + new] = True
+            ids[b, P - n :] = seq
+            mask[b, P - n : P + new] = True
         model.setup_cache(B, S)
         try:
             out = [model(ids[:, :P], input_pos=torch.arange(P), attention_mask=mask)]
             for t in range(P, P + new):
-                out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t]), attention_mask=mask))
+                out.append(
+                    model(ids[:, t : t + 1], input_pos=torch.tensor([t]), attention_mask=mask)
+                )
         finally:
             model.clear_cache()
         return torch.cat(out, dim=1)  # (B, P + new, V)
@@ -114,7 +123,7 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny):
     diffs = []
     for b, (seq, n) in enumerate(zip(seqs, lengths)):
         alone = model(seq[None])[0]  # no padding, no cache: the reference
-        diffs.append((batched[b, P - n:] - alone).abs().max().item())
+        diffs.append((batched[b, P - n :] - alone).abs().max().item())
     print(f"{arch}: max |left-padded batch - alone| = {max(diffs):.2e}")
     assert max(diffs) < CACHE_ATOL, f"{arch}: padded rows differ from unpadded runs by {diffs}"
 
@@ -124,17 +133,30 @@ def test_mask_of_the_used_slots_equals_the_full_length_mask(tiny):
     """A (B, L) mask with L < cache length reads only slots 0..L-1: same logits as the full mask."""
     arch, _, model, _ = tiny
     P, new, S = 6, 8, 20
-    ids = torch.randint(3, model.config.vocab_size, (2, P + new), generator=torch.Generator().manual_seed(7))
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, P + new), generator=torch.Generator().manual_seed(7)
+    )
     mask = torch.ones(2, S, dtype=torch.bool)
     mask[0, :3] = False  # row 0: 3 pad slots on the left
 
     def run(sliced: bool) -> torch.Tensor:
         model.setup_cache(2, S)
         try:
-            out = [model(ids[:, :P], input_pos=torch.arange(P), attention_mask=mask[:, :P] if sliced else mask)]
+            out = [
+                model(
+                    ids[:, :P],
+                    input_pos=torch.arange(P),
+                    attention_mask=mask[:, :P] if sliced else mask,
+                )
+            ]
             for t in range(P, P + new):
-                out.append(model(ids[:, t:t + 1], input_pos=torch.tensor([t]),
-                                 attention_mask=mask[:, :t + 1] if sliced else mask))
+                out.append(
+                    model(
+                        ids[:, t : t + 1],
+                        input_pos=torch.tensor([t]),
+                        attention_mask=mask[:, : t + 1] if sliced else mask,
+                    )
+                )
         finally:
             model.clear_cache()
         return torch.cat(out, dim=1)
@@ -145,7 +167,11 @@ def test_mask_of_the_used_slots_equals_the_full_length_mask(tiny):
     with pytest.raises(ValueError, match="attention_mask has shape"):
         model.setup_cache(2, S)
         try:
-            model(ids[:, :P], input_pos=torch.arange(P), attention_mask=torch.ones(2, S + 1, dtype=torch.bool))
+            model(
+                ids[:, :P],
+                input_pos=torch.arange(P),
+                attention_mask=torch.ones(2, S + 1, dtype=torch.bool),
+            )
         finally:
             model.clear_cache()
 
@@ -153,11 +179,16 @@ def test_mask_of_the_used_slots_equals_the_full_length_mask(tiny):
 @torch.no_grad()
 def test_attention_mask_without_cache_handles_left_padding(tiny):
     arch, _, model, _ = tiny
-    ids = torch.randint(3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    ids = torch.randint(
+        3, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3)
+    )
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[0, :5] = False  # row 0 has 5 pad tokens on the left
     out = model(ids, attention_mask=mask)
-    diff = max((out[0, 5:] - model(ids[:1, 5:])[0]).abs().max().item(), (out[1] - model(ids[1:])[0]).abs().max().item())
+    diff = max(
+        (out[0, 5:] - model(ids[:1, 5:])[0]).abs().max().item(),
+        (out[1] - model(ids[1:])[0]).abs().max().item(),
+    )
     assert diff < CACHE_ATOL, f"{arch}: masked forward differs from unpadded by {diff:.2e}"
 
 
@@ -168,22 +199,43 @@ def test_output_fn_gets_final_hidden_and_head_weight(tiny):
     assert got[0].shape == (2, 5, model.config.hidden_size)
     assert got[1] is model.head_weight
     diff = (got[0] @ got[1].T - model(ids)).abs().max().item()
-    assert diff < 1e-5, f"hidden @ head_weight.T differs from the logits by {diff:.2e}"  # same matmul, fp32
+    assert diff < 1e-5, (
+        f"hidden @ head_weight.T differs from the logits by {diff:.2e}"
+    )  # same matmul, fp32
 
 
 def test_tied_head_is_the_embedding():
-    cfg = ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                      num_attention_heads=2, tie_word_embeddings=True)
+    cfg = ModelConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        tie_word_embeddings=True,
+    )
     model = Transformer(cfg)
     assert model.lm_head is None and model.head_weight is model.model.embed_tokens.weight
     assert "lm_head.weight" not in model.state_dict()
 
 
 def test_config_reads_both_rope_spellings(tmp_path):
-    classic = {"model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
-               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-               "rope_theta": 500000.0, "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                                        "high_freq_factor": 4.0, "original_max_position_embeddings": 32}}
+    classic = {
+        "model_type": "llama",
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "rope_theta": 500000.0,
+        "rope_scaling": {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 32,
+        },
+    }
     legacy_type = {**classic, "rope_scaling": {**classic["rope_scaling"], "type": "llama3"}}
     del legacy_type["rope_scaling"]["rope_type"]
     # What transformers 5 writes (checked: LlamaConfig(...).save_pretrained in the venv).
@@ -197,14 +249,29 @@ def test_config_reads_both_rope_spellings(tmp_path):
         assert ModelConfig.from_hf(cfg.to_hf()) == cfg  # round trip
     plain = ModelConfig.from_hf({**classic, "rope_scaling": None})
     assert plain.rope_scaling is None and plain.rope_theta == 500000.0
-    assert ModelConfig.from_hf({**classic, "rope_scaling": None, "rope_parameters": {
-        "rope_type": "default", "rope_theta": 7.0}}).rope_theta == 7.0
+    assert (
+        ModelConfig.from_hf(
+            {
+                **classic,
+                "rope_scaling": None,
+                "rope_parameters": {"rope_type": "default", "rope_theta": 7.0},
+            }
+        ).rope_theta
+        == 7.0
+    )
 
 
 def test_meta_build_then_init_weights_starts_near_uniform():
     """A fresh model must predict ~uniformly: cross-entropy ~ ln(V) on random tokens."""
-    cfg = ModelConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = ModelConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device="cpu")
@@ -216,10 +283,14 @@ def test_meta_build_then_init_weights_starts_near_uniform():
     ids = torch.randint(0, cfg.vocab_size, (4, 64), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         # Next-token loss (shifted): with tied weights the current token is predictable.
-        loss = torch.nn.functional.cross_entropy(model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).item()
+        loss = torch.nn.functional.cross_entropy(
+            model(ids)[:, :-1].flatten(0, 1), ids[:, 1:].flatten()
+        ).item()
     print(f"fresh loss {loss:.3f}, ln V = {math.log(cfg.vocab_size):.3f}")
     # N(0, 0.02) weights give logits of std ~0.02 * sqrt(H) ~ 0.16: loss exceeds ln V by ~0.01.
-    assert abs(loss - math.log(cfg.vocab_size)) < 0.1, f"fresh loss {loss:.3f} vs ln V {math.log(cfg.vocab_size):.3f}"
+    assert abs(loss - math.log(cfg.vocab_size)) < 0.1, (
+        f"fresh loss {loss:.3f} vs ln V {math.log(cfg.vocab_size):.3f}"
+    )
 
 
 def test_meta_build_loads_with_assign(tiny):
@@ -240,8 +311,14 @@ def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="rope_scaling.rope_type='yarn'"):
         ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="rope_scaling lacks low_freq_factor"):
-        ModelConfig(rope_scaling={"rope_type": "llama3", "factor": 8.0, "high_freq_factor": 4.0,
-                                  "original_max_position_embeddings": 8192})
+        ModelConfig(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 8192,
+            }
+        )
     with pytest.raises(ValueError, match="hidden_act='gelu'"):
         ModelConfig(hidden_act="gelu")
 
@@ -249,12 +326,15 @@ def test_config_rejects_bad_values():
 @torch.no_grad()
 def test_qwen2_sliding_window_layers_match_transformers(tmp_path):
     """Qwen2 windows only layers >= max_window_layers, and only when use_sliding_window is set."""
-    path = make_tiny_checkpoint(tmp_path / "m", "qwen2", use_sliding_window=True, sliding_window=4,
-                                max_window_layers=1)
+    path = make_tiny_checkpoint(
+        tmp_path / "m", "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1
+    )
     model = Transformer(ModelConfig.from_hf(path))
     assert model.windows == [None, 4]
     model.load_state_dict(load_state_dict(path), strict=True)
-    ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(4)
+    )
     diff = (model(ids) - AutoModelForCausalLM.from_pretrained(path)(ids).logits).abs().max().item()
     print(f"qwen2 sliding window: max |logit diff| vs transformers = {diff:.2e}")
     assert diff < PARITY_ATOL, f"qwen2 sliding window: max |logit diff| {diff:.2e}"
@@ -265,14 +345,16 @@ def test_bf16_forward_and_cache(tiny):
     """bf16 weights: logits come out in bf16 and the bf16 cache decodes like the bf16 forward."""
     arch, path, _, _ = tiny
     model = load_model(path, dtype=torch.bfloat16)
-    ids = torch.randint(0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(6))
+    ids = torch.randint(
+        0, model.config.vocab_size, (2, 12), generator=torch.Generator().manual_seed(6)
+    )
     full = model(ids)
     assert full.dtype == torch.bfloat16
     model.setup_cache(2, 16)
     # On a CPU the cache of bf16 weights is fp32: bf16 SDPA is ~9x slower there at decode shapes.
     assert model.model.layers[0].self_attn.kv_cache.k.dtype == torch.float32
     steps = [model(ids[:, :4], input_pos=torch.arange(4))]
-    steps += [model(ids[:, t:t + 1], input_pos=torch.tensor([t])) for t in range(4, 12)]
+    steps += [model(ids[:, t : t + 1], input_pos=torch.tensor([t])) for t in range(4, 12)]
     diff = (torch.cat(steps, dim=1).float() - full.float()).abs().max().item()
     # bf16 keeps 8 bits: logits of size ~1 round to steps of 2^-8 ~ 0.004; different
     # summation orders move them by a few steps (measured ~0.002).

@@ -16,6 +16,7 @@
 
 Run: `.venv/bin/python -m pytest -q tests/test_onpolicy.py`.
 """
+
 import json
 import os
 import socket
@@ -29,11 +30,27 @@ import torch.multiprocessing as mp
 from kd.data import IGNORE, Example
 from kd.losses import distillation_loss, reverse_kl
 from kd.model import ModelConfig, Transformer
-from kd.onpolicy import (RolloutConfig, align, gkd_micro_batches, importance_weights, load_prompt_examples,
-                         minillm_batch, minillm_loss, minillm_micro_batches, on_policy, ppo_clipped_sum, returns,
-                         rollout, rollout_batch, rollout_metrics, rollout_sums, whiten)
+from kd.onpolicy import (
+    RolloutConfig,
+    align,
+    gkd_micro_batches,
+    importance_weights,
+    load_prompt_examples,
+    minillm_batch,
+    minillm_loss,
+    minillm_micro_batches,
+    on_policy,
+    ppo_clipped_sum,
+    returns,
+    rollout,
+    rollout_batch,
+    rollout_metrics,
+    rollout_sums,
+    whiten,
+)
 from kd.tokenizer import load_tokenizer
 from tests.tiny_tokenizer import make_tiny_tokenizer
+
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -51,12 +68,21 @@ EOS = 2
 
 def tiny_model(*, seed: int, head_std: float = 0.02, layers: int = 1) -> Transformer:
     """A 1-layer untied model; head_std ~1 makes its next-token distributions peaky (logit std ~sqrt(H))."""
-    config = ModelConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    config = ModelConfig(
+        vocab_size=V,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     model = Transformer(config)
     model.init_weights(seed=seed)
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, head_std, generator=torch.Generator().manual_seed(seed + 1))
+        model.lm_head.weight.normal_(
+            0.0, head_std, generator=torch.Generator().manual_seed(seed + 1)
+        )
     return model
 
 
@@ -78,7 +104,9 @@ def test_teacher_mixed_first_token_frequencies() -> None:
     got = np.bincount(r.tokens[:, 0].numpy(), minlength=V) / n
     # Each frequency is a binomial mean: std sqrt(m (1 - m) / n) <= 0.0035; 5 std of slack.
     bound = 5 * np.sqrt(want * (1 - want) / n)
-    assert (np.abs(got - want) <= bound).all(), f"max |diff| {np.abs(got - want).max():.4f}, bound {bound.max():.4f}"
+    assert (np.abs(got - want) <= bound).all(), (
+        f"max |diff| {np.abs(got - want).max():.4f}, bound {bound.max():.4f}"
+    )
     # ...and the student alone would differ measurably from that mixture (the test has power).
     assert np.abs(q.numpy() - want).max() > 3 * bound.max()
 
@@ -90,14 +118,18 @@ def test_recorded_logprobs_and_importance_weights_match_the_formula() -> None:
     r = rollout(student, teacher, prompts, config(6), teacher_mix_alpha=alpha, seed=3)
     batch = rollout_batch(r, pad_id=0)
     width = batch["input_ids"].shape[1]
-    with torch.no_grad():  # full forwards of prompt + response, right padded: logits[t] predicts labels[t]
+    with (
+        torch.no_grad()
+    ):  # full forwards of prompt + response, right padded: logits[t] predicts labels[t]
         log_q = student(batch["input_ids"]).double().log_softmax(-1)
         log_p = teacher(batch["input_ids"]).double().log_softmax(-1)
     valid = batch["labels"] != IGNORE
     y = batch["labels"].clamp(min=0)[..., None]
     q_y, p_y = log_q.gather(-1, y).squeeze(-1).exp(), log_p.gather(-1, y).squeeze(-1).exp()
     want_w = (q_y / (alpha * p_y + (1 - alpha) * q_y))[valid]
-    got_w = align(r, importance_weights(r.student_logprobs, r.behaviour_logprobs), width)[valid].double()
+    got_w = align(r, importance_weights(r.student_logprobs, r.behaviour_logprobs), width)[
+        valid
+    ].double()
     # Cached decoding vs one full forward, fp32: ~1e-6 apart; 1e-4 leaves room for exp().
     assert (got_w - want_w).abs().max() < 1e-4, f"max |diff| {(got_w - want_w).abs().max():.2e}"
     for recorded, full in ((r.student_logprobs, q_y), (r.teacher_logprobs, p_y)):
@@ -113,11 +145,13 @@ def test_rollout_batch_layout_and_eos() -> None:
     batch = rollout_batch(r, pad_id=0)
     for b, (prompt, row, n) in enumerate(zip(prompts, r.tokens.tolist(), r.lengths.tolist())):
         ids, labels = batch["input_ids"][b].tolist(), batch["labels"][b].tolist()
-        assert ids[:len(prompt) + n] == prompt + row[:n]
+        assert ids[: len(prompt) + n] == prompt + row[:n]
         assert [t for t in labels if t != IGNORE] == row[:n]
         assert labels[len(prompt) - 1] == row[0]
         ended = any(t in (EOS, 11) for t in row[:n])
-        assert ended == (row[n - 1] in (EOS, 11)) and (ended or n == r.tokens.shape[1])  # EOS is kept, then stop
+        assert ended == (row[n - 1] in (EOS, 11)) and (
+            ended or n == r.tokens.shape[1]
+        )  # EOS is kept, then stop
         assert all(t == 0 for t in row[n:])  # finished rows are fed padding
     assert r.student_logprobs is not None and r.teacher_logprobs is None
 
@@ -136,7 +170,9 @@ def test_seq_kd_rollout_samples_the_teacher_alone() -> None:
 
 
 def test_returns_hand_computed() -> None:
-    rewards = torch.tensor([[1.0, 2.0, 3.0, 7.0], [0.5, -1.0, 9.0, 9.0]])  # off-mask values must not count
+    rewards = torch.tensor(
+        [[1.0, 2.0, 3.0, 7.0], [0.5, -1.0, 9.0, 9.0]]
+    )  # off-mask values must not count
     mask = torch.tensor([[True, True, True, False], [True, True, False, False]])
     # Row 0: R = [1+2+3, 2+3, 3] = [6, 5, 3]; remaining tokens [3, 2, 1] -> [2, 2.5, 3].
     # Row 1: R = [-0.5, -1]; remaining [2, 1] -> [-0.25, -1].
@@ -144,7 +180,9 @@ def test_returns_hand_computed() -> None:
     normed = torch.tensor([[2.0, 2.5, 3.0, 0.0], [-0.25, -1.0, 0.0, 0.0]])
     for length_norm, want in ((False, plain), (True, normed)):
         got = returns(rewards, mask, length_norm=length_norm)
-        assert (got - want).abs().max() < 1e-6, f"length_norm={length_norm}: max |diff| {(got - want).abs().max():.2e}"
+        assert (got - want).abs().max() < 1e-6, (
+            f"length_norm={length_norm}: max |diff| {(got - want).abs().max():.2e}"
+        )
 
     # Whitening over the 5 response tokens: mean 1.25, biased variance, as LMOps' global whiten.
     values = np.array([2.0, 2.5, 3.0, -0.25, -1.0])
@@ -158,7 +196,9 @@ def test_whiten_uses_the_all_reduced_statistics() -> None:
     x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
     mask = torch.ones(2, 2, dtype=torch.bool)
     # Two "ranks" each holding one row: the all-reduce hands each rank the sum of both.
-    other = torch.stack([x[1].double().sum(), x[1].double().pow(2).sum(), torch.tensor(2.0, dtype=torch.float64)])
+    other = torch.stack(
+        [x[1].double().sum(), x[1].double().pow(2).sum(), torch.tensor(2.0, dtype=torch.float64)]
+    )
     got = whiten(x[:1], mask[:1], all_reduce_sum=lambda s: s + other)
     want = whiten(x, mask)[:1]
     assert (got - want).abs().max() < 1e-6, f"max |diff| {(got - want).abs().max():.2e}"
@@ -183,7 +223,9 @@ def test_ppo_clipped_surrogate_against_numpy() -> None:
     rho = (logp.detach() - old).exp() * w
     clipped = ((adv > 0) & (rho > 1.2)) | ((adv < 0) & (rho < 0.8))
     want_grad = torch.where(mask & ~clipped, -adv * rho, 0.0)
-    assert (logp.grad - want_grad).abs().max() < 1e-5, f"max |diff| {(logp.grad - want_grad).abs().max():.2e}"
+    assert (logp.grad - want_grad).abs().max() < 1e-5, (
+        f"max |diff| {(logp.grad - want_grad).abs().max():.2e}"
+    )
 
 
 def test_minillm_loss_terms() -> None:
@@ -196,8 +238,17 @@ def test_minillm_loss_terms() -> None:
     with torch.no_grad():
         s_logits, t_logits = student(batch["input_ids"]), teacher(batch["input_ids"])
     single = reverse_kl(s_logits, t_logits)[valid].mean()
-    pg = ppo_clipped_sum(batch["old_logprobs"], batch["old_logprobs"], batch["advantages"], batch["weights"], valid,
-                         clip=0.2) / valid.sum()
+    pg = (
+        ppo_clipped_sum(
+            batch["old_logprobs"],
+            batch["old_logprobs"],
+            batch["advantages"],
+            batch["weights"],
+            valid,
+            clip=0.2,
+        )
+        / valid.sum()
+    )
     diff = abs(float(loss.detach()) - float(single + pg))
     assert diff < 1e-5, f"|diff| {diff:.2e}"  # fp32 sums of ~10 terms
     assert abs(float(metrics["divergence"]) - float(single)) < 1e-5
@@ -208,7 +259,9 @@ def test_minillm_loss_terms() -> None:
 # ----------------------------------------------------------------------------- both methods learn
 
 
-def seq_reverse_kl(student: Transformer, teacher: Transformer, prompts: list[list[int]], seed: int) -> float:
+def seq_reverse_kl(
+    student: Transformer, teacher: Transformer, prompts: list[list[int]], seed: int
+) -> float:
     """KL_seq(q || p) on the student's own samples: mean over rows of sum_t KL(q_t || p_t),
     the exact token-level KL along sampled prefixes (lower variance than sum log q/p)."""
     r = rollout(student, None, prompts, config(8), seed=seed)
@@ -224,8 +277,10 @@ def test_on_policy_training_lowers_reverse_kl(method: str) -> None:
     torch.manual_seed(0)
     teacher = tiny_model(seed=1, head_std=1.0)  # peaky: logit std ~5.7
     student = tiny_model(seed=2)  # near-uniform
-    prompts = [[int(t) for t in torch.randint(3, V, (3,), generator=torch.Generator().manual_seed(i))]
-               for i in range(16)]
+    prompts = [
+        [int(t) for t in torch.randint(3, V, (3,), generator=torch.Generator().manual_seed(i))]
+        for i in range(16)
+    ]
     before = seq_reverse_kl(student, teacher, prompts, seed=100)
     optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
     for step in range(30):
@@ -233,11 +288,19 @@ def test_on_policy_training_lowers_reverse_kl(method: str) -> None:
             batch = rollout_batch(rollout(student, None, prompts, config(8), seed=step), pad_id=0)
             with torch.no_grad():
                 t_logits = teacher(batch["input_ids"])
-            loss, _ = distillation_loss(student(batch["input_ids"]), t_logits, batch["labels"], divergence="jsd",
-                                        alpha=1.0, beta=0.5)
+            loss, _ = distillation_loss(
+                student(batch["input_ids"]),
+                t_logits,
+                batch["labels"],
+                divergence="jsd",
+                alpha=1.0,
+                beta=0.5,
+            )
         else:
             r = rollout(student, teacher, prompts, config(8), teacher_mix_alpha=0.2, seed=step)
-            loss, _ = minillm_loss(student, teacher, minillm_batch(r, pad_id=0), num_tokens=None, vocab=V)
+            loss, _ = minillm_loss(
+                student, teacher, minillm_batch(r, pad_id=0), num_tokens=None, vocab=V
+            )
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -251,8 +314,12 @@ def test_on_policy_training_lowers_reverse_kl(method: str) -> None:
 
 
 def test_gkd_coin_is_deterministic_and_has_rate_lmbda() -> None:
-    flips = [on_policy(seed=7, step=s, micro_batch=m, lmbda=0.3) for s in range(500) for m in range(2)]
-    again = [on_policy(seed=7, step=s, micro_batch=m, lmbda=0.3) for s in range(500) for m in range(2)]
+    flips = [
+        on_policy(seed=7, step=s, micro_batch=m, lmbda=0.3) for s in range(500) for m in range(2)
+    ]
+    again = [
+        on_policy(seed=7, step=s, micro_batch=m, lmbda=0.3) for s in range(500) for m in range(2)
+    ]
     assert flips == again  # the same on every rank: all roll out or none does
     # 1000 Bernoulli(0.3) draws: std 0.0145; 4 std of slack.
     assert abs(np.mean(flips) - 0.3) < 0.06, f"rate {np.mean(flips):.3f}"
@@ -262,16 +329,26 @@ def test_gkd_coin_is_deterministic_and_has_rate_lmbda() -> None:
 
 def test_gkd_micro_batches_mix_student_data_and_teacher_batches() -> None:
     student, teacher = tiny_model(seed=0, head_std=0.5), tiny_model(seed=1, head_std=0.5)
-    data = Example([5, 7, 3, 9, 9], [IGNORE, IGNORE, 9, 9, IGNORE], [5, 7, 3], 2)  # prompt [5, 7, 3], response [9, 9]
+    data = Example(
+        [5, 7, 3, 9, 9], [IGNORE, IGNORE, 9, 9, IGNORE], [5, 7, 3], 2
+    )  # prompt [5, 7, 3], response [9, 9]
     micro = [[data, data] for _ in range(6)]
     for seq_kd in (False, True):
-        batches, rollouts = gkd_micro_batches(student, teacher, micro, config(4), step=3, seed=0, rank=0, lmbda=0.5,
-                                              seq_kd=seq_kd)
+        batches, rollouts = gkd_micro_batches(
+            student, teacher, micro, config(4), step=3, seed=0, rank=0, lmbda=0.5, seq_kd=seq_kd
+        )
         flips = [on_policy(seed=0, step=3, micro_batch=m, lmbda=0.5) for m in range(6)]
-        assert len(batches) == 6 and len(rollouts) == sum(flips) and 0 < sum(flips) < 6  # both kinds occur
+        assert (
+            len(batches) == 6 and len(rollouts) == sum(flips) and 0 < sum(flips) < 6
+        )  # both kinds occur
         for batch, student_made in zip(batches, flips):
-            from_data = batch["input_ids"][0, :5].tolist() == data.input_ids and batch["labels"][0].tolist() == data.labels
-            assert from_data == (not student_made and not seq_kd)  # seq_kd: sampled by the teacher instead
+            from_data = (
+                batch["input_ids"][0, :5].tolist() == data.input_ids
+                and batch["labels"][0].tolist() == data.labels
+            )
+            assert from_data == (
+                not student_made and not seq_kd
+            )  # seq_kd: sampled by the teacher instead
             assert batch["input_ids"][0, :3].tolist() == [5, 7, 3]
     assert all(r.student_logprobs is not None and r.teacher_logprobs is not None for r in rollouts)
 
@@ -295,12 +372,17 @@ def test_text_records_are_refused_for_on_policy_methods(tmp_path: Path) -> None:
     path = tmp_path / "data.jsonl"
     path.write_text('{"prompt": "Hi", "response": "Hello"}\n{"text": "plain pretraining text"}\n')
     with pytest.raises(ValueError, match=r"data.jsonl:2: method=minillm .* has none"):
-        load_prompt_examples(path, tokenizer, method="minillm", seq_len=64, max_new_tokens=16, needs_responses=False)
+        load_prompt_examples(
+            path, tokenizer, method="minillm", seq_len=64, max_new_tokens=16, needs_responses=False
+        )
     path.write_text('{"prompt": "What is the capital of France?"}\n')
     with pytest.raises(ValueError, match=r'data.jsonl:1: no "response".*set lmbda = 1'):
-        load_prompt_examples(path, tokenizer, method="gkd", seq_len=64, max_new_tokens=16, needs_responses=True)
-    examples, _ = load_prompt_examples(path, tokenizer, method="gkd", seq_len=64, max_new_tokens=16,
-                                       needs_responses=False)
+        load_prompt_examples(
+            path, tokenizer, method="gkd", seq_len=64, max_new_tokens=16, needs_responses=True
+        )
+    examples, _ = load_prompt_examples(
+        path, tokenizer, method="gkd", seq_len=64, max_new_tokens=16, needs_responses=False
+    )
     assert examples[0].prompt_ids and examples[0].num_targets == 0
 
 
@@ -317,7 +399,9 @@ def test_tokenizer_mismatch_is_an_error(tmp_path: Path) -> None:
     a, b = sorted(vocab, key=vocab.get)[300:302]
     vocab[a], vocab[b] = vocab[b], vocab[a]  # same tokens, two ids swapped: other text per id
     (student_dir / "tokenizer.json").write_text(json.dumps(spec))
-    cfg = TrainConfig(teacher=(str(teacher_dir),), student=str(student_dir), data=("prompts.jsonl",))
+    cfg = TrainConfig(
+        teacher=(str(teacher_dir),), student=str(student_dir), data=("prompts.jsonl",)
+    )
     with pytest.raises(ValueError, match="differs from the teacher's"):
         check_tokenizer(cfg)
 
@@ -326,8 +410,13 @@ def test_tokenizer_mismatch_is_an_error(tmp_path: Path) -> None:
 
 
 def _two_rank_worker(rank: int, port: int, results: dict) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+    )
     import torch.distributed as dist
 
     from kd import parallel
@@ -335,8 +424,13 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
     torch.set_num_threads(1)  # as torchrun would: 2 ranks on 2 cores
     world = parallel.init_distributed()
     try:
-        student, teacher = tiny_model(seed=0, head_std=0.4, layers=2), tiny_model(seed=1, head_std=0.4, layers=2)
-        parallel.shard_student(student, precision="fp32", activation_checkpointing=False, compile=False)
+        student, teacher = (
+            tiny_model(seed=0, head_std=0.4, layers=2),
+            tiny_model(seed=1, head_std=0.4, layers=2),
+        )
+        parallel.shard_student(
+            student, precision="fp32", activation_checkpointing=False, compile=False
+        )
         parallel.shard_teacher(teacher, compile=False)
 
         def all_done(done: bool) -> bool:  # what train.py gets from kd/parallel.py
@@ -347,14 +441,27 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
         # Different prompt lengths and seeds per rank: the ranks' rows end at different steps.
         prompts = [[5, 7, 3], [9]] if rank == 0 else [[4, 4, 8, 1, 6, 2, 9]]
         examples = [[Example(p, [IGNORE] * len(p), p, 0) for p in prompts]]
-        (batch,), (r,) = minillm_micro_batches(student, teacher, examples, config(24, eos=frozenset({EOS, 3})),
-                                               step=0, seed=10, rank=rank, all_done=all_done,
-                                               all_reduce_sum=parallel.all_reduce_sum)
+        (batch,), (r,) = minillm_micro_batches(
+            student,
+            teacher,
+            examples,
+            config(24, eos=frozenset({EOS, 3})),
+            step=0,
+            seed=10,
+            rank=rank,
+            all_done=all_done,
+            all_reduce_sum=parallel.all_reduce_sum,
+        )
         n = parallel.agree([float((batch["labels"] != IGNORE).sum())])[0]
         loss, _ = minillm_loss(student, teacher, batch, num_tokens=int(n), vocab=V)
         loss.backward()
-        results[rank] = {"steps": r.tokens.shape[1], "longest": int(r.lengths.max()),
-                         "grad_finite": all(torch.isfinite(p.grad.full_tensor()).all() for p in student.parameters())}
+        results[rank] = {
+            "steps": r.tokens.shape[1],
+            "longest": int(r.lengths.max()),
+            "grad_finite": all(
+                torch.isfinite(p.grad.full_tensor()).all() for p in student.parameters()
+            ),
+        }
         parallel.barrier()  # leave together: the group must not go away under a peer's last collective
     finally:
         parallel.shutdown()
@@ -377,6 +484,10 @@ def test_two_ranks_with_different_lengths_complete() -> None:
     assert not alive, "ranks deadlocked in the rollout"
     assert all(p.exitcode == 0 for p in context.processes), [p.exitcode for p in context.processes]
     r0, r1 = results[0], results[1]
-    assert r0["longest"] != r1["longest"], f"ranks sampled equal lengths ({r0['longest']}): the test lost its point"
-    assert r0["steps"] == r1["steps"] == max(r0["longest"], r1["longest"])  # both stepped until all were done
+    assert r0["longest"] != r1["longest"], (
+        f"ranks sampled equal lengths ({r0['longest']}): the test lost its point"
+    )
+    assert (
+        r0["steps"] == r1["steps"] == max(r0["longest"], r1["longest"])
+    )  # both stepped until all were done
     assert r0["grad_finite"] and r1["grad_finite"]

@@ -12,6 +12,7 @@ resolves to one dtype on every rank, the faster one on this CPU.
 
 Run: .venv/bin/python -m pytest -q tests/test_parallel.py
 """
+
 import os
 import socket
 import time
@@ -25,8 +26,15 @@ from torch.distributed.tensor import DTensor
 from kd import parallel
 from kd.model import ModelConfig, Transformer
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+CONFIG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=False,
+)
 WORLD = 2
 
 
@@ -42,19 +50,31 @@ def sharded(*, teacher: bool) -> Transformer:
     if teacher:
         parallel.shard_teacher(model, compile=False)
     else:
-        parallel.shard_student(model, precision="fp32", activation_checkpointing=False, compile=False)
+        parallel.shard_student(
+            model, precision="fp32", activation_checkpointing=False, compile=False
+        )
     model.to_empty(device="cpu")
-    parallel.load_full_state_dict(model, parallel.run_on_rank0(lambda: reference_model().state_dict()))
+    parallel.load_full_state_dict(
+        model, parallel.run_on_rank0(lambda: reference_model().state_dict())
+    )
     return model
 
 
 def summed_loss(logits: torch.Tensor, labels: torch.Tensor, n_global: int) -> torch.Tensor:
-    return torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum") / n_global
+    return (
+        torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
+        / n_global
+    )
 
 
 def worker(rank: int, port: int) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(WORLD),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     torch.set_num_threads(1)
     world = parallel.init_distributed()
     try:
@@ -75,11 +95,17 @@ def worker(rank: int, port: int) -> None:
             # fp32: only the summation order differs (two half-batches, then a gloo sum).
             assert diff < 1e-6, f"rank {rank} {name}: gradient differs from 1 process by {diff:.2e}"
         ref_norm = torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()])
-        assert abs(norm.item() - ref_norm.item()) < 1e-5 * ref_norm.item(), (norm.item(), ref_norm.item())
+        assert abs(norm.item() - ref_norm.item()) < 1e-5 * ref_norm.item(), (
+            norm.item(),
+            ref_norm.item(),
+        )
 
         # Teacher: hidden states through sharded blocks, head weight a plain replicated tensor.
         teacher = sharded(teacher=True)
-        assert not teacher.head_weight.requires_grad and type(teacher.head_weight) is torch.nn.Parameter
+        assert (
+            not teacher.head_weight.requires_grad
+            and type(teacher.head_weight) is torch.nn.Parameter
+        )
         with torch.no_grad():
             hidden = teacher(ids, output_fn=lambda h, w: h)
             diff = (hidden @ teacher.head_weight.T - reference(ids)).abs().max().item()
@@ -88,14 +114,21 @@ def worker(rank: int, port: int) -> None:
         # gathered (on-policy rollouts): many forwards, one all-gather per block, same outputs,
         # everything resharded on exit.
         def all_gathers(fn) -> int:
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof, torch.no_grad():
+            with (
+                torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof,
+                torch.no_grad(),
+            ):
                 fn()
-            return sum(e.count for e in prof.key_averages() if e.key.startswith("FSDP::all_gather ("))  # blocks
+            return sum(
+                e.count for e in prof.key_averages() if e.key.startswith("FSDP::all_gather (")
+            )  # blocks
 
         with torch.no_grad():
             plain = student(ids[mine])
         per_forward = all_gathers(lambda: student(ids[mine]))
-        assert per_forward >= CONFIG.num_hidden_layers, per_forward  # every block gathers each forward
+        assert per_forward >= CONFIG.num_hidden_layers, (
+            per_forward
+        )  # every block gathers each forward
         with parallel.gathered(student, teacher):
             assert all_gathers(lambda: [student(ids[mine]) for _ in range(3)]) == per_forward
             with torch.no_grad():
@@ -107,12 +140,15 @@ def worker(rank: int, port: int) -> None:
 
         assert parallel.agree([rank + 1.0, 2.0]) == [3.0, 4.0]
         precisions = [None] * WORLD
-        torch.distributed.all_gather_object(precisions, parallel.resolve_precision("auto", world.device))
+        torch.distributed.all_gather_object(
+            precisions, parallel.resolve_precision("auto", world.device)
+        )
         assert precisions[0] in ("bf16", "fp32") and len(set(precisions)) == 1, precisions
         assert parallel.resolve_precision("fp16", world.device) == "fp16"
 
         def fail() -> None:
             raise ValueError("rank 0 could not read the weights")
+
         with pytest.raises(ValueError, match="rank 0 could not read"):
             parallel.run_on_rank0(fail)  # rank 1 must raise too, not wait in a broadcast
         # Leave together: rank 0 hosts the rendezvous store, and tearing the group down while
@@ -134,7 +170,9 @@ def test_two_gloo_ranks_match_one_plain_model():
 
 def test_fast_dtype_picks_the_faster_matmul():
     """bf16 only where it is faster: ~3x faster with AVX512-BF16/AMX, ~70x slower on AVX2."""
-    assert parallel.fast_dtype(torch.device("cuda")) == torch.bfloat16  # decided without touching a GPU
+    assert (
+        parallel.fast_dtype(torch.device("cuda")) == torch.bfloat16
+    )  # decided without touching a GPU
 
     def seconds(dtype: torch.dtype) -> float:  # a bigger matmul than fast_dtype's own, best of 3
         a, b = torch.randn(256, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
@@ -144,7 +182,9 @@ def test_fast_dtype_picks_the_faster_matmul():
     ratio = seconds(torch.bfloat16) / seconds(torch.float32)
     if 0.5 < ratio < 2:
         pytest.skip(f"bf16/fp32 matmul time ratio {ratio:.2f}: too close to call on this CPU")
-    assert parallel.fast_dtype(torch.device("cpu")) == (torch.bfloat16 if ratio < 1 else torch.float32), ratio
+    assert parallel.fast_dtype(torch.device("cpu")) == (
+        torch.bfloat16 if ratio < 1 else torch.float32
+    ), ratio
 
 
 def _timed(fn) -> float:

@@ -4,6 +4,7 @@ oneDNN switch for single-row bf16 decoding.
 
 Run: `.venv/bin/python -m pytest -q tests/test_sampling.py`.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -14,13 +15,15 @@ from kd.sampling import generate, sample_from_probs, sample_next, sampling_probs
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 
-def reference_probs(logits: np.ndarray, *, temperature: float, top_k: int, top_p: float) -> np.ndarray:
+def reference_probs(
+    logits: np.ndarray, *, temperature: float, top_k: int, top_p: float
+) -> np.ndarray:
     """Written from the definitions, row by row, in float64."""
     out = np.zeros_like(logits, dtype=np.float64)
     for b, row in enumerate(logits.astype(np.float64)):
         z = row / temperature
         order = np.argsort(-z, kind="stable")
-        keep = order if top_k == 0 else order[: top_k]
+        keep = order if top_k == 0 else order[:top_k]
         p = np.exp(z[keep] - z[keep].max())
         p /= p.sum()
         # smallest prefix of the sorted survivors whose mass reaches top_p
@@ -49,7 +52,9 @@ def test_greedy_is_argmax_and_one_hot() -> None:
     logits = torch.randn(4, 30)
     assert torch.equal(sample_next(logits, temperature=0.0), logits.argmax(-1))
     probs = sampling_probs(logits, temperature=0.0)
-    assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.equal(probs.sum(-1), torch.ones(4))
+    assert torch.equal(probs.argmax(-1), logits.argmax(-1)) and torch.equal(
+        probs.sum(-1), torch.ones(4)
+    )
 
 
 def test_bad_arguments_raise_value_error() -> None:
@@ -62,7 +67,10 @@ def test_bad_arguments_raise_value_error() -> None:
 def test_seeded_sampling_is_reproducible() -> None:
     logits = torch.randn(8, 100)
     draws = [
-        [sample_next(logits, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(s)) for _ in range(2)]
+        [
+            sample_next(logits, top_k=20, top_p=0.9, generator=torch.Generator().manual_seed(s))
+            for _ in range(2)
+        ]
         for s in (1, 1, 2)
     ]
     assert all(torch.equal(a, b) for a, b in zip(draws[0], draws[1]))
@@ -103,7 +111,9 @@ def tiny_pair(tmp_path_factory):
 
     # initializer_range 0.2 (not 0.02): peaked logits, so greedy paths are varied and no
     # argmax is a near-tie that float rounding could flip.
-    path = make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_llama"), "llama", initializer_range=0.2)
+    path = make_tiny_checkpoint(
+        tmp_path_factory.mktemp("tiny_llama"), "llama", initializer_range=0.2
+    )
     ours = load_model(path, dtype=torch.float32).eval()
     theirs = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return ours, theirs
@@ -116,13 +126,23 @@ def test_greedy_generation_matches_transformers(tiny_pair) -> None:
     ours, theirs = tiny_pair
     alone = []
     for p in PROMPTS:
-        want = theirs.generate(torch.tensor([p]), max_new_tokens=20, do_sample=False, use_cache=True,
-                               eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
-        got = generate(ours, [p], max_new_tokens=20, temperature=0.0, eos_token_ids=None, pad_id=0)[0]
+        want = theirs.generate(
+            torch.tensor([p]),
+            max_new_tokens=20,
+            do_sample=False,
+            use_cache=True,
+            eos_token_id=None,
+            pad_token_id=0,
+        )[0, len(p) :].tolist()
+        got = generate(ours, [p], max_new_tokens=20, temperature=0.0, eos_token_ids=None, pad_id=0)[
+            0
+        ]
         assert got == want, f"prompt {p}: ours {got} vs transformers {want}"
         alone.append(got)
     # Left-padded batch of different lengths: each row as if it were alone.
-    batched = generate(ours, PROMPTS, max_new_tokens=20, temperature=0.0, eos_token_ids=None, pad_id=0)
+    batched = generate(
+        ours, PROMPTS, max_new_tokens=20, temperature=0.0, eos_token_ids=None, pad_id=0
+    )
     assert batched == alone
 
 
@@ -136,35 +156,46 @@ def test_cached_decoding_equals_full_forward(tiny_pair) -> None:
     try:
         cached = [model(seq[:, :P], input_pos=torch.arange(P))[:, -1]]
         for i in range(len(new) - 1):
-            cached.append(model(seq[:, P + i: P + i + 1], input_pos=torch.tensor([P + i]))[:, -1])
+            cached.append(model(seq[:, P + i : P + i + 1], input_pos=torch.tensor([P + i]))[:, -1])
     finally:
         model.clear_cache()
     cached = torch.stack(cached, dim=1)  # (1, len(new), V)
     # fp32, the same math in a different association (cache slices vs one matmul): 1e-5 is
     # ~100 ulps of logits of size ~10.
-    diff = (cached - full[:, P - 1: S - 1]).abs().max().item()
+    diff = (cached - full[:, P - 1 : S - 1]).abs().max().item()
     assert diff < 1e-5, f"cached vs full forward max |diff| {diff:.2e}"
 
 
 def test_eos_stops_each_row_and_the_loop(tiny_pair) -> None:
     model, _ = tiny_pair
-    free = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0, eos_token_ids=None, pad_id=0)
+    free = generate(
+        model, PROMPTS, max_new_tokens=12, temperature=0.0, eos_token_ids=None, pad_id=0
+    )
     eos = free[0][2]  # row 0 must stop at its third token (or earlier, if it occurs earlier)
     steps: list[torch.Tensor] = []
-    got = generate(model, PROMPTS, max_new_tokens=12, temperature=0.0, eos_token_ids={eos}, pad_id=0,
-                   on_token=steps.append)
+    got = generate(
+        model,
+        PROMPTS,
+        max_new_tokens=12,
+        temperature=0.0,
+        eos_token_ids={eos},
+        pad_id=0,
+        on_token=steps.append,
+    )
     for row, want in zip(got, free):
         end = want.index(eos) + 1 if eos in want else len(want)
         assert row == want[:end]  # EOS included, nothing after it
     assert len(steps) == max(len(r) for r in got)  # the loop ends when the last row does
     streamed = torch.stack(steps, dim=1).tolist()  # (B, steps)
     for row, s in zip(got, streamed):
-        assert s[: len(row)] == row and all(t == 0 for t in s[len(row):])  # pad after EOS
+        assert s[: len(row)] == row and all(t == 0 for t in s[len(row) :])  # pad after EOS
 
 
 def test_seeded_generation_is_reproducible(tiny_pair) -> None:
     model, _ = tiny_pair
-    kwargs = dict(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, eos_token_ids=None, pad_id=0)
+    kwargs = dict(
+        max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9, eos_token_ids=None, pad_id=0
+    )
     a, b = (generate(model, PROMPTS, seed=7, **kwargs) for _ in range(2))
     assert a == b and a != generate(model, PROMPTS, seed=8, **kwargs)
 
@@ -172,13 +203,29 @@ def test_seeded_generation_is_reproducible(tiny_pair) -> None:
 def test_a_full_cache_stops_generation(tiny_pair) -> None:
     model, _ = tiny_pair
     prompt = PROMPTS[0]
-    free = generate(model, [prompt], max_new_tokens=8, temperature=0.0, eos_token_ids=None, pad_id=0)[0]
+    free = generate(
+        model, [prompt], max_new_tokens=8, temperature=0.0, eos_token_ids=None, pad_id=0
+    )[0]
     # len(prompt) + 2 slots: the prompt, then two fed-back tokens, and a third sampled last.
-    short = generate(model, [prompt], max_new_tokens=8, temperature=0.0, eos_token_ids=None, pad_id=0,
-                     max_seq_len=len(prompt) + 2)[0]
+    short = generate(
+        model,
+        [prompt],
+        max_new_tokens=8,
+        temperature=0.0,
+        eos_token_ids=None,
+        pad_id=0,
+        max_seq_len=len(prompt) + 2,
+    )[0]
     assert short == free[:3]
     with pytest.raises(ValueError, match="does not fit max_seq_len"):
-        generate(model, [prompt], max_new_tokens=8, eos_token_ids=None, pad_id=0, max_seq_len=len(prompt) - 1)
+        generate(
+            model,
+            [prompt],
+            max_new_tokens=8,
+            eos_token_ids=None,
+            pad_id=0,
+            max_seq_len=len(prompt) - 1,
+        )
 
 
 def test_onednn_is_off_only_for_single_row_bf16_decoding(tiny_pair) -> None:
@@ -188,9 +235,20 @@ def test_onednn_is_off_only_for_single_row_bf16_decoding(tiny_pair) -> None:
 
     fp32, _ = tiny_pair
     bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
-    for model, prompts, want in ((bf16, PROMPTS[:1], False), (bf16, PROMPTS[:2], True), (fp32, PROMPTS[:1], True)):
+    for model, prompts, want in (
+        (bf16, PROMPTS[:1], False),
+        (bf16, PROMPTS[:2], True),
+        (fp32, PROMPTS[:1], True),
+    ):
         seen = []
-        generate(model, prompts, max_new_tokens=4, temperature=0.0, eos_token_ids=None, pad_id=0,
-                 on_token=lambda ids: seen.append(torch.backends.mkldnn.enabled))
+        generate(
+            model,
+            prompts,
+            max_new_tokens=4,
+            temperature=0.0,
+            eos_token_ids=None,
+            pad_id=0,
+            on_token=lambda ids: seen.append(torch.backends.mkldnn.enabled),
+        )
         assert seen[1:] == [want] * 3  # step 0 is sampled from the prefill, before the switch
         assert torch.backends.mkldnn.enabled

@@ -19,6 +19,7 @@ Checks, on a tiny random llama teacher (vocab 512) and the tiny BPE tokenizer:
 Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~25 s of CPU time, ~10 s of it the torchrun test);
 `-m slow` for the train.py run.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -42,16 +43,28 @@ from kd.chunked_loss import chunked_distillation_loss
 from kd.data import IGNORE, collate, load_examples
 from kd.hf import load_model
 from kd.losses import distillation_loss
-from kd.teacher_cache import CacheSpec, TeacherCache, config_sha256, file_sha256, teacher_topk, write_cache
+from kd.teacher_cache import (
+    CacheSpec,
+    TeacherCache,
+    config_sha256,
+    file_sha256,
+    teacher_topk,
+    write_cache,
+)
 from kd.tokenizer import load_tokenizer
 
 SEQ_LEN = 40
 RECORDS = [
-    {"text": "The river rises in the northern hills and flows south for about two hundred kilometres."},
+    {
+        "text": "The river rises in the northern hills and flows south for about two hundred kilometres."
+    },
     {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
     {"text": "def add(a: int, b: int) -> int:\n    return a + b\n"},
-    {"prompt": "Explain distillation.", "response": "A student is trained to match the teacher's "
-               "distribution over the next token, which carries more than the label alone."},
+    {
+        "prompt": "Explain distillation.",
+        "response": "A student is trained to match the teacher's "
+        "distribution over the next token, which carries more than the label alone.",
+    },
     {"text": "In 1969 the first crewed landing on the Moon took place."},
     {"text": "Café, naïve, façade and résumé keep their accents; 東京 and 北京 are capitals."},
     {"prompt": "Name a planet.", "response": "Mars."},
@@ -65,7 +78,9 @@ def setup(tmp_path_factory):
     """Tokenizer, data file, examples and a tiny fp32 teacher (vocab = the tokenizer's 512)."""
     root = tmp_path_factory.mktemp("cache")
     tok_dir = make_tiny_tokenizer(root / "tok")
-    teacher_dir = make_tiny_checkpoint(root / "teacher", "llama", seed=0, vocab_size=TINY_VOCAB_SIZE)
+    teacher_dir = make_tiny_checkpoint(
+        root / "teacher", "llama", seed=0, vocab_size=TINY_VOCAB_SIZE
+    )
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tok_dir / name, teacher_dir / name)
     data = root / "data.jsonl"
@@ -73,15 +88,32 @@ def setup(tmp_path_factory):
     tokenizer = load_tokenizer(tok_dir)
     examples, _ = load_examples(data, tokenizer, seq_len=SEQ_LEN)
     teacher = load_model(teacher_dir).eval().requires_grad_(False)
-    return {"root": root, "tok_dir": tok_dir, "teacher_dir": teacher_dir, "data": data,
-            "tokenizer": tokenizer, "examples": examples, "teacher": teacher}
+    return {
+        "root": root,
+        "tok_dir": tok_dir,
+        "teacher_dir": teacher_dir,
+        "data": data,
+        "tokenizer": tokenizer,
+        "examples": examples,
+        "teacher": teacher,
+    }
 
 
-def _spec(s: dict, *, k: int, dtype: str = "float32", temperature: float = 1.0, per_shard: int = 3) -> CacheSpec:
-    return CacheSpec(tokenizer_fingerprint=s["tokenizer"].fingerprint(), data_sha256=file_sha256(s["data"]),
-                     seq_len=SEQ_LEN, teacher_config_sha256=config_sha256(s["teacher_dir"]),
-                     vocab_size=TINY_VOCAB_SIZE, num_examples=len(s["examples"]), k=k, dtype=dtype,
-                     temperature=temperature, examples_per_shard=per_shard)
+def _spec(
+    s: dict, *, k: int, dtype: str = "float32", temperature: float = 1.0, per_shard: int = 3
+) -> CacheSpec:
+    return CacheSpec(
+        tokenizer_fingerprint=s["tokenizer"].fingerprint(),
+        data_sha256=file_sha256(s["data"]),
+        seq_len=SEQ_LEN,
+        teacher_config_sha256=config_sha256(s["teacher_dir"]),
+        vocab_size=TINY_VOCAB_SIZE,
+        num_examples=len(s["examples"]),
+        k=k,
+        dtype=dtype,
+        temperature=temperature,
+        examples_per_shard=per_shard,
+    )
 
 
 def _cache(s: dict, name: str, **spec_kwargs) -> TeacherCache:
@@ -89,8 +121,9 @@ def _cache(s: dict, name: str, **spec_kwargs) -> TeacherCache:
     out = s["root"] / name
     if not out.exists():
         assert write_cache(out, s["teacher"], s["examples"], _spec(s, **spec_kwargs), batch_size=1)
-    return TeacherCache.open(out, tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN,
-                             examples=s["examples"])
+    return TeacherCache.open(
+        out, tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN, examples=s["examples"]
+    )
 
 
 def _batch(s: dict, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -112,12 +145,18 @@ def test_round_trip_is_exact(setup, dtype):
         got_ids, got_lp, got_tail = cache._rows(i)
         store = getattr(torch, dtype)
         assert torch.equal(got_ids.long(), ids), f"example {i}: ids differ"
-        assert torch.equal(got_lp, logprobs.to(store)), f"max |diff| {(got_lp.float() - logprobs).abs().max():.3g}"
-        assert torch.equal(got_tail, log_tail.to(store)), f"max |diff| {(got_tail.float() - log_tail).abs().max():.3g}"
+        assert torch.equal(got_lp, logprobs.to(store)), (
+            f"max |diff| {(got_lp.float() - logprobs).abs().max():.3g}"
+        )
+        assert torch.equal(got_tail, log_tail.to(store)), (
+            f"max |diff| {(got_tail.float() - log_tail).abs().max():.3g}"
+        )
 
     # The stored top-k is the dense logits' top-k; 1e-5: fp32 head rows computed in other blocks.
     batch = _batch(s, [0, 3, 6])
-    log_p = F.log_softmax(_dense_teacher_logits(s, batch).double(), -1)[batch["labels"] != IGNORE]  # (n, V)
+    log_p = F.log_softmax(_dense_teacher_logits(s, batch).double(), -1)[
+        batch["labels"] != IGNORE
+    ]  # (n, V)
     top, top_ids = log_p.topk(16, -1)
     ids, logprobs, log_tail = teacher_topk(s["teacher"], batch["input_ids"], batch["labels"], k=16)
     assert torch.equal(ids, top_ids)
@@ -142,7 +181,9 @@ def test_ids_are_16_bit_and_bytes_per_token(setup):
     shard = cache._files[0]
     assert shard.get_slice("ids").get_dtype() == "U16"
     rows = sum(sh["tokens"] for sh in cache.shards)
-    size = sum(f.get_slice(n)[:].nbytes for f in cache._files for n in ("ids", "logprobs", "log_tail"))
+    size = sum(
+        f.get_slice(n)[:].nbytes for f in cache._files for n in ("ids", "logprobs", "log_tail")
+    )
     assert size == rows * (4 * 16 + 2)  # 2-byte id + 2-byte log-prob per kept token, 2-byte tail
 
 
@@ -163,31 +204,41 @@ def test_k_equals_vocab_matches_dense_loss_and_gradients(setup, temperature):
     (g_cached,) = torch.autograd.grad(cached, student_logits)
     # 1e-5: the cached teacher ran one example per forward, the dense one the batch (fp32 rows
     # in other blocks, ~1e-6 in log-probs); everything else is the same arithmetic.
-    assert abs(dense.item() - cached.item()) < 1e-5, f"|diff| {abs(dense.item() - cached.item()):.3g}"
-    assert (g_dense - g_cached).abs().max() < 1e-6, f"max |diff| {(g_dense - g_cached).abs().max():.3g}"
+    assert abs(dense.item() - cached.item()) < 1e-5, (
+        f"|diff| {abs(dense.item() - cached.item()):.3g}"
+    )
+    assert (g_dense - g_cached).abs().max() < 1e-6, (
+        f"max |diff| {(g_dense - g_cached).abs().max():.3g}"
+    )
 
     # The chunked loss takes the same TopK; hidden @ W stands in for the logits (1e-5: matmul order).
     hidden = torch.randn(*labels.shape, 16, requires_grad=True)
     weight = torch.randn(TINY_VOCAB_SIZE, 16)
-    chunked, _ = chunked_distillation_loss(hidden, weight, None, None, labels, chunk_size=16,
-                                           teacher_logits=topk, **options)
+    chunked, _ = chunked_distillation_loss(
+        hidden, weight, None, None, labels, chunk_size=16, teacher_logits=topk, **options
+    )
     plain, _ = distillation_loss(hidden @ weight.T, topk, labels, **options)
-    assert abs(chunked.item() - plain.item()) < 1e-5, f"|diff| {abs(chunked.item() - plain.item()):.3g}"
+    assert abs(chunked.item() - plain.item()) < 1e-5, (
+        f"|diff| {abs(chunked.item() - plain.item()):.3g}"
+    )
 
 
 def test_training_from_cache_equals_online_step_for_step(setup, tmp_path):
     s = setup
     cache = _cache(s, "kV", k=TINY_VOCAB_SIZE)
-    student_dir = make_tiny_checkpoint(tmp_path / "student", "llama", seed=1, vocab_size=TINY_VOCAB_SIZE,
-                                       num_hidden_layers=1)
+    student_dir = make_tiny_checkpoint(
+        tmp_path / "student", "llama", seed=1, vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=1
+    )
     online, cached = load_model(student_dir), load_model(student_dir)
     opts = [torch.optim.AdamW(m.parameters(), lr=1e-3, weight_decay=0.1) for m in (online, cached)]
     for step, indices in enumerate([[0, 1], [2, 3], [4, 5], [6, 0], [1, 2]]):
         batch = _batch(s, indices)
         labels = batch["labels"]
         losses = []
-        for model, opt, teacher in ((online, opts[0], _dense_teacher_logits(s, batch)),
-                                    (cached, opts[1], cache.topk_for(indices, labels))):
+        for model, opt, teacher in (
+            (online, opts[0], _dense_teacher_logits(s, batch)),
+            (cached, opts[1], cache.topk_for(indices, labels)),
+        ):
             loss, _ = distillation_loss(model(batch["input_ids"]), teacher, labels, alpha=0.5)
             opt.zero_grad()
             loss.backward()
@@ -195,7 +246,9 @@ def test_training_from_cache_equals_online_step_for_step(setup, tmp_path):
             losses.append(loss.item())
         # 1e-5: teacher log-probs differ by ~1e-6 (batching, see above); Adam's g / sqrt(v)
         # keeps the relative size of such differences in the update.
-        assert abs(losses[0] - losses[1]) < 1e-5, f"step {step}: |diff| {abs(losses[0] - losses[1]):.3g}"
+        assert abs(losses[0] - losses[1]) < 1e-5, (
+            f"step {step}: |diff| {abs(losses[0] - losses[1]):.3g}"
+        )
     diff = max((a - b).abs().max().item() for a, b in zip(online.parameters(), cached.parameters()))
     assert diff < 1e-5, f"weights after 5 steps: max |diff| {diff:.3g} (lr 1e-3 moves them ~5e-3)"
 
@@ -218,14 +271,18 @@ def test_retempering_bounds_the_tail(setup):
         rel = (est - est[:, :1]) - (log_p.gather(-1, ids) - log_p.gather(-1, ids[:, :1]))
         assert rel.abs().max() < 1e-5, f"T={temperature}: max |diff| {rel.abs().max():.3g}"
         gap = (est_tail - true_tail) if temperature > 1 else (true_tail - est_tail)
-        assert gap.max() < 1e-5, f"T={temperature}: the tail estimate is on the wrong side by {gap.max():.3g}"
+        assert gap.max() < 1e-5, (
+            f"T={temperature}: the tail estimate is on the wrong side by {gap.max():.3g}"
+        )
 
 
 def test_mismatched_cache_is_refused(setup, tmp_path):
     s = setup
     _cache(s, "k16-float32", k=16)
     path = s["root"] / "k16-float32"
-    kwargs = dict(tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN, examples=s["examples"])
+    kwargs = dict(
+        tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN, examples=s["examples"]
+    )
 
     backend = Backend.from_file(str(s["tok_dir"] / "tokenizer.json"))
     backend.add_tokens(["<extra>"])
@@ -266,14 +323,31 @@ def _run_script(args: list[str]) -> None:
 
 def test_interrupted_run_resumes_to_identical_files(setup, tmp_path, capsys):
     s = setup
-    common = ["--teacher", str(s["teacher_dir"]), "--data", str(s["data"]), "--top-k", "8",
-              "--seq-len", str(SEQ_LEN), "--dtype", "bfloat16", "--teacher-dtype", "fp32",
-              "--batch-size", "2", "--examples-per-shard", "2"]
+    common = [
+        "--teacher",
+        str(s["teacher_dir"]),
+        "--data",
+        str(s["data"]),
+        "--top-k",
+        "8",
+        "--seq-len",
+        str(SEQ_LEN),
+        "--dtype",
+        "bfloat16",
+        "--teacher-dtype",
+        "fp32",
+        "--batch-size",
+        "2",
+        "--examples-per-shard",
+        "2",
+    ]
     _run_script([*common, "--out", str(tmp_path / "full")])
 
     part = tmp_path / "part"
     _run_script([*common, "--out", str(part), "--max-shards", "1"])
-    kwargs = dict(tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN, examples=s["examples"])
+    kwargs = dict(
+        tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN, examples=s["examples"]
+    )
     with pytest.raises(ValueError, match=r"incomplete \(1 shards written\)"):
         TeacherCache.open(part, **kwargs)
     # A crash mid-shard leaves a temporary file; one after the shard's rename but before the
@@ -283,10 +357,15 @@ def test_interrupted_run_resumes_to_identical_files(setup, tmp_path, capsys):
     _run_script([*common, "--out", str(part)])
 
     full_files = sorted(p.name for p in (tmp_path / "full").iterdir())
-    assert full_files == sorted(p.name for p in part.iterdir()) == [
-        "manifest.json", *(f"shard-{i:05d}.safetensors" for i in range(4))]
+    assert (
+        full_files
+        == sorted(p.name for p in part.iterdir())
+        == ["manifest.json", *(f"shard-{i:05d}.safetensors" for i in range(4))]
+    )
     for name in full_files:
-        assert (tmp_path / "full" / name).read_bytes() == (part / name).read_bytes(), f"{name} differs"
+        assert (tmp_path / "full" / name).read_bytes() == (part / name).read_bytes(), (
+            f"{name} differs"
+        )
     assert len(TeacherCache.open(part, **kwargs)) == len(s["examples"])
 
     # User errors: one line, exit status 1, no traceback.
@@ -305,14 +384,48 @@ def test_two_ranks_finish_a_one_process_cache_with_the_same_bytes(setup, tmp_pat
     s = setup
     data = tmp_path / "data.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in [*RECORDS, *RECORDS[:2]]))
-    common = ["--teacher", str(s["teacher_dir"]), "--data", str(data), "--top-k", "8", "--seq-len", str(SEQ_LEN),
-              "--dtype", "float32", "--teacher-dtype", "fp32", "--batch-size", "1", "--examples-per-shard", "2"]
+    common = [
+        "--teacher",
+        str(s["teacher_dir"]),
+        "--data",
+        str(data),
+        "--top-k",
+        "8",
+        "--seq-len",
+        str(SEQ_LEN),
+        "--dtype",
+        "float32",
+        "--teacher-dtype",
+        "fp32",
+        "--batch-size",
+        "1",
+        "--examples-per-shard",
+        "2",
+    ]
     one, mixed = tmp_path / "one", tmp_path / "mixed"
     _run_script([*common, "--out", str(one)])
     _run_script([*common, "--out", str(mixed), "--max-shards", "2"])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread: same fp32 sum order
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", str(SCRIPT),
-                             *common, "--out", str(mixed)], env=env, capture_output=True, text=True, timeout=120)
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }  # one thread: same fp32 sum order
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            str(SCRIPT),
+            *common,
+            "--out",
+            str(mixed),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count(f"{mixed}: complete") == 1, "rank 0 alone reports"
     names = sorted(p.name for p in one.iterdir())
@@ -329,23 +442,52 @@ def _train_has_teacher_cache() -> bool:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _train_has_teacher_cache(), reason="train.py has no teacher_cache setting yet")
+@pytest.mark.skipif(
+    not _train_has_teacher_cache(), reason="train.py has no teacher_cache setting yet"
+)
 def test_train_py_from_cache_equals_online(setup, tmp_path):
     """train.py end to end (~1-2 min): a k = V cache at T = 2 reproduces online KD's losses and weights."""
     s = setup
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}  # one thread: same fp32 sum order
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+    }  # one thread: same fp32 sum order
 
     def run(*argv: str) -> None:
-        result = subprocess.run([sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(
+            [sys.executable, *argv], env=env, capture_output=True, text=True, timeout=600
+        )
         assert result.returncode == 0, result.stderr[-3000:]
 
     cache = tmp_path / "cache"
-    run(str(SCRIPT), f"--teacher={s['teacher_dir']}", f"--data={s['data']}", f"--out={cache}",
-        f"--top-k={TINY_VOCAB_SIZE}", f"--seq-len={SEQ_LEN}", "--dtype=float32", "--teacher-dtype=fp32")
-    common = [str(REPO / "train.py"), f"--teacher={s['teacher_dir']}", f"--data={s['data']}", "--student_layers=0",
-              "--max_steps=6", f"--seq_len={SEQ_LEN}", "--batch_size=2", "--lr=1e-2", "--warmup_steps=2",
-              "--min_lr=1e-3", "--precision=fp32", "--log_every=1", "--chunk_size=64", "--loss=forward_kl",
-              "--temperature=2.0"]
+    run(
+        str(SCRIPT),
+        f"--teacher={s['teacher_dir']}",
+        f"--data={s['data']}",
+        f"--out={cache}",
+        f"--top-k={TINY_VOCAB_SIZE}",
+        f"--seq-len={SEQ_LEN}",
+        "--dtype=float32",
+        "--teacher-dtype=fp32",
+    )
+    common = [
+        str(REPO / "train.py"),
+        f"--teacher={s['teacher_dir']}",
+        f"--data={s['data']}",
+        "--student_layers=0",
+        "--max_steps=6",
+        f"--seq_len={SEQ_LEN}",
+        "--batch_size=2",
+        "--lr=1e-2",
+        "--warmup_steps=2",
+        "--min_lr=1e-3",
+        "--precision=fp32",
+        "--log_every=1",
+        "--chunk_size=64",
+        "--loss=forward_kl",
+        "--temperature=2.0",
+    ]
     run(*common, f"--out={tmp_path / 'online'}")
     run(*common, f"--out={tmp_path / 'cached'}", f"--teacher_cache={cache}")
 
@@ -358,7 +500,10 @@ def test_train_py_from_cache_equals_online(setup, tmp_path):
     # 1e-5 as in the in-process test: teacher log-probs computed in other batches differ by ~1e-6.
     diff = max(abs(a - b) for a, b in zip(online, cached))
     assert diff < 1e-5, f"losses: max |diff| {diff:.3g}"
-    wa, wb = (load_file(tmp_path / run_dir / "final" / "model.safetensors") for run_dir in ("online", "cached"))
+    wa, wb = (
+        load_file(tmp_path / run_dir / "final" / "model.safetensors")
+        for run_dir in ("online", "cached")
+    )
     w_diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     # 1e-4: those differences pass through 6 Adam steps of lr 1e-2 (weights move by ~5e-2).
     assert w_diff < 1e-4, f"final weights: max |diff| {w_diff:.3g}"

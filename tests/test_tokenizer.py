@@ -8,6 +8,7 @@ ids and eos set; fingerprints; one-line errors for missing files.
 
     .venv/bin/python -m pytest -q tests/test_tokenizer.py
 """
+
 import json
 from pathlib import Path
 
@@ -51,16 +52,26 @@ def check_against_transformers(ours: Tokenizer, theirs) -> None:
     for text in TEXTS:
         ids = ours.encode(text)
         assert ids == theirs.encode(text), f"ids differ from transformers for {text!r}"
-        assert ours.decode(ids, skip_special_tokens=False) == text, f"round trip failed for {text!r}"
+        assert ours.decode(ids, skip_special_tokens=False) == text, (
+            f"round trip failed for {text!r}"
+        )
         assert ours.decode(ids) == theirs.decode(ids, skip_special_tokens=True)
     for messages in CONVERSATIONS:
         for add_generation_prompt in (False, True):
-            ours_text = ours.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+            ours_text = ours.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt
+            )
             theirs_text = theirs.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=False)
-            assert ours_text == theirs_text, f"chat differs ({add_generation_prompt=}): {ours_text!r} vs {theirs_text!r}"
+                messages, add_generation_prompt=add_generation_prompt, tokenize=False
+            )
+            assert ours_text == theirs_text, (
+                f"chat differs ({add_generation_prompt=}): {ours_text!r} vs {theirs_text!r}"
+            )
             assert ours.encode(ours_text) == theirs.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, tokenize=True, return_dict=False
+                messages,
+                add_generation_prompt=add_generation_prompt,
+                tokenize=True,
+                return_dict=False,
             )
     assert ours.vocab_size == len(theirs)
     for role in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -88,7 +99,8 @@ def test_bos_from_post_processor_and_eos_from_generation_config(tmp_path: Path) 
     d = make_tiny_tokenizer(tmp_path)
     backend = load_tokenizer(d).backend
     backend.post_processor = processors.TemplateProcessing(
-        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)])
+        single="<|im_start|> $A", special_tokens=[("<|im_start|>", 1)]
+    )
     backend.save(str(d / "tokenizer.json"))
     config = json.loads((d / "tokenizer_config.json").read_text())
     (d / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "<|endoftext|>"}))
@@ -114,8 +126,11 @@ def test_chat_template_jinja_file_and_environment(tmp_path: Path) -> None:
         "{% endfor %}"
     )
     tok, theirs = load_tokenizer(d), AutoTokenizer.from_pretrained(d)
-    messages = [{"role": "user", "content": "<a & b>"}, {"role": "skip", "content": "x"},
-                {"role": "tool", "content": None}]
+    messages = [
+        {"role": "user", "content": "<a & b>"},
+        {"role": "skip", "content": "x"},
+        {"role": "tool", "content": None},
+    ]
     assert tok.apply_chat_template(messages) == theirs.apply_chat_template(messages, tokenize=False)
     with pytest.raises(Exception, match="bad role"):
         tok.apply_chat_template([{"role": "bad", "content": ""}])
@@ -123,7 +138,10 @@ def test_chat_template_jinja_file_and_environment(tmp_path: Path) -> None:
 
 def test_fingerprint(tiny_dir: Path, tmp_path: Path) -> None:
     a = load_tokenizer(tiny_dir)
-    assert a.fingerprint() == load_tokenizer(make_tiny_tokenizer(tmp_path / "again", chat_template=None)).fingerprint()
+    assert (
+        a.fingerprint()
+        == load_tokenizer(make_tiny_tokenizer(tmp_path / "again", chat_template=None)).fingerprint()
+    )
     spec = json.loads((tiny_dir / "tokenizer.json").read_text())
     spec["model"]["merges"] = spec["model"]["merges"][:-1]  # one merge less changes some ids
     (tmp_path / "changed").mkdir()

@@ -15,6 +15,7 @@ A tiny random llama teacher (4 layers, the tiny BPE tokenizer's 512-token vocabu
 
 Run: .venv/bin/python -m pytest -q tests/test_train.py   (`-m slow`: SIGTERM, KD vs SFT, methods)
 """
+
 import json
 import math
 import os
@@ -38,8 +39,18 @@ from kd import hf
 REPO = Path(__file__).resolve().parent.parent
 # Same thread count everywhere: fp32 sums then happen in the same order in every run.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-BASE = ["--student_layers=0,2", "--max_steps=12", "--seq_len=48", "--lr=1e-2", "--warmup_steps=2",
-        "--min_lr=1e-3", "--precision=fp32", "--log_every=1", "--chunk_size=64", "--loss=forward_kl"]
+BASE = [
+    "--student_layers=0,2",
+    "--max_steps=12",
+    "--seq_len=48",
+    "--lr=1e-2",
+    "--warmup_steps=2",
+    "--min_lr=1e-3",
+    "--precision=fp32",
+    "--log_every=1",
+    "--chunk_size=64",
+    "--loss=forward_kl",
+]
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -50,25 +61,48 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("train")
-    teacher = make_tiny_checkpoint(d / "teacher", "llama", vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=4)
+    teacher = make_tiny_checkpoint(
+        d / "teacher", "llama", vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=4
+    )
     make_tiny_tokenizer(teacher)
     rng = random.Random(0)
     words = " ".join(CORPUS).split()
-    train_records = [{"prompt": " ".join(rng.sample(words, 4)), "response": " ".join(rng.sample(words, 10))}
-                     for _ in range(48)]
+    train_records = [
+        {"prompt": " ".join(rng.sample(words, 4)), "response": " ".join(rng.sample(words, 10))}
+        for _ in range(48)
+    ]
     eval_records = [{"text": " ".join(rng.sample(words, 12))} for _ in range(12)]
-    return {"dir": d, "teacher": teacher, "data": write_jsonl(d / "train.jsonl", train_records),
-            "eval": write_jsonl(d / "eval.jsonl", eval_records)}
+    return {
+        "dir": d,
+        "teacher": teacher,
+        "data": write_jsonl(d / "train.jsonl", train_records),
+        "eval": write_jsonl(d / "eval.jsonl", eval_records),
+    }
 
 
 def args(assets: dict[str, Path], out: Path, *extra: str) -> list[str]:
-    return [f"--teacher={assets['teacher']}", f"--data={assets['data']}", f"--out={out}", *BASE, *extra]
+    return [
+        f"--teacher={assets['teacher']}",
+        f"--data={assets['data']}",
+        f"--out={out}",
+        *BASE,
+        *extra,
+    ]
 
 
 def run(argv: list[str], *, nproc: int = 1) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"] if nproc > 1 else [sys.executable]
-    result = subprocess.run([*launcher, str(REPO / "train.py"), *argv], env=ENV, capture_output=True, text=True,
-                            timeout=300)
+    launcher = (
+        [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+        if nproc > 1
+        else [sys.executable]
+    )
+    result = subprocess.run(
+        [*launcher, str(REPO / "train.py"), *argv],
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -79,7 +113,10 @@ def losses(out: Path) -> list[float]:
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    wa, wb = (
+        load_file(a / "final" / "model.safetensors"),
+        load_file(b / "final" / "model.safetensors"),
+    )
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
@@ -88,8 +125,17 @@ def max_weight_diff(a: Path, b: Path) -> float:
 def baseline(assets) -> Path:
     """1 process, 1 micro-batch of 4, checkpoints every 2 steps: the reference run."""
     out = assets["dir"] / "baseline"
-    run(args(assets, out, "--batch_size=4", "--grad_accum=1", "--save_every=2", "--keep_checkpoints=2",
-             f"--eval_data={assets['eval']}"))
+    run(
+        args(
+            assets,
+            out,
+            "--batch_size=4",
+            "--grad_accum=1",
+            "--save_every=2",
+            "--keep_checkpoints=2",
+            f"--eval_data={assets['eval']}",
+        )
+    )
     return out
 
 
@@ -113,10 +159,21 @@ def test_two_ranks_and_micro_batches_match_one_process(assets, baseline):
 
 def test_sigkill_then_resume_is_exact(assets, baseline):
     out = assets["dir"] / "killed"
-    argv = args(assets, out, "--batch_size=4", "--grad_accum=1", "--save_every=2", "--keep_checkpoints=2",
-                f"--eval_data={assets['eval']}")
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    argv = args(
+        assets,
+        out,
+        "--batch_size=4",
+        "--grad_accum=1",
+        "--save_every=2",
+        "--keep_checkpoints=2",
+        f"--eval_data={assets['eval']}",
+    )
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *argv],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         while not (out / "checkpoints" / "step_000002").is_dir() and process.poll() is None:
             time.sleep(0.01)
@@ -127,17 +184,28 @@ def test_sigkill_then_resume_is_exact(assets, baseline):
     assert not (out / "final").exists()
     run([*argv, "--resume=true"])
     diff = max_weight_diff(out, baseline)
-    assert diff == 0.0, f"resumed run must equal the uninterrupted one bit for bit; max |diff| {diff}"
+    assert diff == 0.0, (
+        f"resumed run must equal the uninterrupted one bit for bit; max |diff| {diff}"
+    )
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert steps == sorted(steps), f"metrics.jsonl must not repeat the steps redone after the kill: {steps}"
+    assert steps == sorted(steps), (
+        f"metrics.jsonl must not repeat the steps redone after the kill: {steps}"
+    )
 
 
 @pytest.mark.slow
 def test_sigterm_saves_then_resume_is_exact(assets, baseline):
     out = assets["dir"] / "terminated"
-    argv = args(assets, out, "--batch_size=4", "--grad_accum=1", f"--eval_data={assets['eval']}")  # save_every=0
-    process = subprocess.Popen([sys.executable, str(REPO / "train.py"), *argv], env=ENV,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    argv = args(
+        assets, out, "--batch_size=4", "--grad_accum=1", f"--eval_data={assets['eval']}"
+    )  # save_every=0
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *argv],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         while not (out / "metrics.jsonl").is_file() and process.poll() is None:
             time.sleep(0.01)
@@ -146,10 +214,14 @@ def test_sigterm_saves_then_resume_is_exact(assets, baseline):
         stderr = process.communicate()[1]
     assert process.returncode == 0, stderr
     saved = sorted((out / "checkpoints").iterdir())
-    assert len(saved) == 1 and not (out / "final").exists(), f"one checkpoint at the stop, no export: {saved}"
+    assert len(saved) == 1 and not (out / "final").exists(), (
+        f"one checkpoint at the stop, no export: {saved}"
+    )
     run([*argv, "--resume=true"])
     diff = max_weight_diff(out, baseline)
-    assert diff == 0.0, f"stopped by SIGTERM and resumed must equal the uninterrupted run; max |diff| {diff}"
+    assert diff == 0.0, (
+        f"stopped by SIGTERM and resumed must equal the uninterrupted run; max |diff| {diff}"
+    )
 
 
 def test_export_loads_in_transformers(baseline):
@@ -161,66 +233,140 @@ def test_export_loads_in_transformers(baseline):
     ids = torch.randint(0, TINY_VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         diff = (ours(ids) - theirs(ids).logits).abs().max().item()
-    assert diff < 1e-5, f"fp32 logits of the export, kd vs transformers: max |diff| {diff:.2e} (SDPA rounding ~1e-6)"
+    assert diff < 1e-5, (
+        f"fp32 logits of the export, kd vs transformers: max |diff| {diff:.2e} (SDPA rounding ~1e-6)"
+    )
     assert (final / "tokenizer.json").is_file()
 
 
 def test_kd_beats_sft_on_held_out_kl(assets):
     """A peaky teacher (head x 4) and a 1-layer student of half the width; 16 steps each."""
     d = assets["dir"]
-    teacher = make_tiny_checkpoint(d / "peaky", "llama", vocab_size=TINY_VOCAB_SIZE, tie_word_embeddings=False)
+    teacher = make_tiny_checkpoint(
+        d / "peaky", "llama", vocab_size=TINY_VOCAB_SIZE, tie_word_embeddings=False
+    )
     weights = load_file(teacher / "model.safetensors")
     weights["lm_head.weight"] *= 4.0  # confident predictions: a teacher worth distilling
     save_file(weights, teacher / "model.safetensors", metadata={"format": "pt"})
     make_tiny_tokenizer(teacher)
-    student = make_tiny_checkpoint(d / "small", "llama", vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=1,
-                                   hidden_size=32, intermediate_size=64, seed=1)
+    student = make_tiny_checkpoint(
+        d / "small",
+        "llama",
+        vocab_size=TINY_VOCAB_SIZE,
+        num_hidden_layers=1,
+        hidden_size=32,
+        intermediate_size=64,
+        seed=1,
+    )
     kl = {}
     for loss in ("forward_kl", "sft"):
         out = d / f"peaky_{loss}"
-        run([f"--teacher={teacher}", f"--student={student}", f"--data={assets['data']}", f"--out={out}",
-             f"--eval_data={assets['eval']}", f"--loss={loss}", "--alpha=1.0", "--max_steps=16", "--lr=1e-2",
-             "--warmup_steps=2", "--batch_size=8", "--seq_len=48", "--precision=fp32", "--log_every=8",
-             "--eval_every=8"])
+        run(
+            [
+                f"--teacher={teacher}",
+                f"--student={student}",
+                f"--data={assets['data']}",
+                f"--out={out}",
+                f"--eval_data={assets['eval']}",
+                f"--loss={loss}",
+                "--alpha=1.0",
+                "--max_steps=16",
+                "--lr=1e-2",
+                "--warmup_steps=2",
+                "--batch_size=8",
+                "--seq_len=48",
+                "--precision=fp32",
+                "--log_every=8",
+                "--eval_every=8",
+            ]
+        )
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         kl[loss] = [r["eval_kl"] for r in records if "eval_kl" in r]  # steps 0, 8, 16
     # Measured: KD 0.212 -> 0.187, SFT 0.212 -> 0.863 (fitting the data pulls away from the teacher).
-    assert kl["forward_kl"][-1] < kl["forward_kl"][0], f"KD must lower the held-out KL: {kl['forward_kl']}"
-    assert kl["forward_kl"][-1] < 0.5 * kl["sft"][-1], f"held-out KL to the teacher: KD {kl['forward_kl']}, SFT {kl['sft']}"
+    assert kl["forward_kl"][-1] < kl["forward_kl"][0], (
+        f"KD must lower the held-out KL: {kl['forward_kl']}"
+    )
+    assert kl["forward_kl"][-1] < 0.5 * kl["sft"][-1], (
+        f"held-out KL to the teacher: KD {kl['forward_kl']}, SFT {kl['sft']}"
+    )
 
 
 @pytest.mark.slow
 def test_multi_teacher_two_stage_and_response_distillation(assets, baseline):
     d = assets["dir"]
-    second = make_tiny_checkpoint(d / "teacher2", "llama", vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=4, seed=3)
+    second = make_tiny_checkpoint(
+        d / "teacher2", "llama", vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=4, seed=3
+    )
     make_tiny_tokenizer(second)
     # Response distillation: the teacher answers the prompts; stage 2 fine-tunes on its answers.
-    prompts = write_jsonl(d / "prompts.jsonl", [{"prompt": p} for p in ("The river", "A teacher model", "In 1969")])
+    prompts = write_jsonl(
+        d / "prompts.jsonl", [{"prompt": p} for p in ("The river", "A teacher model", "In 1969")]
+    )
     responses = d / "responses.jsonl"
-    subprocess.run([sys.executable, str(REPO / "generate.py"), f"--model={assets['teacher']}",
-                    f"--prompts-file={prompts}", f"--output={responses}", "--max-new-tokens=8", "--chat"],
-                   env=ENV, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            str(REPO / "generate.py"),
+            f"--model={assets['teacher']}",
+            f"--prompts-file={prompts}",
+            f"--output={responses}",
+            "--max-new-tokens=8",
+            "--chat",
+        ],
+        env=ENV,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     assert all("response" in json.loads(line) for line in responses.read_text().splitlines())
     out = d / "stage2"
-    run([f"--teacher={assets['teacher']},{second}", "--teacher_weights=0.7,0.3", "--student_layers=0,2",
-         f"--init_from={baseline / 'final'}", f"--data={responses}", f"--out={out}", "--loss=jsd", "--max_steps=2",
-         "--batch_size=2", "--seq_len=48", "--precision=fp32", "--log_every=1"])
+    run(
+        [
+            f"--teacher={assets['teacher']},{second}",
+            "--teacher_weights=0.7,0.3",
+            "--student_layers=0,2",
+            f"--init_from={baseline / 'final'}",
+            f"--data={responses}",
+            f"--out={out}",
+            "--loss=jsd",
+            "--max_steps=2",
+            "--batch_size=2",
+            "--seq_len=48",
+            "--precision=fp32",
+            "--log_every=1",
+        ]
+    )
     assert len(losses(out)) == 2 and (out / "final" / "model.safetensors").is_file()
 
 
-@pytest.mark.parametrize("method, extra", [("gkd", ["--loss=jsd", "--alpha=1.0", "--lmbda=0.5"]),
-                                           ("minillm", ["--lm_data={eval}"])], ids=["gkd", "minillm"])
+@pytest.mark.parametrize(
+    "method, extra",
+    [("gkd", ["--loss=jsd", "--alpha=1.0", "--lmbda=0.5"]), ("minillm", ["--lm_data={eval}"])],
+    ids=["gkd", "minillm"],
+)
 def test_on_policy_methods_run_on_two_ranks(assets, method, extra):
     """GKD and MiniLLM through train.py: 2 gloo ranks sample answers (rows end at different
     steps), stay in step (the all-reduced done flag, parallel.all_ranks) and log the rollout
     metrics; MiniLLM adds its LM loss on lm_data."""
     out = assets["dir"] / f"onpolicy_{method}"
-    run(args(assets, out, f"--method={method}", "--max_new_tokens=8", "--batch_size=2", "--max_steps=4",
-             *(e.format(eval=assets["eval"]) for e in extra)), nproc=2)
+    run(
+        args(
+            assets,
+            out,
+            f"--method={method}",
+            "--max_new_tokens=8",
+            "--batch_size=2",
+            "--max_steps=4",
+            *(e.format(eval=assets["eval"]) for e in extra),
+        ),
+        nproc=2,
+    )
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
     # Every record has the metrics; a GKD step whose coins all came up "data" logs zeros.
-    assert all(0 <= r["response_length"] <= 8 and 0.0 <= r["on_policy_fraction"] <= 1.0 for r in records)
+    assert all(
+        0 <= r["response_length"] <= 8 and 0.0 <= r["on_policy_fraction"] <= 1.0 for r in records
+    )
     assert all(math.isfinite(r["loss"]) and 0.0 <= r["repetition"] <= 1.0 for r in records)
     sampled = [r for r in records if r["on_policy_fraction"] > 0]
     assert sampled and all(r["response_length"] >= 1 for r in sampled), records
@@ -233,8 +379,13 @@ def test_on_policy_methods_run_on_two_ranks(assets, method, extra):
 def test_on_policy_resume_is_exact(assets):
     """Rollouts are seeded by (seed, step, micro-batch, rank): a MiniLLM run stopped after a
     checkpoint and resumed samples the same answers and ends bitwise equal."""
-    extra = ["--method=minillm", f"--lm_data={assets['eval']}", "--max_new_tokens=8", "--batch_size=2",
-             "--max_steps=4"]
+    extra = [
+        "--method=minillm",
+        f"--lm_data={assets['eval']}",
+        "--max_new_tokens=8",
+        "--batch_size=2",
+        "--max_steps=4",
+    ]
     whole, parts = assets["dir"] / "onpolicy_whole", assets["dir"] / "onpolicy_parts"
     run(args(assets, whole, *extra))
     run(args(assets, parts, *extra, "--save_every=2", "--keep_checkpoints=2"))
@@ -243,4 +394,6 @@ def test_on_policy_resume_is_exact(assets):
         shutil.rmtree(later)
     run(args(assets, parts, *extra, "--save_every=2", "--resume=true"))
     diff = max_weight_diff(parts, whole)
-    assert diff == 0.0, f"resumed on-policy run must equal the uninterrupted one bit for bit; max |diff| {diff}"
+    assert diff == 0.0, (
+        f"resumed on-policy run must equal the uninterrupted one bit for bit; max |diff| {diff}"
+    )

@@ -9,6 +9,7 @@ subprocess to check the real exit status and the absence of a traceback; the oth
 
 Run: .venv/bin/python -m pytest -q tests/test_train_errors.py
 """
+
 import json
 import subprocess
 import sys
@@ -29,7 +30,9 @@ def assets(tmp_path_factory) -> dict[str, Path]:
     teacher = make_tiny_checkpoint(d / "teacher", "llama", vocab_size=TINY_VOCAB_SIZE)
     make_tiny_tokenizer(teacher)
     data = d / "train.jsonl"
-    data.write_text("".join(json.dumps({"text": f"The river rises {i} times."}) + "\n" for i in range(8)))
+    data.write_text(
+        "".join(json.dumps({"text": f"The river rises {i} times."}) + "\n" for i in range(8))
+    )
     return {"dir": d, "teacher": teacher, "data": data}
 
 
@@ -44,17 +47,32 @@ def fails(argv: list[str], capsys) -> str:
 
 
 def base(assets: dict[str, Path], **settings: str) -> list[str]:
-    values = {"teacher": assets["teacher"], "student_layers": "0", "data": assets["data"],
-              "out": assets["dir"] / "run", "max_steps": 2, "batch_size": 2, "seq_len": 32, "precision": "fp32",
-              **settings}
+    values = {
+        "teacher": assets["teacher"],
+        "student_layers": "0",
+        "data": assets["data"],
+        "out": assets["dir"] / "run",
+        "max_steps": 2,
+        "batch_size": 2,
+        "seq_len": 32,
+        "precision": "fp32",
+        **settings,
+    }
     return [f"--{k}={v}" for k, v in values.items()]
 
 
 def test_unknown_setting_exits_1_in_one_line_without_traceback(assets):
-    result = subprocess.run([sys.executable, str(REPO / "train.py"), *base(assets), "--learning_rate=1"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train.py"), *base(assets), "--learning_rate=1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
-    assert result.stderr.strip() == "error: unknown setting '--learning_rate'; run `train.py --help` for the list"
+    assert (
+        result.stderr.strip()
+        == "error: unknown setting '--learning_rate'; run `train.py --help` for the list"
+    )
 
 
 def test_vocabularies_that_differ_beyond_padding(assets, capsys):
@@ -75,10 +93,13 @@ def test_tokenizers_that_differ(assets, capsys):
     assert f"tokenizer of {other} differs" in line
 
 
-@pytest.mark.parametrize("content, words", [
-    ("", "the file is empty"),
-    ('{"text": "fine"}\n{"text": "broken"\n', ":2: not a valid UTF-8 JSON line"),
-])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ("", "the file is empty"),
+        ('{"text": "fine"}\n{"text": "broken"\n', ":2: not a valid UTF-8 JSON line"),
+    ],
+)
 def test_bad_data_files(assets, capsys, content, words, tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text(content)
@@ -91,13 +112,31 @@ def test_missing_files(assets, capsys):
 
 
 def test_resume_without_checkpoint(assets, capsys, tmp_path):
-    assert "no complete checkpoint" in fails(base(assets, out=tmp_path / "fresh", resume="true"), capsys)
+    assert "no complete checkpoint" in fails(
+        base(assets, out=tmp_path / "fresh", resume="true"), capsys
+    )
 
 
-def test_non_finite_loss_keeps_last_good_checkpoint_then_new_run_is_refused(assets, capsys, tmp_path):
+def test_non_finite_loss_keeps_last_good_checkpoint_then_new_run_is_refused(
+    assets, capsys, tmp_path
+):
     out = tmp_path / "diverged"
     # lr 1e30: the first update blows the weights up; step 2's gradients are NaN.
-    line = fails(base(assets, out=out, lr="1e30", warmup_steps="0", save_every="1", max_steps="5", log_every="5"), capsys)
-    assert "not finite" in line and f"last good checkpoint: {out / 'checkpoints' / 'step_000001'}" in line
+    line = fails(
+        base(
+            assets,
+            out=out,
+            lr="1e30",
+            warmup_steps="0",
+            save_every="1",
+            max_steps="5",
+            log_every="5",
+        ),
+        capsys,
+    )
+    assert (
+        "not finite" in line
+        and f"last good checkpoint: {out / 'checkpoints' / 'step_000001'}" in line
+    )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
     assert "already holds checkpoints" in fails(base(assets, out=out), capsys)

@@ -8,6 +8,7 @@
 
 Run: .venv/bin/python -m pytest -q tests/test_train_units.py
 """
+
 import math
 from pathlib import Path
 
@@ -19,8 +20,15 @@ from kd.optim import build_optimizer, lr_at
 from kd.student import layer_subset_config, layer_subset_state_dict
 from train import flops_per_token, matmul_params
 
-TINY = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+TINY = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
 
 
 def test_lr_schedule_landmarks():
@@ -32,7 +40,9 @@ def test_lr_schedule_landmarks():
     assert lr_at(500, **kw) == pytest.approx(0.1)  # past max_steps: stays at the floor
     values = [lr_at(s, **kw) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(values, values[1:])), "cosine part must not increase"
-    assert lr_at(1, lr=1.0, warmup_steps=0, max_steps=10, min_lr=0.0) == pytest.approx((1 + math.cos(math.pi / 10)) / 2)
+    assert lr_at(1, lr=1.0, warmup_steps=0, max_steps=10, min_lr=0.0) == pytest.approx(
+        (1 + math.cos(math.pi / 10)) / 2
+    )
 
 
 def test_weight_decay_only_on_matrices():
@@ -59,7 +69,9 @@ def test_layer_subset_student():
     assert config.num_hidden_layers == 2 and config.hidden_size == TINY.hidden_size
     student_sd = layer_subset_state_dict(sd, [0, 3])
     Transformer(config).load_state_dict(student_sd, strict=True)
-    assert torch.equal(student_sd["model.layers.1.mlp.up_proj.weight"], sd["model.layers.3.mlp.up_proj.weight"])
+    assert torch.equal(
+        student_sd["model.layers.1.mlp.up_proj.weight"], sd["model.layers.3.mlp.up_proj.weight"]
+    )
     assert torch.equal(student_sd["model.norm.weight"], sd["model.norm.weight"])
     with pytest.raises(ValueError, match=r"student_layers=\[0, 4\].*0\.\.3"):
         layer_subset_config(TINY, [0, 4])
@@ -71,18 +83,25 @@ def test_flops_per_token_by_hand():
     # Tied: the embedding matrix is the head, so every parameter is a matmul parameter.
     assert matmul_params(student) == sum(p.numel() for p in student.parameters())
     attention = 4 * 32 * 16  # per layer: 2 * 2 * seq_len * heads * head_dim
-    expected = (2 * matmul_params(teacher) + 4 * attention) + 3 * (2 * matmul_params(student) + 2 * attention)
+    expected = (2 * matmul_params(teacher) + 4 * attention) + 3 * (
+        2 * matmul_params(student) + 2 * attention
+    )
     assert flops_per_token([teacher], student, seq_len=16) == expected
 
 
 def test_plot_metrics_writes_a_png(tmp_path):
     import json
     import sys
+
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     import plot_metrics
 
-    records = [{"step": s, "loss": 3.0 / s, "divergence": 1.0 / s, "ce": 5.0 / s} for s in range(1, 5)]
-    records += [{"step": s, "eval_kl": 1.0 / (s + 1), "eval_top1_agreement": 0.5 + s / 10} for s in (0, 4)]
+    records = [
+        {"step": s, "loss": 3.0 / s, "divergence": 1.0 / s, "ce": 5.0 / s} for s in range(1, 5)
+    ]
+    records += [
+        {"step": s, "eval_kl": 1.0 / (s + 1), "eval_top1_agreement": 0.5 + s / 10} for s in (0, 4)
+    ]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert plot_metrics.main([str(tmp_path)]) == 0
     assert (tmp_path / "metrics.png").stat().st_size > 0

@@ -13,6 +13,7 @@ Pair it with tiny random models whose vocab_size is `TINY_VOCAB_SIZE`. Used by t
     from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
     tok_dir = make_tiny_tokenizer(tmp_path)   # writes tokenizer.json + tokenizer_config.json
 """
+
 import json
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def make_tiny_tokenizer(out_dir: str | Path, *, chat_template: str | None = CHAT
     out_dir.mkdir(parents=True, exist_ok=True)
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False)]
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ]
     )
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
@@ -70,7 +74,9 @@ def make_tiny_tokenizer(out_dir: str | Path, *, chat_template: str | None = CHAT
     )
     tok.train_from_iterator(CORPUS, trainer=trainer)
     if tok.get_vocab_size() != TINY_VOCAB_SIZE:  # the corpus must be rich enough for all merges
-        raise RuntimeError(f"tiny tokenizer has {tok.get_vocab_size()} tokens, wanted {TINY_VOCAB_SIZE}")
+        raise RuntimeError(
+            f"tiny tokenizer has {tok.get_vocab_size()} tokens, wanted {TINY_VOCAB_SIZE}"
+        )
     tok.save(str(out_dir / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -85,5 +91,7 @@ def make_tiny_tokenizer(out_dir: str | Path, *, chat_template: str | None = CHAT
     }
     if chat_template is not None:
         config["chat_template"] = chat_template
-    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (out_dir / "tokenizer_config.json").write_text(
+        json.dumps(config, indent=2, ensure_ascii=False) + "\n"
+    )
     return out_dir
