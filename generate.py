@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
+from kd.dtypes import DTYPES
 from kd.hf import load_model
 from kd.model import Transformer
 from kd.sampling import generate
 from kd.tokenizer import Tokenizer, load_tokenizer
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -38,7 +38,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch

@@ -86,7 +86,7 @@ class DataStats:
 # ----------------------------------------------------------------------------- reading records
 
 
-def _read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
     """Yield ("file:line", record) for each non-blank line."""
     path = Path(path)
     if not path.is_file():
@@ -272,7 +272,7 @@ def load_examples(
         )
     stats = DataStats(str(path))
     examples = []
-    for where, record in _read_jsonl(path):
+    for where, record in read_jsonl(path):
         stats.records += 1
         tokens, trained, prompt_ids = _tokenize(record, tokenizer, where)
         if len(tokens) > seq_len:
@@ -305,7 +305,7 @@ def load_prompts(
     Prompts over max_len tokens are skipped (stats.dropped) rather than cut mid-question."""
     stats = DataStats(str(path))
     prompts = []
-    for where, record in _read_jsonl(path):
+    for where, record in read_jsonl(path):
         stats.records += 1
         if "messages" in record:
             messages = _messages(record, where)

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 from kd.chunked_loss import chunked_distillation_loss
-from kd.data import IGNORE, DataStats, Example, _read_jsonl, collate, load_examples, load_prompts
+from kd.data import IGNORE, DataStats, Example, collate, load_examples, load_prompts, read_jsonl
 from kd.losses import token_count
 from kd.model import Transformer
 from kd.sampling import last_logits, sample_from_probs, sampling_probs
@@ -639,7 +639,7 @@ def load_prompt_examples(
     come back as Examples with no trained token; prompts over seq_len - max_new_tokens are
     dropped, so a prompt plus its response fits seq_len.
     """
-    for where, record in _read_jsonl(path):
+    for where, record in read_jsonl(path):
         if "prompt" not in record and "messages" not in record:
             raise ValueError(
                 f"{where}: method={method} samples responses to prompts, but this record has none; "

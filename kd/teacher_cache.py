@@ -72,7 +72,7 @@ Tensor = torch.Tensor
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 LAYOUT = (
     "per shard: ids (n, k), logprobs (n, k), log_tail (n,), offsets (examples + 1,) int64; "
     "rows = positions with labels != -100 of the shard's examples, in order; "
@@ -225,8 +225,8 @@ def write_cache(
         raise ValueError(
             f"spec.num_examples={spec.num_examples} but {len(examples)} examples were given"
         )
-    if spec.dtype not in DTYPES:
-        raise ValueError(f"cache dtype {spec.dtype!r} is not one of {', '.join(DTYPES)}")
+    if spec.dtype not in STORAGE_DTYPES:
+        raise ValueError(f"cache dtype {spec.dtype!r} is not one of {', '.join(STORAGE_DTYPES)}")
     if spec.examples_per_shard < 1 or batch_size < 1:
         raise ValueError(
             f"examples_per_shard={spec.examples_per_shard} and batch_size={batch_size} must be >= 1"
@@ -306,8 +306,8 @@ def write_cache(
         if mine in shards:
             tensors = {
                 "ids": torch.cat([p[0] for p in parts]).to(ids_dtype(spec.vocab_size)),
-                "logprobs": torch.cat([p[1] for p in parts]).to(DTYPES[spec.dtype]),
-                "log_tail": torch.cat([p[2] for p in parts]).to(DTYPES[spec.dtype]),
+                "logprobs": torch.cat([p[1] for p in parts]).to(STORAGE_DTYPES[spec.dtype]),
+                "log_tail": torch.cat([p[2] for p in parts]).to(STORAGE_DTYPES[spec.dtype]),
                 "offsets": torch.tensor([0] + [e.num_targets for e in examples[first:end]]).cumsum(
                     0
                 ),  # (E + 1,)

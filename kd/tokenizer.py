@@ -70,6 +70,15 @@ class Tokenizer:
         self.eos_token_ids = {i for i in stops if i is not None}
         self._compiled_template: jinja2.Template | None = None
 
+    @property
+    def pad_id(self) -> int:
+        """The id batches are padded with: the pad token, else the smallest end-of-sequence id,
+        else 0. Which id it is changes no result: right padding lies after every real token and
+        carries no label, left padding is masked, and generation cuts a row at its EOS."""
+        if self.pad_token_id is not None:
+            return self.pad_token_id
+        return min(self.eos_token_ids, default=0)
+
     def _role_id(self, role: str) -> int | None:
         token = self.special_tokens.get(role)
         if token is None:

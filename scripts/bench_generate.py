@@ -29,8 +29,8 @@ from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kd.dtypes import fast_dtype  # noqa: E402
 from kd.hf import load_model  # noqa: E402
-from kd.parallel import fast_dtype  # noqa: E402
 from kd.sampling import generate  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
@@ -119,7 +119,7 @@ def main() -> None:
     p.add_argument(
         "--dtypes",
         help="comma-separated from fp32, bf16; default fp32, plus bf16 where this CPU is "
-        "faster in it (on an AVX2-only CPU bf16 is ~70x slower: kd.parallel.fast_dtype)",
+        "faster in it (on an AVX2-only CPU bf16 is ~70x slower: kd.dtypes.fast_dtype)",
     )
     args = p.parse_args()
     fast_bf16 = fast_dtype(torch.device("cpu")) == torch.bfloat16

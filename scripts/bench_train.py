@@ -20,7 +20,7 @@ the random batch and kd.teacher_cache.write_cache stores its
 top-k log-probs in bf16 at T = 1 (scripts/cache_teacher.py's defaults) in a temporary directory,
 with the batch's token ids as the cache's data file; (e) opens it with TeacherCache.open.
 All cases compute in one dtype, --precision (auto: bf16 on a GPU or a CPU with native bf16,
-else fp32; kd.parallel.fast_precision).
+else fp32; kd.dtypes.fast_precision).
 Efficiency = (time a + time b) / time c: how close KD gets to "an SFT step plus a teacher
 forward" (the loss overhead); speed-up = tokens/s of c over d; memory ratio = peak c / peak d;
 from cache = tokens/s of e over c (target >= 1.5) and peak e / peak c.
@@ -47,7 +47,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from kd.config import TrainConfig  # noqa: E402  (after the path set-up)
 from kd.data import Example  # noqa: E402
-from kd.parallel import DTYPES, fast_precision  # noqa: E402
+from kd.dtypes import DTYPES, fast_precision  # noqa: E402
 from kd.tokenizer import Tokenizer  # noqa: E402
 
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)

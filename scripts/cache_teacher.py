@@ -33,9 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 from kd import parallel  # noqa: E402
 from kd.data import load_examples  # noqa: E402
+from kd.dtypes import DTYPES  # noqa: E402
 from kd.hf import check_state_dict, load_config, load_state_dict  # noqa: E402
 from kd.model import Transformer  # noqa: E402
-from kd.teacher_cache import DTYPES, CacheSpec, config_sha256, file_sha256, write_cache  # noqa: E402
+from kd.teacher_cache import STORAGE_DTYPES, CacheSpec, config_sha256, file_sha256, write_cache  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -73,7 +74,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seq-len", type=int, default=512, help="train.py's seq_len")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the teacher's)")
     parser.add_argument(
-        "--dtype", default="bfloat16", choices=sorted(DTYPES), help="storage dtype of log-probs"
+        "--dtype",
+        default="bfloat16",
+        choices=sorted(STORAGE_DTYPES),
+        help="storage dtype of log-probs",
     )
     parser.add_argument(
         "--temperature", type=float, default=1.0, help="temperature of the cached log-probs"
@@ -81,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--teacher-dtype",
         default="auto",
-        choices=["auto", *sorted(parallel.DTYPES)],
+        choices=["auto", *sorted(DTYPES)],
         help="auto: bf16 on a GPU or where this CPU is faster in it, else fp32",
     )
     parser.add_argument("--batch-size", type=int, default=8, help="examples per teacher forward")
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(
                 f"--top-k {args.top_k} must be in 1..{config.vocab_size} (the teacher's vocabulary)"
             )
-        dtype = parallel.DTYPES[
+        dtype = DTYPES[
             parallel.resolve_precision(args.teacher_dtype, world.device)
         ]  # the same on all ranks
 

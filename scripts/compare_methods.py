@@ -29,10 +29,11 @@ import torch
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 import demo  # noqa: E402  (the demo's stages: run_child, student_before, evaluation, verdict)
+
 from kd import checkpoint, hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
+from kd.dtypes import DTYPES, fast_precision  # noqa: E402
 from kd.evaluate import describe_machine, format_table, load_eval_set  # noqa: E402
-from kd.parallel import DTYPES, fast_precision  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
 METHODS = {

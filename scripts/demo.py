@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import train  # noqa: E402  (train.py's own student construction, reused for "before")
 from kd import checkpoint, hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
+from kd.dtypes import DTYPES, fast_precision  # noqa: E402
 from kd.evaluate import (
     SPEED_BATCH,
     SPEED_TOKENS,
@@ -45,7 +46,6 @@ from kd.evaluate import (
     format_table,
     load_eval_set,
 )  # noqa: E402
-from kd.parallel import DTYPES, fast_precision  # noqa: E402
 from kd.model import Transformer  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 

@@ -19,12 +19,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from kd.dtypes import DTYPES, fast_dtype  # noqa: E402
 from kd.evaluate import describe_machine, evaluate, format_table, load_eval_set  # noqa: E402
-from kd.parallel import fast_dtype  # noqa: E402
 from kd.hf import load_model  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
-
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -12,14 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 import generate as cli
 from kd.hf import load_model
 from kd.sampling import generate
 from kd.tokenizer import load_tokenizer
 from tests.tiny_models import make_tiny_checkpoint
-from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 

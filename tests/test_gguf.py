@@ -21,7 +21,6 @@ from pathlib import Path
 from types import ModuleType
 
 import gguf
-import numpy as np
 import pytest
 import torch
 from tiny_tokenizer import CHATML, TINY_VOCAB_SIZE, make_tiny_tokenizer

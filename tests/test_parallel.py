@@ -20,10 +20,9 @@ import time
 import pytest
 import torch
 import torch.multiprocessing as mp
-
 from torch.distributed.tensor import DTensor
 
-from kd import parallel
+from kd import dtypes, parallel
 from kd.model import ModelConfig, Transformer
 
 CONFIG = ModelConfig(
@@ -171,7 +170,7 @@ def test_two_gloo_ranks_match_one_plain_model():
 def test_fast_dtype_picks_the_faster_matmul():
     """bf16 only where it is faster: ~3x faster with AVX512-BF16/AMX, ~70x slower on AVX2."""
     assert (
-        parallel.fast_dtype(torch.device("cuda")) == torch.bfloat16
+        dtypes.fast_dtype(torch.device("cuda")) == torch.bfloat16
     )  # decided without touching a GPU
 
     def seconds(dtype: torch.dtype) -> float:  # a bigger matmul than fast_dtype's own, best of 3
@@ -182,7 +181,7 @@ def test_fast_dtype_picks_the_faster_matmul():
     ratio = seconds(torch.bfloat16) / seconds(torch.float32)
     if 0.5 < ratio < 2:
         pytest.skip(f"bf16/fp32 matmul time ratio {ratio:.2f}: too close to call on this CPU")
-    assert parallel.fast_dtype(torch.device("cpu")) == (
+    assert dtypes.fast_dtype(torch.device("cpu")) == (
         torch.bfloat16 if ratio < 1 else torch.float32
     ), ratio
 

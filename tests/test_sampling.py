@@ -11,7 +11,6 @@ import torch
 
 from kd.sampling import generate, sample_from_probs, sample_next, sampling_probs
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: see conftest.py
 
 

@@ -33,7 +33,6 @@ from safetensors.torch import load_file, save_file
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import CORPUS, TINY_VOCAB_SIZE, make_tiny_tokenizer
 
-import train
 from kd import hf
 
 REPO = Path(__file__).resolve().parent.parent
