@@ -12,6 +12,8 @@ each output line is the same object plus "response". Records are answered in ord
 batches appended to OUT.partial; a rerun resumes after the last complete batch and the file
 is renamed to OUT only at the end, so OUT never exists half-written. Batch b is sampled with
 seed + index of its first record, so a resumed run writes what an uninterrupted one would.
+With --dtype bf16 and one row at a time (--prompt, or --batch-size 1) oneDNN is turned off
+for the process: its bf16 matrix-vector product is the slower one (see main).
 """
 
 import argparse
@@ -23,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from kd.data import read_jsonl
 from kd.dtypes import DTYPES
 from kd.hf import load_model
 from kd.model import Transformer
@@ -81,31 +84,19 @@ def _is_chat(messages: object) -> bool:
     )
 
 
-def read_records(path: Path) -> tuple[list[dict], list[int]]:
-    """Records of a JSONL file and their line numbers; errors name file:line."""
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: prompts file not found")
-    records, line_numbers = [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"{path}:{n}: not valid JSON ({e.msg}): fix or remove the line"
-            ) from None
-        if not isinstance(record, dict):
-            raise ValueError(f"{path}:{n}: expected a JSON object, got {type(record).__name__}")
+def read_records(path: Path) -> tuple[list[dict], list[str]]:
+    """Records of a JSONL file and where each is ("file:line", for errors)."""
+    records, places = [], []
+    for where, record in read_jsonl(path, what="prompts file"):
         if "messages" in record and not _is_chat(record["messages"]):
             raise ValueError(
-                f"{path}:{n}: 'messages' must be a list of {{'role': str, 'content': str}}"
+                f"{where}: 'messages' must be a list of {{'role': str, 'content': str}}"
             )
         if "messages" not in record and not isinstance(record.get("prompt"), str):
-            raise ValueError(f"{path}:{n}: needs a string 'prompt' or a list 'messages'")
+            raise ValueError(f"{where}: needs a string 'prompt' or a list 'messages'")
         records.append(record)
-        line_numbers.append(n)
-    return records, line_numbers
+        places.append(where)
+    return records, places
 
 
 def _without_response(record: dict) -> dict:
@@ -127,7 +118,8 @@ def read_partial(partial: Path, records: list[dict]) -> int:
         expected = records[done] if done < len(records) else None
         if expected is None or _without_response(record) != _without_response(expected):
             raise ValueError(
-                f"{partial}: record {done + 1} does not match the prompts file: delete it to start over"
+                f"{partial}: record {done + 1} does not match the prompts file: "
+                "delete it to start over"
             )
         done, keep = done + 1, keep + len(line) + 1
     with open(partial, "r+b") as f:
@@ -138,15 +130,15 @@ def read_partial(partial: Path, records: list[dict]) -> int:
 def run_file(
     model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int
 ) -> None:
-    records, line_numbers = read_records(args.prompts_file)
+    records, places = read_records(args.prompts_file)
     if args.output.exists():
         raise ValueError(f"{args.output} exists: delete it or choose another --output")
     if not args.output.parent.is_dir():
         raise FileNotFoundError(f"{args.output.parent}: output directory not found")
     ids = [prompt_ids(tokenizer, r, chat=args.chat, system=args.system) for r in records]
-    for n, prompt in zip(line_numbers, ids):
+    for where, prompt in zip(places, ids):
         if not prompt:
-            raise ValueError(f"{args.prompts_file}:{n}: the prompt is empty")
+            raise ValueError(f"{where}: the prompt is empty")
     partial = args.output.with_name(args.output.name + ".partial")
     done = start = read_partial(partial, records)
     t0, new_tokens = time.perf_counter(), 0
@@ -172,12 +164,9 @@ def run_file(
             done, new_tokens = batch.stop, new_tokens + sum(len(t) for t in out)
             elapsed = time.perf_counter() - t0
             eta = elapsed / (done - start) * (len(records) - done)
-            print(
-                f"\r{done}/{len(records)} records, {new_tokens / elapsed:.1f} tokens/s, ETA {eta:.0f} s",
-                end="",
-                file=sys.stderr,
-                flush=True,
-            )
+            rate = f"{new_tokens / elapsed:.1f} tokens/s"
+            line = f"\r{done}/{len(records)} records, {rate}, ETA {eta:.0f} s"
+            print(line, end="", file=sys.stderr, flush=True)
     print(file=sys.stderr)
     os.replace(partial, args.output)
 
@@ -236,7 +225,13 @@ def main(argv: list[str] | None = None) -> int:
         eos = set(tokenizer.eos_token_ids)
         if not eos:
             raise ValueError(f"{args.model}: the tokenizer defines no EOS token")
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+        if args.dtype == "bf16" and (args.prompt is not None or args.batch_size == 1):
+            # A bf16 decode step of one row on a CPU multiplies one vector by every weight
+            # matrix. There PyTorch's own bf16 kernel streams the weights ~2x faster than
+            # oneDNN's matmul (measured, 1 thread: ~14 vs ~6.5 GB/s of weights); from a few
+            # rows on oneDNN is ~3x faster. So one row at a time runs with oneDNN off.
+            torch.backends.mkldnn.enabled = False
+        pad_id = tokenizer.pad_id
         (run_file if args.prompts_file is not None else run_one)(
             model, tokenizer, args, eos, pad_id
         )

@@ -86,11 +86,14 @@ class DataStats:
 # ----------------------------------------------------------------------------- reading records
 
 
-def read_jsonl(path: str | Path) -> Iterator[tuple[str, dict]]:
-    """Yield ("file:line", record) for each non-blank line."""
+def read_jsonl(path: str | Path, *, what: str = "data file") -> Iterator[tuple[str, dict]]:
+    """Yield ("file:line", record) for each non-blank line of a JSONL file (one object a line).
+
+    what: names the file in the error when it is missing ("data file", "prompts file", ...).
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such data file; give a JSONL file, one record a line")
+        raise FileNotFoundError(f"{path}: {what} not found; give a JSONL file, one record a line")
     with path.open("rb") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

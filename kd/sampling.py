@@ -1,4 +1,4 @@
-"""Sampling and batched generation with a static KV cache (gpt-fast style).
+"""Sampling and batched decoding with a static KV cache (gpt-fast style).
 
 Pure functions first: `sampling_probs` is the exact distribution a token is drawn from
 (temperature, then top-k, then top-p, the order `transformers` uses), `sample_from_probs`
@@ -6,8 +6,11 @@ draws from any such distribution, `sample_next` is the two together. On-policy d
 (MiniLLM, arXiv 2306.08543) needs those probabilities, and its teacher-mixed sampling draws
 from 0.2 p + 0.8 q through `sample_from_probs`.
 
-Then `generate`: left-padded batched prompts, one prefill forward, then one cached decode
-forward per new token, each row stopping at its own EOS.
+Then the one decoding core, in small pieces: `prefill` (the left-padded prompts into the KV
+cache, one forward), `decode_one_token` (one cached forward), and `decode`, the loop over
+them that steps one model or several in lockstep and lets the caller choose each token.
+`generate` (generate.py, the evaluation's greedy answers) is `decode` with `sample_next`;
+on-policy rollouts (kd/onpolicy.py) are `decode` over student and teacher with a mixture.
 
     from kd.sampling import generate
     new_tokens = generate(model, [[1, 2, 3], [4, 5]], max_new_tokens=32, temperature=0.0,
@@ -100,6 +103,117 @@ def last_logits(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor
     return linear(hidden[:, -1], head_weight)
 
 
+# ----------------------------------------------------------------------------- decoding core
+
+
+def this_rank_only(done: bool) -> bool:
+    """`all_done` of a single process: every row is done when this rank's rows are."""
+    return done
+
+
+def left_padded(
+    prompts: list[list[int]], *, pad_id: int, max_seq_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens (B, P), mask (B, S)): row b holds its prompt in slots P - len(b) .. P - 1.
+
+    The mask is True on every real slot, including all slots decoding will write (causality
+    hides the future ones), and False on the left padding (kd/model.py's cache conventions).
+    """
+    B, P = len(prompts), max(len(p) for p in prompts)
+    tokens = torch.full((B, P), pad_id, dtype=torch.long)
+    mask = torch.ones(B, max_seq_len, dtype=torch.bool)
+    for b, p in enumerate(prompts):
+        tokens[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
+        mask[b, : P - len(p)] = False
+    return tokens.to(device), mask.to(device)
+
+
+def prefill(model: Transformer, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Write the prompts (B, P) into cache slots 0..P-1; logits (B, V) of the last position.
+
+    mask (B, P) covers exactly the slots this call reads, so attention costs O(P), not O(S).
+    """
+    positions = torch.arange(tokens.shape[1], device=tokens.device)
+    return model(tokens, input_pos=positions, attention_mask=mask, output_fn=last_logits)
+
+
+def decode_one_token(
+    model: Transformer, ids: torch.Tensor, *, pos: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Feed ids (B,) at cache slot pos (1,); logits (B, V) of the next token.
+
+    mask (B, pos + 1) covers the slots up to and including pos: attention reads only those.
+    """
+    return model(ids[:, None], input_pos=pos, attention_mask=mask)[:, -1]
+
+
+def decode(
+    models: list[Transformer],
+    prompts: list[list[int]],
+    *,
+    steps: int,
+    next_token: Callable[[list[torch.Tensor]], torch.Tensor],
+    eos_token_ids: set[int] | frozenset[int] | None,
+    pad_id: int,
+    max_seq_len: int | None = None,
+    all_done: Callable[[bool], bool] = this_rank_only,
+    cache_dtype: torch.dtype | None = None,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+) -> torch.Tensor:
+    """Decode up to `steps` tokens per prompt, every model in lockstep; tokens (B, n), n <= steps.
+
+    Each model prefills the left-padded prompts into its own KV cache, then at every step
+    `next_token(logits)` turns the models' next-token logits (one (B, V) tensor per model, in
+    `models`' order) into ids (B,); finished rows get pad_id instead. Every model is fed those
+    ids, so several models (on-policy: student and teacher) score the same sequences. A row is
+    finished after one of eos_token_ids (kept); the loop ends when every row is, or after
+    `steps` tokens. The last token is never fed back: S = P + steps - 1 cache slots suffice.
+    all_done: maps "every row of this rank finished" to "every rank finished" (an all-reduce
+        under torch.distributed): every rank then makes the same forward calls, as FSDP needs.
+    on_token: called with each step's ids (B,), pad_id on finished rows (a host sync to read).
+    """
+    device = models[0].head_weight.device
+    B, P = len(prompts), max(len(p) for p in prompts)
+    S = max_seq_len or P + steps - 1
+    tokens, mask = left_padded(prompts, pad_id=pad_id, max_seq_len=S, device=device)
+    eos = torch.tensor(sorted(eos_token_ids or ()), dtype=torch.long, device=device)
+    # On a CPU every op has finished when it returns, so checking "all rows done" costs
+    # nothing; on an accelerator each check drains the queue, so check every few steps.
+    # The schedule depends on the step only: the same on every rank.
+    check_every = 1 if device.type == "cpu" else 8
+    out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+    for model in models:
+        model.setup_cache(B, S, dtype=cache_dtype, device=device)
+    try:
+        # Each call passes the mask up to the last slot it writes: attention then reads only
+        # the used slots, and the host knows that length without a sync.
+        logits = [prefill(model, tokens, mask[:, :P]) for model in models]
+        pos = torch.tensor([P], device=device)  # (1,): the slot the next decode step writes
+        for i in range(steps):
+            ids = next_token(logits).masked_fill(done, pad_id)  # (B,)
+            out[:, i] = ids
+            if on_token is not None:
+                on_token(ids)
+            done |= torch.isin(ids, eos)
+            if i + 1 == steps or ((i + 1) % check_every == 0 and all_done(bool(done.all()))):
+                break  # bool(): a host-device sync
+            step_mask = mask[:, : P + i + 1]
+            logits = [decode_one_token(m, ids, pos=pos, mask=step_mask) for m in models]
+            pos += 1
+    finally:
+        for model in models:
+            model.clear_cache()
+    return out[:, : i + 1]
+
+
+def response_mask(tokens: torch.Tensor, eos_token_ids: set[int] | frozenset[int]) -> torch.Tensor:
+    """(B, n) bool: True on each row's decoded tokens up to and including its first EOS."""
+    eos = torch.tensor(sorted(eos_token_ids), dtype=torch.long, device=tokens.device)
+    is_eos = torch.isin(tokens, eos).long()
+    return (is_eos.cumsum(-1) - is_eos) == 0  # no EOS before this token
+
+
 @torch.inference_mode()
 def generate(
     model: Transformer,
@@ -131,77 +245,31 @@ def generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
     _check_sampling_args(temperature=temperature, top_k=top_k, top_p=top_p)
-    device = model.head_weight.device
-    B, P = len(prompts), max(len(p) for p in prompts)
+    P = max(len(p) for p in prompts)
     S = max_seq_len or P + max_new_tokens - 1
     if P > S:
         raise ValueError(
             f"the longest prompt ({P} tokens) does not fit max_seq_len={S}: raise it or shorten"
         )
+    device = model.head_weight.device
+    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
+
+    def next_token(logits: list[torch.Tensor]) -> torch.Tensor:
+        return sample_next(
+            logits[0], temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
+        )
+
     # Decode step i writes the token sampled at step i at slot P + i and samples token i + 1;
     # the last token is not written, so S slots give S - P + 1 tokens.
-    steps = min(max_new_tokens, S - P + 1)
-
-    # Left padding: row b holds its prompt in slots P - len(b) .. P - 1. The mask is True on
-    # every real slot, including all slots generation will write (causality hides the future).
-    tokens = torch.full((B, P), pad_id, dtype=torch.long)
-    mask = torch.ones(B, S, dtype=torch.bool)
-    for b, p in enumerate(prompts):
-        tokens[b, P - len(p) :] = torch.tensor(p, dtype=torch.long)
-        mask[b, : P - len(p)] = False
-    tokens, mask = tokens.to(device), mask.to(device)
-    eos = torch.tensor(sorted(eos_token_ids or ()), dtype=torch.long, device=device)
-    generator = None if seed is None else torch.Generator(device).manual_seed(seed)
-    # On a CPU every op has finished when it returns, so checking "all rows done" costs
-    # nothing; on an accelerator each check drains the queue, so check every few steps.
-    check_every = 1 if device.type == "cpu" else 8
-    # A bf16 decode step on a CPU with one row multiplies one vector by every weight matrix.
-    # There PyTorch's own bf16 kernel streams the weights ~2x faster than oneDNN's matmul
-    # (measured, 1 thread: ~14 vs ~6.5 GB/s of weights); from a few rows on (and in the
-    # prefill) oneDNN is ~3x faster. So those decode steps run with oneDNN off: a process-wide
-    # flag, restored on return.
-    one_row_bf16 = device.type == "cpu" and B == 1 and model.head_weight.dtype == torch.bfloat16
-    mkldnn_enabled = torch.backends.mkldnn.enabled
-
-    model.setup_cache(B, S, device=device)
-    try:
-        # Each call passes the mask up to the last slot it writes: attention then reads only
-        # the used slots, not all S (kd/model.py's docstring), and the host knows that length.
-        logits = model(
-            tokens,
-            input_pos=torch.arange(P, device=device),
-            attention_mask=mask[:, :P],
-            output_fn=last_logits,
-        )  # (B, V)
-        out = torch.full((B, steps), pad_id, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        pos = torch.tensor([P], device=device)  # (1,): the slot the next decode step writes
-        torch.backends.mkldnn.enabled = mkldnn_enabled and not one_row_bf16
-        for i in range(steps):
-            next_ids = sample_next(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator
-            )
-            next_ids = next_ids.masked_fill(done, pad_id)  # (B,)
-            out[:, i] = next_ids
-            if on_token is not None:
-                on_token(next_ids)
-            done |= torch.isin(next_ids, eos)
-            if i + 1 == steps or (
-                (i + 1) % check_every == 0 and bool(done.all())
-            ):  # host-device sync
-                break
-            logits = model(next_ids[:, None], input_pos=pos, attention_mask=mask[:, : P + i + 1])[
-                :, -1
-            ]  # (B, V)
-            pos += 1
-    finally:
-        torch.backends.mkldnn.enabled = mkldnn_enabled
-        model.clear_cache()
-
-    # Cut each row after its first EOS (one host-device sync for the whole batch).
-    results = []
-    eos_set = set(eos.tolist())
-    for row in out[:, : i + 1].tolist():
-        end = next((j + 1 for j, t in enumerate(row) if t in eos_set), len(row))
-        results.append(row[:end])
-    return results
+    out = decode(
+        [model],
+        prompts,
+        steps=min(max_new_tokens, S - P + 1),
+        next_token=next_token,
+        eos_token_ids=eos_token_ids,
+        pad_id=pad_id,
+        max_seq_len=S,
+        on_token=on_token,
+    )
+    kept = response_mask(out, eos_token_ids or set()).sum(-1)  # each row through its EOS
+    return [row[:n] for row, n in zip(out.tolist(), kept.tolist())]  # one host sync per batch

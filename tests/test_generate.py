@@ -1,8 +1,9 @@
 """Checks the generate.py CLI on a tiny random llama + tiny tokenizer: streaming one prompt,
-batch mode over JSONL (output fields, chat templating, resuming a partial output), and
-one-line errors; plus the real teacher's greedy answer to a factual question.
+batch mode over JSONL (output fields, chat templating, resuming a partial output), one-line
+errors, oneDNN off for one-row bf16 decoding; plus the real teacher's greedy answer to a
+factual question.
 
-Run: `.venv/bin/python -m pytest -q tests/test_generate.py` (the teacher test needs `make teacher`).
+Run: `.venv/bin/python -m pytest -q tests/test_generate.py` (the teacher test: `make teacher`).
 """
 
 import json
@@ -12,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 import generate as cli
@@ -141,7 +143,7 @@ def test_errors_are_one_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
         ),
         (
             ["--model", str(tiny_dir), "--prompts-file", str(bad_json), *out],
-            f"{bad_json}:3: not valid JSON",
+            f"{bad_json}:3: not a valid UTF-8 JSON line",
         ),
         (
             ["--model", str(tiny_dir), "--prompts-file", str(no_prompt), *out],
@@ -170,6 +172,27 @@ def test_errors_are_one_line(tiny_dir: Path, tmp_path: Path, capsys) -> None:
         # One line, no traceback: main() catches the error (a subprocess would only add the
         # ~3 s of importing torch again).
         assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
+def test_one_row_bf16_turns_onednn_off(tiny_dir: Path, tmp_path: Path, capsys) -> None:
+    """The CLI, not the library, decides oneDNN: off for bf16 one row at a time, else left on."""
+    inp = write_jsonl(tmp_path / "in.jsonl", RECORDS[:2])
+    cases = [
+        (["--prompt", "The river", "--dtype", "bf16"], False),
+        (
+            ["--prompts-file", str(inp), "--output", str(tmp_path / "a.jsonl"), "--dtype", "bf16"],
+            True,
+        ),
+        (["--prompt", "The river"], True),  # fp32
+    ]
+    try:
+        for argv, want in cases:
+            torch.backends.mkldnn.enabled = True
+            assert cli.main(["--model", str(tiny_dir), "--max-new-tokens", "2", *argv]) == 0
+            assert torch.backends.mkldnn.enabled == want, argv
+    finally:
+        torch.backends.mkldnn.enabled = True
+    capsys.readouterr()
 
 
 @pytest.mark.teacher
