@@ -72,9 +72,8 @@ def _read_safetensors(
                 out[key] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
     except ValueError:
         raise
-    except (
-        Exception
-    ) as e:  # safetensors raises its own SafetensorError on a bad header or short file
+    # safetensors raises its own SafetensorError on a bad header or a short file.
+    except Exception as e:
         raise ValueError(
             f"{file} is not a readable safetensors file ({e}); re-download or re-export it"
         ) from None
@@ -110,10 +109,11 @@ def load_state_dict(
 def check_state_dict(
     state_dict: dict[str, Tensor], model: Transformer, source: str
 ) -> dict[str, Tensor]:
-    """state_dict with exactly `model`'s keys and shapes, or a one-line ValueError saying what differs."""
-    sd = {
-        k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")
-    }  # old checkpoints
+    """state_dict with exactly `model`'s keys and shapes, or a one-line ValueError saying what
+    differs."""
+    # Checkpoints from transformers versions that stored the RoPE frequencies carry a
+    # `rotary_emb.inv_freq` buffer; the model recomputes them from the config.
+    sd = {k: v for k, v in state_dict.items() if not k.endswith("rotary_emb.inv_freq")}
     # A tied model has no lm_head; some tied checkpoints still carry a copy of the embeddings.
     head, embed = sd.get("lm_head.weight"), sd.get("model.embed_tokens.weight")
     if (
@@ -151,7 +151,8 @@ def load_model(
     dtype: torch.dtype | None = torch.float32,
     device: str | torch.device = "cpu",
 ) -> Transformer:
-    """Build on the meta device, check keys and shapes, then adopt the loaded tensors (assign=True).
+    """Build on the meta device, check keys and shapes, then adopt the loaded tensors
+    (assign=True).
 
     dtype None keeps each tensor's stored dtype. The model is returned in training mode, as
     any fresh nn.Module; call .eval() / .requires_grad_(False) for a teacher.
@@ -167,7 +168,8 @@ def load_model(
 
 
 def _shards(state_dict: dict[str, Tensor], max_shard_bytes: int) -> list[dict[str, Tensor]]:
-    """Split into consecutive groups of at most max_shard_bytes (a bigger single tensor gets its own)."""
+    """Split into consecutive groups of at most max_shard_bytes (a bigger single tensor gets its
+    own group)."""
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for key, t in state_dict.items():

@@ -39,7 +39,8 @@ SPLIT_MAX_ROWS = 256
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x W^T + b, as `F.linear`; few rows on a CPU get the product split across the cores (see above)."""
+    """x W^T + b, as `F.linear`; few rows on a CPU get the product split across the cores (see
+    the module docstring)."""
     n, (out_features, in_features) = torch.get_num_threads(), weight.shape
     rows = x.numel() // in_features
     if (
@@ -50,16 +51,16 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
         or rows > SPLIT_MAX_ROWS
     ):
         return F.linear(x, weight, bias)
-    if (
-        weight.t().is_contiguous() and in_features % n == 0
-    ):  # stored transposed: split the sum over `in`
+    if weight.t().is_contiguous() and in_features % n == 0:
+        # Stored transposed: split the sum over `in`, x W^T = sum_j x_j W_j^T.
         x_parts = x.reshape(rows, n, in_features // n).transpose(0, 1)  # (n, rows, in/n)
-        y = torch.bmm(x_parts, weight.t().unflatten(0, (n, in_features // n))).sum(0)  # (rows, out)
-    elif out_features % n == 0:  # row-major: split the outputs
-        blocks = weight.unflatten(0, (n, out_features // n)).transpose(
-            1, 2
-        )  # (n, in, out/n): W_j^T, views
-        y = torch.bmm(x.reshape(1, rows, in_features).expand(n, -1, -1), blocks)  # (n, rows, out/n)
+        w_parts = weight.t().unflatten(0, (n, in_features // n))  # (n, in/n, out): W_j^T, views
+        y = torch.bmm(x_parts, w_parts).sum(0)  # (rows, out)
+    elif out_features % n == 0:
+        # Row-major: split the outputs, x W^T = [x W_1^T, ..., x W_n^T].
+        blocks = weight.unflatten(0, (n, out_features // n)).transpose(1, 2)  # (n, in, out/n)
+        x_rows = x.reshape(1, rows, in_features).expand(n, -1, -1)  # (n, rows, in), no copy
+        y = torch.bmm(x_rows, blocks)  # (n, rows, out/n)
         y = y.transpose(0, 1).reshape(rows, out_features)  # the blocks side by side
     else:
         return F.linear(x, weight, bias)

@@ -39,7 +39,8 @@ Calling conventions of `Transformer.forward(input_ids, *, input_pos, attention_m
   `mask[:, :P + i + 1]` at decode step i (prefill: `mask[:, :P]`) and attention costs
   O(used slots) instead of O(S), with no host-device sync. Without a mask every call
   reads all S slots (unwritten ones are in the future, so causality hides them).
-  Cache dtype: see `setup_cache`. `model.clear_cache()` frees the cache; `setup_cache` again to reuse.
+  Cache dtype: see `setup_cache`. `model.clear_cache()` frees the cache; call `setup_cache`
+  again to reuse it.
 * `output_fn(hidden, head_weight)`: instead of logits, return whatever the function returns,
   given the final-normed hidden state (B, T, H) and the (V, H) output weight. The training
   loop computes a chunked loss there, inside the forward, so FSDP2 still has the root's
@@ -103,9 +104,8 @@ class ModelConfig:
     sliding_window: int | None = None  # mistral/qwen2: attend to the last N positions only
     use_sliding_window: bool = False  # qwen2 only: sliding_window is ignored unless true
     max_window_layers: int = 28  # qwen2 only: layers >= this use the window (if no layer_types)
-    layer_types: list[str] | None = (
-        None  # qwen2 only: "full_attention"/"sliding_attention" per layer
-    )
+    # qwen2 only: "full_attention" or "sliding_attention", once per layer
+    layer_types: list[str] | None = None
     hidden_act: str = "silu"  # only SiLU (SwiGLU) is supported
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2  # an id or a list of ids that end generation
@@ -226,7 +226,8 @@ class ModelConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def to_hf(self) -> dict[str, Any]:
-        """A config.json dict that transformers (4.x and 5.x) loads: classic keys + rope_parameters."""
+        """A config.json dict that transformers (4.x and 5.x) loads: classic keys plus
+        rope_parameters."""
         d = {k: v for k, v in asdict(self).items() if v is not None}
         if self.model_type != "qwen2":  # these three keys exist only in Qwen2's config
             for k in ("use_sliding_window", "max_window_layers", "layer_types"):
@@ -251,7 +252,8 @@ class ModelConfig:
 
 
 def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Tensor:
-    """Inverse frequencies theta^(-2i/d), i = 0..d/2-1, in fp32, with Llama 3.1 scaling if configured.
+    """Inverse frequencies theta^(-2i/d), i = 0..d/2-1, in fp32, with Llama 3.1 scaling if
+    configured.
 
     Llama 3.1 (arXiv 2407.21783; transformers `_compute_llama3_parameters`): wavelengths
     2*pi/f longer than L/low_freq_factor (L = original context) are divided by `factor`,
@@ -327,17 +329,17 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at slots input_pos (T,); return slots 0..length-1.
+        """Write k, v (B, n_kv_heads, T, head_dim) at slots input_pos (T,); return slots
+        0..length-1, each (B, n_kv_heads, length, head_dim).
 
-        The returned K/V are views (no copy) in the wider of the two dtypes: a bf16 cache
-        under fp32 activations is cast up, an fp32 cache under bf16 ones stays fp32.
+        The returned K/V are in the wider of the two dtypes: views (no copy) when the cache is
+        at least as wide as the activations (an fp32 cache under bf16 ones stays fp32), a
+        cast-up copy otherwise (a bf16 cache under fp32 activations).
         """
         self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
         self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
         dtype = torch.promote_types(k.dtype, self.k.dtype)
-        return self.k[:, :, :length].to(dtype), self.v[:, :, :length].to(
-            dtype
-        )  # (B, n_kv, length, head_dim)
+        return self.k[:, :, :length].to(dtype), self.v[:, :, :length].to(dtype)
 
 
 class Attention(nn.Module):
@@ -361,15 +363,10 @@ class Attention(nn.Module):
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
     ) -> Tensor:
         B, T, _ = x.shape
-        q = (
-            self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        )  # (B, n_heads, T, head_dim)
-        k = (
-            self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, n_kv, T, head_dim)
-        v = (
-            self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        )  # (B, n_kv, T, head_dim)
+        # (B, T, heads * head_dim) -> (B, heads, T, head_dim); K and V have n_kv_heads heads.
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             # With a cache the mask is never None and spans exactly the L slots this call reads.
@@ -384,10 +381,9 @@ class Attention(nn.Module):
             attn_mask=mask,
             is_causal=mask is None,
             enable_gqa=self.n_kv_heads != self.n_heads,
-        ).to(x.dtype)
-        return self.o_proj(
-            y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
-        )  # (B, T, H)
+        ).to(x.dtype)  # (B, n_heads, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        return self.o_proj(y)  # (B, T, H)
 
 
 class MLP(nn.Module):
@@ -552,11 +548,13 @@ class Transformer(nn.Module):
                 )
             if cache.k.shape[0] != B:
                 raise ValueError(
-                    f"batch size {B} differs from the cache's {cache.k.shape[0]}: call setup_cache again"
+                    f"batch size {B} differs from the cache's {cache.k.shape[0]}: "
+                    "call setup_cache again"
                 )
             if tuple(input_pos.shape) != (T,):
                 raise ValueError(
-                    f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},): one slot per token"
+                    f"input_pos has shape {tuple(input_pos.shape)}, expected ({T},): "
+                    "one slot per token"
                 )
             # S: the slots this call reads, all of them or the mask's length (see the docstring).
             S, q_slots = cache.k.shape[2], input_pos
@@ -568,9 +566,8 @@ class Transformer(nn.Module):
                     f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, S)} "
                     "(batch, sequence length without a cache / at most the cache length with one)"
                 )
-            attention_mask = (
-                attention_mask.bool()
-            )  # a 0/1 integer mask (transformers' habit) works too
+            # A 0/1 integer mask (transformers' habit) works too.
+            attention_mask = attention_mask.bool()
 
         # Positions: a slot's position counts the real slots before it, so left padding is
         # skipped; without a mask the position is the slot.
@@ -617,9 +614,8 @@ class Transformer(nn.Module):
             if attention_mask is not None:
                 # A query always sees its own slot, so a pad query's row is never empty
                 # (an all-masked row gives NaN, which would leak through 0 * NaN).
-                mask = mask & (
-                    attention_mask[:, None, :] | (key_slots[None, :] == q_slots[:, None])
-                )  # (B, T, S)
+                own_slot = key_slots[None, :] == q_slots[:, None]  # (T, S)
+                mask = mask & (attention_mask[:, None, :] | own_slot)  # (B, T, S)
             if needs_window:
                 mask = mask & (key_pos[:, None, :] > q_pos[:, :, None] - window)  # (B or 1, T, S)
             masks[window] = mask[:, None]  # (B or 1, 1, T, S): one mask for all heads

@@ -14,8 +14,9 @@ from torch import nn
 def lr_at(step: int, *, lr: float, warmup_steps: int, max_steps: int, min_lr: float) -> float:
     """Learning rate of optimizer step `step` (1-based).
 
-    warmup:  lr * step / warmup_steps                                 for step <= warmup_steps
-    cosine:  min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2    progress = 0 -> 1 over the rest
+    warmup:  lr * step / warmup_steps                               for step <= warmup_steps
+    cosine:  min_lr + (lr - min_lr) * (1 + cos(pi * progress)) / 2  after it, where
+             progress = (step - warmup_steps) / (max_steps - warmup_steps), capped at 1
     """
     if step <= warmup_steps:
         return lr * step / warmup_steps

@@ -25,9 +25,9 @@ def layer_subset_config(teacher: ModelConfig, layers: list[int]) -> ModelConfig:
     """The teacher's config with only `layers`; each kept layer keeps its attention window."""
     bad = [i for i in layers if not 0 <= i < teacher.num_hidden_layers]
     if not layers or bad:
+        last = teacher.num_hidden_layers - 1
         raise ValueError(
-            f"student_layers={list(layers)}: each index must be in 0..{teacher.num_hidden_layers - 1} "
-            "(the teacher's layers)"
+            f"student_layers={list(layers)}: each index must be in 0..{last} (the teacher's layers)"
         )
     layer_types = None
     if teacher.model_type == "qwen2" and teacher.use_sliding_window:

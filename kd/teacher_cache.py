@@ -43,7 +43,8 @@ inequality each is a lower bound of its full-vocabulary value, and equal to it a
                               examples=examples)
     teacher = cache.topk_for(indices, batch["labels"], temperature=2.0)   # a kd.losses.TopK
 
-Written by scripts/cache_teacher.py. Tests: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py`.
+Written by scripts/cache_teacher.py.
+Tests: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py`.
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def teacher_topk(
     temperature: float = 1.0,
     chunk_size: int = 1024,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """(ids (n, k), log-probs (n, k), log tail (n,)) of the teacher at the n positions with a label.
+    """The teacher's (ids (n, k), log-probs (n, k), log tail (n,)) at the n labelled positions.
 
     Rows follow the row-major order of labels != IGNORE. Log-probs are fp32 log_softmax(z / T)
     of the teacher's logits; only `chunk_size` rows of (rows x V) logits exist at a time.
@@ -144,11 +145,10 @@ def teacher_topk(
         top, top_ids = log_p.topk(k, dim=-1)  # (c, k), largest first
         ids.append(top_ids)
         logprobs.append(top)
-        # log of the mass outside the top-k, as a logsumexp over those V - k entries:
-        # log(1 - sum exp(top)) loses all precision when the top-k hold nearly all the mass.
-        log_tail.append(
-            log_p.scatter(-1, top_ids, -math.inf).logsumexp(-1)
-        )  # (c,); -inf when k = V
+        # Log of the mass outside the top-k (c,), as a logsumexp over those V - k entries (-inf
+        # when k = V): log(1 - sum exp(top)) loses all precision when the top-k hold nearly all
+        # the mass.
+        log_tail.append(log_p.scatter(-1, top_ids, -math.inf).logsumexp(-1))
     return torch.cat(ids), torch.cat(logprobs), torch.cat(log_tail)
 
 
@@ -232,29 +232,7 @@ def write_cache(
             f"examples_per_shard={spec.examples_per_shard} and batch_size={batch_size} must be >= 1"
         )
     out.mkdir(parents=True, exist_ok=True)
-    if (
-        out / MANIFEST
-    ).exists():  # every rank reads it: rank 0 rewrites it only after the first round's barrier
-        old, manifest = _read_manifest(out)
-        if old != spec:
-            field = next(
-                f.name
-                for f in dataclasses.fields(CacheSpec)
-                if getattr(old, f.name) != getattr(spec, f.name)
-            )
-            raise ValueError(
-                f"{out} holds a cache with {field}={getattr(old, field)!r}, this run has "
-                f"{getattr(spec, field)!r}; use another output directory or delete it"
-            )
-    else:
-        manifest = {
-            "format_version": FORMAT_VERSION,
-            **dataclasses.asdict(spec),
-            **(info or {}),
-            "layout": LAYOUT,
-            "shards": [],
-            "complete": False,
-        }
+    manifest = _start_manifest(out, spec, info)
     n_shards = math.ceil(len(examples) / spec.examples_per_shard)
     start = len(manifest["shards"])
     stop = n_shards if max_shards is None else min(n_shards, start + max_shards)
@@ -262,85 +240,137 @@ def write_cache(
     if on_batch is not None:
         on_batch(manifest["shards"][-1]["end"] if manifest["shards"] else 0)
 
-    def bounds(shard: int) -> tuple[int, int]:
-        """The shard's examples [first, end)."""
-        return shard * spec.examples_per_shard, min(
-            (shard + 1) * spec.examples_per_shard, len(examples)
-        )
-
     for first_shard in range(start, stop, world_size):
-        shards = range(
-            first_shard, min(first_shard + world_size, stop)
-        )  # this round's, one per rank
+        shards = range(first_shard, min(first_shard + world_size, stop))  # one per rank
         mine = first_shard + rank
-        first, end = (
-            bounds(mine) if mine in shards else (0, 0)
-        )  # (0, 0): no shard left for this rank
-        # Lock-step: a sharded teacher's every forward all-gathers each block's weights, a
-        # collective all ranks must join, so all run as many forwards as the round's biggest
-        # shard needs; a rank out of batches (the last, shorter shard, or none) runs idle ones.
-        sizes = [hi - lo for lo, hi in map(bounds, shards)]
-        parts = []
-        for step in range(math.ceil(max(sizes) / batch_size)):
-            i = first + step * batch_size
-            if i < end:
-                batch = collate(
-                    examples[i : min(i + batch_size, end)], pad_id=0
-                )  # right padding: pads unseen
-                topk = teacher_topk(
-                    teacher,
-                    batch["input_ids"].to(device),
-                    batch["labels"].to(device),
-                    k=spec.k,
-                    temperature=spec.temperature,
-                )
-                parts.append(
-                    tuple(t.cpu() for t in topk)
-                )  # host copy: a sync on a GPU, once per batch
-            else:
-                _idle_forward(teacher, device)
-            if on_batch is not None:  # every rank is at this step too (lock-step)
-                on_batch(
-                    bounds(first_shard)[0] + sum(min((step + 1) * batch_size, n) for n in sizes)
-                )
+        parts = _run_round(
+            teacher, examples, spec, shards, mine, batch_size, device=device, on_batch=on_batch
+        )
         if mine in shards:
-            tensors = {
-                "ids": torch.cat([p[0] for p in parts]).to(ids_dtype(spec.vocab_size)),
-                "logprobs": torch.cat([p[1] for p in parts]).to(STORAGE_DTYPES[spec.dtype]),
-                "log_tail": torch.cat([p[2] for p in parts]).to(STORAGE_DTYPES[spec.dtype]),
-                "offsets": torch.tensor([0] + [e.num_targets for e in examples[first:end]]).cumsum(
-                    0
-                ),  # (E + 1,)
-            }
-            _atomic_write(
-                out / f"shard-{mine:05d}.safetensors",
-                lambda p: save_file(tensors, p, metadata={"format": "pt"}),
-            )
+            first, end = _shard_bounds(mine, spec)
+            _write_shard(out / _shard_file(mine), parts, examples[first:end], spec)
         if world_size > 1:
             parallel.barrier()  # every shard of the round is renamed into place before it is listed
         for shard in shards:
-            lo, hi = bounds(shard)
+            first, end = _shard_bounds(shard, spec)
             manifest["shards"].append(
                 {
-                    "file": f"shard-{shard:05d}.safetensors",
-                    "first": lo,
-                    "end": hi,
-                    "tokens": sum(e.num_targets for e in examples[lo:hi]),
+                    "file": _shard_file(shard),
+                    "first": first,
+                    "end": end,
+                    "tokens": sum(e.num_targets for e in examples[first:end]),
                 }
             )
         manifest["complete"] = shards.stop == n_shards
         if rank == 0:
-            _write_manifest(
-                out, manifest
-            )  # after the shards' renames: a listed shard is always whole
+            # After the shards' renames: a shard the manifest lists is always whole.
+            _write_manifest(out, manifest)
     return manifest["complete"]
+
+
+def _start_manifest(out: Path, spec: CacheSpec, info: dict | None) -> dict:
+    """The manifest of the cache in `out` if there is one made for `spec`, else a fresh one.
+
+    Every rank reads it: rank 0 rewrites it only after the first round's barrier.
+    """
+    if not (out / MANIFEST).exists():
+        return {
+            "format_version": FORMAT_VERSION,
+            **dataclasses.asdict(spec),
+            **(info or {}),
+            "layout": LAYOUT,
+            "shards": [],
+            "complete": False,
+        }
+    existing, manifest = _read_manifest(out)
+    if existing != spec:
+        field = next(
+            f.name
+            for f in dataclasses.fields(CacheSpec)
+            if getattr(existing, f.name) != getattr(spec, f.name)
+        )
+        raise ValueError(
+            f"{out} holds a cache with {field}={getattr(existing, field)!r}, this run has "
+            f"{getattr(spec, field)!r}; use another output directory or delete it"
+        )
+    return manifest
+
+
+def _shard_file(shard: int) -> str:
+    return f"shard-{shard:05d}.safetensors"
+
+
+def _shard_bounds(shard: int, spec: CacheSpec) -> tuple[int, int]:
+    """The shard's examples [first, end)."""
+    first = shard * spec.examples_per_shard
+    return first, min(first + spec.examples_per_shard, spec.num_examples)
+
+
+def _run_round(
+    teacher: Transformer,
+    examples: list[Example],
+    spec: CacheSpec,
+    shards: range,
+    mine: int,
+    batch_size: int,
+    *,
+    device: torch.device,
+    on_batch: Callable[[int], None] | None,
+) -> list[tuple[Tensor, Tensor, Tensor]]:
+    """This rank's part of one round: the teacher's top-k of shard `mine`, batch by batch, as
+    host tensors (no batches when `mine` is past the round's last shard)."""
+    # (0, 0): no shard left for this rank.
+    first, end = _shard_bounds(mine, spec) if mine in shards else (0, 0)
+    # Lock-step: a sharded teacher's every forward all-gathers each block's weights, a
+    # collective all ranks must join, so all run as many forwards as the round's biggest
+    # shard needs; a rank out of batches (the last, shorter shard, or none) runs idle ones.
+    sizes = [hi - lo for lo, hi in (_shard_bounds(s, spec) for s in shards)]
+    parts = []
+    for step in range(math.ceil(max(sizes) / batch_size)):
+        i = first + step * batch_size
+        if i < end:
+            # Right padding: every pad comes after the real tokens, which never attend to it.
+            batch = collate(examples[i : min(i + batch_size, end)], pad_id=0)
+            topk = teacher_topk(
+                teacher,
+                batch["input_ids"].to(device),
+                batch["labels"].to(device),
+                k=spec.k,
+                temperature=spec.temperature,
+            )
+            parts.append(tuple(t.cpu() for t in topk))  # host copy: a sync on a GPU, per batch
+        else:
+            _idle_forward(teacher, device)
+        if on_batch is not None:  # every rank is at this step too (lock-step)
+            done_in_round = sum(min((step + 1) * batch_size, n) for n in sizes)
+            on_batch(_shard_bounds(shards.start, spec)[0] + done_in_round)
+    return parts
+
+
+def _write_shard(
+    path: Path,
+    parts: list[tuple[Tensor, Tensor, Tensor]],
+    examples: list[Example],
+    spec: CacheSpec,
+) -> None:
+    """One shard file from its batches' (ids, logprobs, log_tail) rows and its examples."""
+    storage = STORAGE_DTYPES[spec.dtype]
+    tensors = {
+        "ids": torch.cat([p[0] for p in parts]).to(ids_dtype(spec.vocab_size)),
+        "logprobs": torch.cat([p[1] for p in parts]).to(storage),
+        "log_tail": torch.cat([p[2] for p in parts]).to(storage),
+        # (E + 1,): the rows of the shard's j-th example are offsets[j] .. offsets[j + 1].
+        "offsets": torch.tensor([0] + [e.num_targets for e in examples]).cumsum(0),
+    }
+    _atomic_write(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
 
 
 # ----------------------------------------------------------------------------- the student side
 
 
 def retemper(logprobs: Tensor, log_tail: Tensor, ratio: float) -> Tensor:
-    """fp32 log-probs of the k cached tokens at temperature T, from log-probs at T_c; ratio a = T_c / T.
+    """fp32 log-probs of the k cached tokens at temperature T, from log-probs at T_c;
+    ratio a = T_c / T.
 
     p_T(v) is proportional to p_Tc(v)^a. Top-k buckets: a log p_i. Tail: the sum of p(v)^a over
     the tail is estimated as m p_k^(a - 1) (the tail as m / p_k tokens of probability p_k; see
@@ -348,9 +378,8 @@ def retemper(logprobs: Tensor, log_tail: Tensor, ratio: float) -> Tensor:
     which at a = 1 also removes the rounding of 16-bit storage (sum of buckets = 1 in fp32).
     """
     logprobs, log_tail = logprobs.float(), log_tail.float()
-    tail = (
-        log_tail if ratio == 1.0 else log_tail + (ratio - 1.0) * logprobs[..., -1]
-    )  # -inf stays -inf
+    # log(m p_k^(a - 1)) = log m + (a - 1) log p_k; an empty tail (-inf) stays -inf.
+    tail = log_tail if ratio == 1.0 else log_tail + (ratio - 1.0) * logprobs[..., -1]
     buckets = torch.cat([ratio * logprobs, tail.unsqueeze(-1)], dim=-1)  # (..., k + 1)
     return F.log_softmax(buckets, dim=-1)[..., :-1]
 
@@ -434,7 +463,8 @@ class TeacherCache:
         temperature: float = 1.0,
         ignore_index: int = IGNORE,
     ) -> TopK:
-        """The teacher of a micro-batch as `TopK(ids (B, T, k), logprobs (B, T, k))` at `temperature`.
+        """The teacher of a micro-batch as `TopK(ids (B, T, k), logprobs (B, T, k))` at
+        `temperature`.
 
         indices: (B,) each row's example index (its position in load_examples' list).
         labels: (B, T) the micro-batch's labels, on the CPU; cached rows fill the positions with

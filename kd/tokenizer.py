@@ -86,7 +86,8 @@ class Tokenizer:
         token_id = self.backend.token_to_id(token)
         if token_id is None:
             raise ValueError(
-                f"tokenizer: {role} {token!r} is not in the vocabulary of tokenizer.json; fix tokenizer_config.json"
+                f"tokenizer: {role} {token!r} is not in the vocabulary of tokenizer.json; "
+                "fix tokenizer_config.json"
             )
         return token_id
 
@@ -105,14 +106,17 @@ class Tokenizer:
     def apply_chat_template(
         self, messages: list[dict], *, add_generation_prompt: bool = False, **kwargs
     ) -> str:
-        """Render a conversation to text, as transformers' `apply_chat_template(..., tokenize=False)`.
+        """Render a conversation to text, as transformers'
+        `apply_chat_template(..., tokenize=False)` does.
 
-        Extra keyword arguments become template variables (e.g. `tools=[...]`, `enable_thinking=False`);
-        they override the special-token variables of the same name, as in transformers.
+        Extra keyword arguments become template variables (e.g. `tools=[...]`,
+        `enable_thinking=False`); they override the special-token variables of the same name, as
+        in transformers.
         """
         if self.chat_template is None:
             raise ValueError(
-                "tokenizer has no chat_template: add one to tokenizer_config.json or chat_template.jinja"
+                "tokenizer has no chat_template: add one to tokenizer_config.json or "
+                "chat_template.jinja"
             )
         if not messages:
             raise ValueError("cannot apply the chat template to an empty conversation")
@@ -164,7 +168,8 @@ def _tojson(
 
 
 def _compile_chat_template(source: str) -> jinja2.Template:
-    """Compile a chat template in the environment transformers uses (utils/chat_template_utils.py)."""
+    """Compile a chat template in the environment transformers uses (its
+    `transformers/utils/chat_template_utils.py`)."""
     env = ImmutableSandboxedEnvironment(
         trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationTag, jinja2.ext.loopcontrols]
     )

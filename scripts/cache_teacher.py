@@ -1,16 +1,18 @@
-"""Run a teacher once over a training file and cache its top-k log-probs per token (kd/teacher_cache.py).
+"""Run a teacher once over a training file and cache its top-k log-probs per token.
 
     .venv/bin/python scripts/cache_teacher.py --teacher models/smollm2-135m-instruct \\
         --data data.jsonl --out cache/smollm2-k32 --top-k 32 --seq-len 512
-    torchrun --nproc_per_node=8 scripts/cache_teacher.py --teacher models/llama3-70b ...  # same arguments
+    # the same arguments, on 8 ranks:
+    torchrun --nproc_per_node=8 scripts/cache_teacher.py --teacher models/llama3-70b ...
 
 Then train with `teacher_cache = "cache/smollm2-k32"` (same data file, tokenizer and seq_len):
-no teacher in memory. The examples are those `kd.data.load_examples` makes from --data with
-the tokenizer (the teacher's unless --tokenizer) and --seq-len. The teacher runs in bf16
-where the CPU (or GPU) is faster in it, else fp32 (`--teacher-dtype`), log-probs are stored in bf16 (`--dtype`) at temperature 1 (`--temperature`:
-set it to the training temperature when that is not 1; see kd/teacher_cache.py for the error
-of re-tempering). Run again with the same arguments to resume an interrupted run; `--max-shards
-N` stops after N new shards (to split a long job).
+no teacher in memory (the cache's format: kd/teacher_cache.py). The examples are those
+`kd.data.load_examples` makes from --data with the tokenizer (the teacher's unless
+--tokenizer) and --seq-len. The teacher runs in bf16 where the CPU (or GPU) is faster in it,
+else fp32 (`--teacher-dtype`); log-probs are stored in bf16 (`--dtype`) at temperature 1
+(`--temperature`: set it to the training temperature when that is not 1; see
+kd/teacher_cache.py for the error of re-tempering). Run again with the same arguments to
+resume an interrupted run; `--max-shards N` stops after N new shards (to split a long job).
 
 Under torchrun the teacher is sharded with FSDP2 over the ranks (kd/parallel.py), so a teacher
 too big for one device fits on N, and the ranks take the cache's shards in rounds of N, one each
@@ -35,8 +37,14 @@ from kd import parallel  # noqa: E402
 from kd.data import load_examples  # noqa: E402
 from kd.dtypes import DTYPES  # noqa: E402
 from kd.hf import check_state_dict, load_config, load_state_dict  # noqa: E402
-from kd.model import Transformer  # noqa: E402
-from kd.teacher_cache import STORAGE_DTYPES, CacheSpec, config_sha256, file_sha256, write_cache  # noqa: E402
+from kd.model import ModelConfig, Transformer  # noqa: E402
+from kd.teacher_cache import (  # noqa: E402
+    STORAGE_DTYPES,
+    CacheSpec,
+    config_sha256,
+    file_sha256,
+    write_cache,
+)
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
 
@@ -63,7 +71,7 @@ def _progress(total: int, tokens_per_example: float) -> Callable[[int], None]:
     return show
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True, help="teacher HF directory")
     parser.add_argument("--data", required=True, help="training JSONL file (as given to train.py)")
@@ -93,7 +101,35 @@ def main(argv: list[str] | None = None) -> None:
         "--examples-per-shard", type=int, default=4096, help="examples per shard file"
     )
     parser.add_argument("--max-shards", type=int, help="stop after writing this many new shards")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def load_sharded_teacher(
+    path: str, config: ModelConfig, dtype: torch.dtype, device: torch.device
+) -> Transformer:
+    """The teacher in `dtype`, its blocks sharded over the ranks (FSDP2; a world of one holds
+    it whole)."""
+
+    def on_meta() -> Transformer:  # shapes only: memory comes after sharding
+        with torch.device("meta"):
+            return Transformer(config).to(dtype)
+
+    # Build on the meta device, shard the blocks over the ranks, allocate this rank's shards,
+    # then fill them from rank 0's read of the checkpoint (keys and shapes checked).
+    teacher = on_meta()
+    parallel.shard_teacher(teacher, compile=False)
+    teacher.to_empty(device=device)
+    parallel.load_full_state_dict(
+        teacher,
+        parallel.run_on_rank0(
+            lambda: check_state_dict(load_state_dict(path, dtype=dtype), on_meta(), path)
+        ),
+    )
+    return teacher
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     world = parallel.init_distributed()
     say = print if world.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
     try:
@@ -119,27 +155,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(
                 f"--top-k {args.top_k} must be in 1..{config.vocab_size} (the teacher's vocabulary)"
             )
-        dtype = DTYPES[
-            parallel.resolve_precision(args.teacher_dtype, world.device)
-        ]  # the same on all ranks
-
-        def on_meta() -> Transformer:  # shapes only: memory comes after sharding
-            with torch.device("meta"):
-                return Transformer(config).to(dtype)
-
-        # Build on the meta device, shard the blocks over the ranks, allocate this rank's shards,
-        # then fill them from rank 0's read of the checkpoint (keys and shapes checked).
-        teacher = on_meta()
-        parallel.shard_teacher(teacher, compile=False)
-        teacher.to_empty(device=world.device)
-        parallel.load_full_state_dict(
-            teacher,
-            parallel.run_on_rank0(
-                lambda: check_state_dict(
-                    load_state_dict(args.teacher, dtype=dtype), on_meta(), args.teacher
-                )
-            ),
-        )
+        # The same dtype on all ranks.
+        dtype = DTYPES[parallel.resolve_precision(args.teacher_dtype, world.device)]
+        teacher = load_sharded_teacher(args.teacher, config, dtype, world.device)
         info = {"teacher": str(args.teacher), "data": str(args.data)}
         progress = _progress(len(examples), stats.tokens / len(examples)) if world.is_main else None
         complete = write_cache(

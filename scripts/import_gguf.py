@@ -108,7 +108,8 @@ def read_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
 
 
 def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """Invert llama.cpp's per-head row order (h, i, half) back to HF's (h, half, i); see the docstring."""
+    """Invert llama.cpp's per-head row order (h, i, half) into HF's (h, half, i); see the module
+    docstring."""
     head_dim = w.shape[0] // n_head
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
@@ -197,9 +198,8 @@ def hf_config(
 
 def pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
     """The HF pre-tokenizer for llama.cpp's tokenizer.ggml.pre name; unknown names raise."""
-    byte_level = pre_tokenizers.ByteLevel(
-        add_prefix_space=False, use_regex=True
-    )  # GPT-2's regex split
+    # GPT-2's regex split, then bytes -> unicode symbols.
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if pre in ("default", "gpt-2"):
         return byte_level
     if pre == "smollm":  # every digit on its own, then GPT-2's split
@@ -212,7 +212,8 @@ def pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
             [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
         )
     raise ValueError(
-        f"pre-tokenizer {pre!r} is not supported (supported: default, gpt-2, smollm, qwen2, llama-bpe)"
+        f"pre-tokenizer {pre!r} is not supported "
+        "(supported: default, gpt-2, smollm, qwen2, llama-bpe)"
     )
 
 
@@ -312,7 +313,7 @@ def tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
 def import_gguf(
     gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16
 ) -> Path:
-    """Write the HF directory for `gguf_path` to `out_dir` (which must not exist yet)."""
+    """Write the HF directory for `gguf_path` to `out_dir` (which must not exist)."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     if out_dir.exists():
         raise FileExistsError(f"{out_dir} already exists: remove it first to re-import")

@@ -1,7 +1,9 @@
 """Plot a train.py run: training loss parts and held-out eval curves from OUT/metrics.jsonl.
 
-    .venv/bin/python scripts/plot_metrics.py runs/smollm2_kd            # writes runs/smollm2_kd/metrics.png
-    .venv/bin/python scripts/plot_metrics.py runs/a runs/b --out cmp.png  # several runs on one figure
+    # writes runs/smollm2_kd/metrics.png:
+    .venv/bin/python scripts/plot_metrics.py runs/smollm2_kd
+    # several runs on one figure:
+    .venv/bin/python scripts/plot_metrics.py runs/a runs/b --out cmp.png
 
 Left: training loss (solid) and its divergence / cross-entropy parts (dashed / dotted) per
 step. Right: held-out KL to the teacher and top-1 agreement. matplotlib is optional: without
@@ -39,9 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         import matplotlib
     except ImportError:
         for run, (train, evals) in data.items():
-            print(
-                f"{run}: {json.dumps({**(train[-1] if train else {}), **(evals[-1] if evals else {})})}"
-            )
+            last = {**(train[-1] if train else {}), **(evals[-1] if evals else {})}
+            print(f"{run}: {json.dumps(last)}")
         print(
             "matplotlib is not installed (pip install matplotlib) for the figure", file=sys.stderr
         )

@@ -47,8 +47,8 @@ def check_shifted(example) -> None:
     """labels[t] is either IGNORE or the next input token; the last position has no target."""
     ids, labels = example.input_ids, example.labels
     assert len(ids) == len(labels) and labels[-1] == IGNORE
-    assert all(l in (IGNORE, ids[t + 1]) for t, l in enumerate(labels[:-1]))
-    assert example.num_targets == sum(l != IGNORE for l in labels)
+    assert all(label in (IGNORE, ids[t + 1]) for t, label in enumerate(labels[:-1]))
+    assert example.num_targets == sum(label != IGNORE for label in labels)
 
 
 # ----------------------------------------------------------------------------- label masks
@@ -106,11 +106,8 @@ def test_messages_train_only_assistant_turns(tok, tmp_path):
 
 def test_truncation_and_dropping_are_counted(tok, tmp_path):
     long_text = "The capital of France is Paris. " * 20
-    records = [
-        {"text": long_text},
-        {"text": "short"},
-        {"prompt": long_text, "response": "Paris."},
-    ]  # the reply starts past seq_len
+    # The last record's reply starts past seq_len: it is dropped.
+    records = [{"text": long_text}, {"text": "short"}, {"prompt": long_text, "response": "Paris."}]
     examples, stats = load_examples(write_jsonl(tmp_path / "l.jsonl", records), tok, seq_len=16)
     assert (stats.records, stats.truncated, stats.dropped, stats.examples) == (3, 2, 1, 2)
     assert [len(e.input_ids) for e in examples] == [16, len(tok.encode("short")) + 1]
@@ -227,7 +224,8 @@ def rows(batch: dict[str, torch.Tensor]) -> list[tuple[int, ...]]:
     """The examples of a collated batch, padding stripped (pad positions carry IGNORE)."""
     out = []
     for ids, labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
-        n = max(t for t, l in enumerate(labels) if l != IGNORE) + 2  # last target + 1 input
+        # Keep through the last position with a target and the token after it (its target).
+        n = max(t for t, label in enumerate(labels) if label != IGNORE) + 2
         out.append(tuple(ids[:n]))
     return out
 

@@ -40,21 +40,23 @@ REPO = Path(__file__).resolve().parent.parent
 SCRIPT = REPO / "scripts" / "import_gguf.py"
 
 # Three paragraphs of plain encyclopedic English for the teacher's perplexity.
-ENGLISH = """The Danube is the second-longest river in Europe, after the Volga. It flows through much of \
-Central and Southeastern Europe, from the Black Forest in Germany to the Black Sea. Over its course it \
-passes through or along the borders of ten countries, more than any other river in the world. Four \
-capital cities, Vienna, Bratislava, Budapest and Belgrade, lie on its banks.
+ENGLISH = """\
+The Danube is the second-longest river in Europe, after the Volga. It flows through much of \
+Central and Southeastern Europe, from the Black Forest in Germany to the Black Sea. Over its \
+course it passes through or along the borders of ten countries, more than any other river in the \
+world. Four capital cities, Vienna, Bratislava, Budapest and Belgrade, lie on its banks.
 
-Photosynthesis is the process by which green plants, algae and some bacteria convert light energy into \
-chemical energy. During photosynthesis, carbon dioxide and water are combined to form glucose, and \
-oxygen is released as a by-product. The process takes place mainly in the leaves, inside small \
-structures called chloroplasts, which contain the green pigment chlorophyll.
+Photosynthesis is the process by which green plants, algae and some bacteria convert light \
+energy into chemical energy. During photosynthesis, carbon dioxide and water are combined to \
+form glucose, and oxygen is released as a by-product. The process takes place mainly in the \
+leaves, inside small structures called chloroplasts, which contain the green pigment \
+chlorophyll.
 
-The printing press was developed in the fifteenth century by Johannes Gutenberg, a goldsmith from the \
-German city of Mainz. His system of movable metal type made it possible to produce books far more \
-quickly and cheaply than by copying them by hand. Within a few decades, printing spread to more than \
-two hundred cities across Europe, and the wider availability of books helped to spread new ideas \
-during the Renaissance and the Reformation."""
+The printing press was developed in the fifteenth century by Johannes Gutenberg, a goldsmith \
+from the German city of Mainz. His system of movable metal type made it possible to produce \
+books far more quickly and cheaply than by copying them by hand. Within a few decades, printing \
+spread to more than two hundred cities across Europe, and the wider availability of books helped \
+to spread new ideas during the Renaissance and the Reformation."""
 
 # HF -> GGUF names, written out independently of the importer's own table.
 GGUF_NAMES = {
@@ -82,7 +84,8 @@ def importer() -> ModuleType:
 
 
 def llama_cpp_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
-    """llama.cpp convert_hf_to_gguf.py, LlamaModel.permute: rotate-half rows -> interleaved pairs."""
+    """llama.cpp's convert_hf_to_gguf.py, LlamaModel.permute: rotate-half rows -> interleaved
+    pairs."""
     return (
         w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:])
         .swapaxes(1, 2)
@@ -101,7 +104,8 @@ def gguf_name(hf_name: str) -> str:
 def write_gguf(
     model: torch.nn.Module, tok_dir: Path, path: Path, *, arch: str, pre: str = "smollm"
 ) -> None:
-    """Write `model` and the tokenizer in `tok_dir` as an F32 GGUF, as llama.cpp's converter would."""
+    """Write `model` and the tokenizer in `tok_dir` as an F32 GGUF, as llama.cpp's converter
+    would."""
     cfg = model.config
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_context_length(cfg.max_position_embeddings)
@@ -203,7 +207,8 @@ def test_round_trip_tiny_model(importer: ModuleType, tmp_path: Path, arch: str, 
         2,
         TINY_VOCAB_SIZE,
     )
-    if pre == "smollm":  # same pre-tokenizer as the tiny tokenizer was trained with: identical ids
+    # The same pre-tokenizer as the tiny tokenizer was trained with: identical ids.
+    if pre == "smollm":
         assert tok.fingerprint() == load_tokenizer(tok_dir).fingerprint()
 
 
@@ -215,11 +220,8 @@ def test_bf16_output(importer: ModuleType, tmp_path: Path) -> None:
     assert (
         AutoModelForCausalLM.from_pretrained(out).model.embed_tokens.weight.dtype == torch.bfloat16
     )
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "hf",
-        "tiny.gguf",
-        "tok",
-    ]  # no temp dir left
+    # No temporary directory left behind.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "tiny.gguf", "tok"]
 
 
 def test_cli_rejects_non_gguf_in_one_line(tmp_path: Path) -> None:
@@ -271,6 +273,7 @@ def teacher(teacher_dir: Path) -> tuple[torch.nn.Module, object]:
 @pytest.mark.teacher
 def test_teacher_config(teacher_dir: Path) -> None:
     config = json.loads((teacher_dir / "config.json").read_text())
+    # SmolLM2-135M-Instruct's architecture, as its config.json on the Hugging Face Hub has it.
     expected = dict(
         model_type="llama",
         hidden_size=576,
@@ -283,7 +286,7 @@ def test_teacher_config(teacher_dir: Path) -> None:
         rope_theta=100000.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=True,
-    )  # FACTS.md
+    )
     assert {k: config[k] for k in expected} == expected
 
 

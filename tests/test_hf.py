@@ -1,4 +1,5 @@
-"""kd/hf.py: bad checkpoints fail with one-line errors naming the file or key; saving round-trips and is atomic.
+"""kd/hf.py: bad checkpoints fail with one-line errors naming the file or key; saving
+round-trips and is atomic.
 
 Checks: missing config.json / safetensors / shard, truncated safetensors, unknown model_type,
 unsupported RoPE scaling, wrong shape, missing and unexpected tensors each raise a one-line
@@ -146,9 +147,8 @@ def test_tied_checkpoint_may_carry_an_identical_head(tied_dir, copy_of):
 def test_save_then_load_round_trip(untied_dir, tied_dir, tmp_path, max_shard_bytes):
     tokenizer_dir = tmp_path / "tok"
     tokenizer_dir.mkdir()
-    (tokenizer_dir / "tokenizer.json").write_text(
-        "{}"
-    )  # save only copies it; kd/tokenizer.py parses it
+    # Saving only copies the file (kd/tokenizer.py is what parses it), so any content will do.
+    (tokenizer_dir / "tokenizer.json").write_text("{}")
     for src in (untied_dir, tied_dir):
         model = load_model(src)
         out = tmp_path / src.parent.name

@@ -65,9 +65,8 @@ def test_widths_not_divisible(threads):
     with torch.no_grad():
         w = torch.randn(50, 64)  # neither 50 outputs nor 64 inputs split 3 ways: plain F.linear
         assert torch.equal(linear(x, w), F.linear(x, w))
-        w = (
-            torch.randn(48, 64).t().contiguous().t()
-        )  # transposed, 64 inputs don't split: split the outputs
+        # Transposed, but 64 inputs do not split 3 ways: split the 48 outputs instead.
+        w = torch.randn(48, 64).t().contiguous().t()
         err = np.abs(linear(x, w).numpy() - reference(x, w, None)).max()
         assert err < ATOL, f"max |linear - numpy| = {err}"
 

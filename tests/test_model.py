@@ -101,7 +101,8 @@ def test_left_padded_batch_equals_each_prompt_alone(tiny):
     P = max(lengths)
 
     def run(batch: list[torch.Tensor], lens: list[int]) -> torch.Tensor:
-        """Prefill the left-padded prompts, then feed each row's continuation one token at a time."""
+        """Prefill the left-padded prompts, then feed each row's continuation one token at a
+        time."""
         B = len(batch)
         ids = torch.zeros(B, P + new, dtype=torch.long)
         mask = torch.zeros(B, S, dtype=torch.bool)
@@ -199,9 +200,8 @@ def test_output_fn_gets_final_hidden_and_head_weight(tiny):
     assert got[0].shape == (2, 5, model.config.hidden_size)
     assert got[1] is model.head_weight
     diff = (got[0] @ got[1].T - model(ids)).abs().max().item()
-    assert diff < 1e-5, (
-        f"hidden @ head_weight.T differs from the logits by {diff:.2e}"
-    )  # same matmul, fp32
+    # The same matmul in fp32.
+    assert diff < 1e-5, f"hidden @ head_weight.T differs from the logits by {diff:.2e}"
 
 
 def test_tied_head_is_the_embedding():
@@ -302,7 +302,8 @@ def test_meta_build_loads_with_assign(tiny):
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
     with torch.no_grad():
         diff = (fresh(ids) - model(ids)).abs().max().item()
-    assert diff == 0.0, f"{arch}: meta-built model differs by {diff:.2e}"  # same weights, same ops
+    # Same weights, same ops: bit for bit.
+    assert diff == 0.0, f"{arch}: meta-built model differs by {diff:.2e}"
 
 
 def test_config_rejects_bad_values():

@@ -118,16 +118,16 @@ def worker(rank: int, port: int) -> None:
                 torch.no_grad(),
             ):
                 fn()
+            # The blocks' all-gathers.
             return sum(
                 e.count for e in prof.key_averages() if e.key.startswith("FSDP::all_gather (")
-            )  # blocks
+            )
 
         with torch.no_grad():
             plain = student(ids[mine])
         per_forward = all_gathers(lambda: student(ids[mine]))
-        assert per_forward >= CONFIG.num_hidden_layers, (
-            per_forward
-        )  # every block gathers each forward
+        # Every block gathers its weights in each forward.
+        assert per_forward >= CONFIG.num_hidden_layers, per_forward
         with parallel.gathered(student, teacher):
             assert all_gathers(lambda: [student(ids[mine]) for _ in range(3)]) == per_forward
             with torch.no_grad():
@@ -169,9 +169,8 @@ def test_two_gloo_ranks_match_one_plain_model():
 
 def test_fast_dtype_picks_the_faster_matmul():
     """bf16 only where it is faster: ~3x faster with AVX512-BF16/AMX, ~70x slower on AVX2."""
-    assert (
-        dtypes.fast_dtype(torch.device("cuda")) == torch.bfloat16
-    )  # decided without touching a GPU
+    # Decided without touching a GPU.
+    assert dtypes.fast_dtype(torch.device("cuda")) == torch.bfloat16
 
     def seconds(dtype: torch.dtype) -> float:  # a bigger matmul than fast_dtype's own, best of 3
         a, b = torch.randn(256, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)

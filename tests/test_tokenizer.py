@@ -22,7 +22,8 @@ from kd.tokenizer import Tokenizer, load_tokenizer
 TEXTS = [
     "Hello, world! This is plain ASCII text.",
     "Unicode: café, naïve, Größe, 東京, Привет, 🙂👍🏽 and a zero-width joiner \u200d.",
-    'def fib(n: int) -> int:\n\tif n < 2:\n\t\treturn n\n    return fib(n - 1) + fib(n - 2)  # {"k": [1, 2]}\n',
+    "def fib(n: int) -> int:\n\tif n < 2:\n\t\treturn n\n"
+    '    return fib(n - 1) + fib(n - 2)  # {"k": [1, 2]}\n',
     "Digits 0123456789, 3.14159, 1,000,000 and 2024-11-27 12:34:56.",
     "  leading and trailing spaces, double  spaces,\n\nblank lines\r\nand CRLF  ",
     "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
@@ -119,9 +120,12 @@ def test_chat_template_jinja_file_and_environment(tmp_path: Path) -> None:
     loop controls, special-token variables, and the {% generation %} tag."""
     d = make_tiny_tokenizer(tmp_path)
     (d / "chat_template.jinja").write_text(
-        "{% for m in messages %}{% if m['role'] == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
+        "{% for m in messages %}"
+        "{% if m['role'] == 'bad' %}{{ raise_exception('bad role') }}{% endif %}"
         "{% if m['role'] == 'skip' %}{% continue %}{% endif %}"
-        "{% generation %}{{ m['role'] }}: {{ m['content'] | tojson if 'content' in m else '-' }}{% endgeneration %}"
+        "{% generation %}"
+        "{{ m['role'] }}: {{ m['content'] | tojson if 'content' in m else '-' }}"
+        "{% endgeneration %}"
         "{{ eos_token }}\n"
         "{% endfor %}"
     )
@@ -164,7 +168,8 @@ def test_teacher_matches_transformers(teacher_dir: Path) -> None:
     tok = load_tokenizer(teacher_dir)
     check_against_transformers(tok, AutoTokenizer.from_pretrained(teacher_dir))
     assert tok.vocab_size == 49152
-    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)  # FACTS.md
+    # SmolLM2's tokenizer_config.json: bos <|im_start|> (1), eos and pad <|im_end|> (2).
+    assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
     assert tok.eos_token_ids == {2}
     # smollm pre-tokenizer: every digit is its own token.
     assert [tok.decode([i]) for i in tok.encode("2024")] == ["2", "0", "2", "4"]

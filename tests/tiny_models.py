@@ -89,7 +89,8 @@ def make_tiny_checkpoint(
     max_shard_size: str | None = None,
     **config_overrides,
 ) -> Path:
-    """Build a seeded random tiny `arch` model with transformers and save_pretrained it to out_dir."""
+    """Build a seeded random tiny `arch` model with transformers and save_pretrained it to
+    out_dir."""
     cls = {
         "llama": LlamaForCausalLM,
         "llama3": LlamaForCausalLM,

@@ -43,7 +43,8 @@ CORPUS = [
     "2015, and sequence-level distillation by Kim and Rush in 2016.",
     "The capital of France is Paris. The capital of Italy is Rome. The capital of Japan is "
     "Tokyo. What is the capital of Spain? The capital of Spain is Madrid.",
-    "def add(a: int, b: int) -> int:\n    return a + b\n\nfor i in range(10):\n    print(i, add(i, 1))\n",
+    "def add(a: int, b: int) -> int:\n    return a + b\n\n"
+    "for i in range(10):\n    print(i, add(i, 1))\n",
     "In 1969 the first crewed landing on the Moon took place; 384,400 km separate the Earth and "
     "the Moon on average, and light covers the distance in about 1.28 seconds.",
     "Café, naïve, façade and résumé keep their accents; Größe and Straße are German; "
