@@ -46,9 +46,9 @@ import torch
 from kd import checkpoint, hf, onpolicy, parallel
 from kd.chunked_loss import chunked_distillation_loss
 from kd.config import TrainConfig, help_text, load_config
-from kd.data import IGNORE, Batches, collate, load_examples
-from kd.eval import accumulate, summarize, token_metrics
-from kd.losses import TopK
+from kd.data import IGNORE, Batches, load_examples
+from kd.losses import LossOptions, TopK
+from kd.metrics import teacher_forced_metrics
 from kd.model import ModelConfig, Transformer
 from kd.optim import build_optimizer, lr_at
 from kd.parallel import DTYPES, World
@@ -220,14 +220,6 @@ def build_models(
 # ----------------------------------------------------------------------------- the step
 
 
-def divergence_kwargs(cfg: TrainConfig) -> dict[str, float]:
-    if cfg.loss == "jsd":
-        return {"beta": cfg.beta}
-    if cfg.loss.startswith("skew_"):
-        return {"skew_alpha": cfg.skew_alpha}
-    return {}
-
-
 def forward_loss(
     student: Transformer,
     teachers: list[Transformer],
@@ -253,6 +245,17 @@ def forward_loss(
         if len(teachers) == 1:
             t_hidden, t_head = t_hidden[0], t_head[0]
 
+    options = LossOptions(
+        divergence="forward_kl" if cfg.loss == "sft" else cfg.loss,
+        temperature=cfg.temperature,
+        alpha=0.0 if cfg.loss == "sft" else cfg.alpha,
+        beta=cfg.beta,
+        skew_alpha=cfg.skew_alpha,
+        teacher_weights=cfg.teacher_weights or None,
+        teacher_mixture=cfg.teacher_mixture,
+        tokenizer_vocab_size=vocab,
+    )
+
     def loss_fn(
         hidden: torch.Tensor, head_weight: torch.Tensor
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -264,16 +267,10 @@ def forward_loss(
             t_hidden,
             t_head,
             labels,
+            options,
             teacher_logits=teacher_logits,
             chunk_size=cfg.chunk_size,
-            divergence="forward_kl" if cfg.loss == "sft" else cfg.loss,
-            temperature=cfg.temperature,
-            alpha=0.0 if cfg.loss == "sft" else cfg.alpha,
             num_tokens=num_tokens,
-            teacher_weights=cfg.teacher_weights or None,
-            teacher_mixture=cfg.teacher_mixture,
-            tokenizer_vocab_size=vocab,
-            **divergence_kwargs(cfg),
         )
 
     return student(input_ids, output_fn=loss_fn)
@@ -348,30 +345,26 @@ def evaluate(
     pad_id: int,
     world: World,
 ) -> dict[str, float]:
-    """Held-out token-level KL(teacher || student), student perplexity, top-1 agreement (kd/eval.py).
+    """Held-out token-level KL(teacher || student), student perplexity, top-1 agreement
+    (kd/metrics.py), over at most cfg.eval_batches rounds of batch_size examples per rank.
 
     Rank r takes examples [r B, (r + 1) B) of each group of world_size * B. Every rank runs the
     same number of forwards (FSDP all-gathers need all of them): a rank with nothing left
-    runs a batch with every label ignored.
+    runs a batch with every label ignored. One all-reduce of the sums at the end.
     """
-    per_round = cfg.batch_size * world.world_size
-    rounds = math.ceil(len(examples) / per_round)
-    if cfg.eval_batches:
-        rounds = min(rounds, cfg.eval_batches)
-    sums = None
-    for r in range(rounds):
-        start = r * per_round + world.rank * cfg.batch_size
-        mine = examples[start : start + cfg.batch_size]
-        batch = collate(mine or examples[:1], pad_id=pad_id)
-        if not mine:
-            batch["labels"].fill_(IGNORE)
-        input_ids, labels = (batch[k].to(world.device) for k in ("input_ids", "labels"))
-        s_logits = student(input_ids)[..., :vocab]  # (B, T, V)
-        t_logits = teacher(input_ids)[..., :vocab]  # (B, T, V)
-        sums = accumulate(sums, token_metrics(s_logits, t_logits, labels))
-    keys = sorted(sums)
-    totals = parallel.all_reduce_sum(torch.stack([sums[k] for k in keys]))
-    return summarize(dict(zip(keys, totals)))
+    return teacher_forced_metrics(
+        student,
+        examples,
+        teacher=teacher,
+        pad_id=pad_id,
+        batch_size=cfg.batch_size,
+        vocab=vocab,
+        max_batches=cfg.eval_batches,
+        rank=world.rank,
+        world_size=world.world_size,
+        all_reduce_sum=parallel.all_reduce_sum,
+        device=world.device,
+    )
 
 
 # ----------------------------------------------------------------------------- logging

@@ -30,6 +30,11 @@ dtypes: hidden states and weights may be bf16 (FSDP2 mixed precision): the matmu
 dtype, softmax and loss in fp32 (float64 for float64 inputs), the gradients come back in the
 input dtypes (dL/dW accumulated in fp32 across chunks).
 
+Use (the settings are those of `kd.losses.distillation_loss`, in a `kd.losses.LossOptions`):
+
+    options = LossOptions(divergence="forward_kl", temperature=2.0, alpha=0.5)
+    loss, metrics = chunked_distillation_loss(h, head_w, teacher_h, teacher_head_w, labels, options)
+
 Tests: `.venv/bin/python -m pytest -q tests/test_chunked_loss.py`.
 """
 
@@ -42,19 +47,19 @@ import torch
 import torch.nn.functional as F
 
 from kd.losses import (
+    LossOptions,
     Teacher,
     TopK,
-    _aligned_teacher,
-    _check_options,
-    _compute_dtype,
-    _forward_kl,
-    _log_probs,
-    _teacher_log_probs,
-    _topk_buckets,
+    aligned_teacher,
     check_teacher_vocab,
+    compute_dtype,
+    forward_kl,
+    log_probs,
     loss_sums,
     metrics_from_sums,
+    teacher_log_probs,
     token_count,
+    topk_buckets,
 )
 
 Tensor = torch.Tensor
@@ -72,33 +77,31 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         denom: Tensor,  # 0-dim: the global token count
         teacher_chunk: Callable[[int, int], Teacher],
         chunk_size: int,
-        options: dict[str, Any],
+        options: LossOptions,
         grad_hidden: bool,
         grad_weight: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n_tokens = hidden.shape[0]
         d_hidden = torch.empty_like(hidden) if grad_hidden else None
         acc_dtype = torch.float64 if hidden.dtype == torch.float64 else torch.float32
-        d_weight = (
-            torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
-            if grad_weight
-            else None
-        )
-        sums = torch.zeros(
-            3, dtype=acc_dtype, device=hidden.device
-        )  # (total, divergence, CE) over chunks
+        d_weight = None  # dL/dW, accumulated over chunks in fp32 (float64 for float64 inputs)
+        if grad_weight:
+            d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
+        # (total, divergence, CE) summed over chunks
+        sums = torch.zeros(3, dtype=acc_dtype, device=hidden.device)
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end]  # (n, H)
             logits = h @ weight.T  # (n, V) in the input dtype; forward() runs without autograd
+            # g: (n, V) = dL/dlogits in the logits' dtype, or None
             total, div_sum, ce_sum, g = _loss_and_logit_grad(
                 logits,
                 teacher_chunk(start, end),
                 labels[start:end],
                 denom,
                 options,
-                grad_hidden or grad_weight,
-            )  # g: (n, V) = dL/dlogits in the logits' dtype, or None
+                need_grad=grad_hidden or grad_weight,
+            )
             if grad_hidden:
                 d_hidden[start:end] = g @ weight
             if grad_weight:
@@ -107,10 +110,8 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             del logits, g  # the chunk's logits and gradient go here: one chunk alive at a time
         # Kept as attributes, not save_for_backward: they are our own results, and backward scales
         # them in place and drops them, instead of allocating another (V x H) copy.
-        ctx.d_hidden, ctx.d_weight = (
-            d_hidden,
-            None if d_weight is None else d_weight.to(weight.dtype),
-        )
+        ctx.d_hidden = d_hidden
+        ctx.d_weight = None if d_weight is None else d_weight.to(weight.dtype)
         div_sum, ce_sum = sums[1].clone(), sums[2].clone()
         ctx.mark_non_differentiable(div_sum, ce_sum)
         return sums[0] / denom, div_sum, ce_sum
@@ -137,28 +138,26 @@ def _loss_and_logit_grad(
     teacher: Teacher | None,
     labels: Tensor,
     denom: Tensor,
-    options: dict[str, Any],
+    options: LossOptions,
+    *,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(total, div, CE) sums over the chunk's valid tokens and G = d(total / denom)/dlogits (or None).
+    """(total, div, CE) sums over the chunk's valid tokens, and G = d(total / denom)/dlogits.
 
-    The dispatch point: the analytic gradient where it is written out (forward/reverse KL against
-    dense teacher logits, forward KL against a top-k teacher, or SFT: no teacher, alpha = 0),
-    autograd through `loss_sums` otherwise. Both give the same values and, up to rounding, the
-    same G (tests/test_chunked_loss.py).
+    G is None without `need_grad`. The dispatch point: the analytic gradient where it is written
+    out (forward/reverse KL against dense teacher logits, forward KL against a top-k teacher,
+    or SFT: no teacher, alpha = 0), autograd through `loss_sums` otherwise. Both give the same
+    values and, up to rounding, the same G (tests/test_chunked_loss.py).
     """
-    divergence = options["divergence"]
     if teacher is None:
-        analytic = options["alpha"] == 0.0
+        analytic = options.alpha == 0.0
     elif isinstance(teacher, TopK):
-        analytic = divergence == "forward_kl"
+        analytic = options.divergence == "forward_kl"
     else:
-        analytic = divergence in _ANALYTIC_DIVERGENCES
+        analytic = options.divergence in _ANALYTIC_DIVERGENCES
     if analytic:
-        return _analytic_loss_and_grad(
-            logits, teacher, labels, denom, need_grad=need_grad, **options
-        )
-    return _autograd_loss_and_grad(logits, teacher, labels, denom, options, need_grad)
+        return _analytic_loss_and_grad(logits, teacher, labels, denom, options, need_grad=need_grad)
+    return _autograd_loss_and_grad(logits, teacher, labels, denom, options, need_grad=need_grad)
 
 
 def _autograd_loss_and_grad(
@@ -166,13 +165,14 @@ def _autograd_loss_and_grad(
     teacher: Teacher | None,
     labels: Tensor,
     denom: Tensor,
-    options: dict[str, Any],
+    options: LossOptions,
+    *,
     need_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """`loss_sums` on the chunk, and G by autograd on that chunk alone (any divergence and teacher)."""
+    """`loss_sums` on the chunk, and G by autograd on that chunk alone (any divergence, teacher)."""
     with torch.enable_grad():
         logits = logits.detach().requires_grad_(need_grad)
-        total, div_sum, ce_sum = loss_sums(logits, teacher, labels, **options)
+        total, div_sum, ce_sum = loss_sums(logits, teacher, labels, options)
         g = torch.autograd.grad(total / denom, logits)[0] if need_grad else None  # (n, V)
     return total.detach(), div_sum.detach(), ce_sum.detach(), g
 
@@ -182,17 +182,13 @@ def _analytic_loss_and_grad(
     teacher: Teacher | None,
     labels: Tensor,
     denom: Tensor,
+    options: LossOptions,
     *,
     need_grad: bool,
-    divergence: str,
-    temperature: float,
-    alpha: float,
-    ignore_index: int,
-    teacher_weights: Sequence[float] | None,
-    teacher_mixture: str,
-    tokenizer_vocab_size: int | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """`_autograd_loss_and_grad` for forward KL, reverse KL (dense teachers), top-k forward KL and SFT, G written out.
+    """What `_autograd_loss_and_grad` gives, with G written out (KL, top-k forward KL, SFT).
+
+    Forward and reverse KL against dense teachers, forward KL against a top-k teacher, and SFT.
 
     Per valid token, with z the student logits, u = z / T, q = softmax(u), p = the teacher's
     softmax(z_t / T), s = softmax(z) and y the label, the loss is
@@ -200,8 +196,10 @@ def _analytic_loss_and_grad(
     and G = dl/dz / denom (0 on ignored tokens). Using dq_v/du_j = q_v (delta_vj - q_j):
       CE:          dCE/dz = s - onehot(y)
       forward KL:  D = sum_v p_v (log p_v - log q_v);  dD/du = q - p
-      reverse KL:  D = sum_v q_v (log q_v - log p_v);  dD/du_j = sum_v (log q_v - log p_v + 1) q_v (delta_vj - q_j)
-                   = q_j (log q_j - log p_j - D)        (the +1 terms cancel: sum_v q_v (delta_vj - q_j) = 0)
+      reverse KL:  D = sum_v q_v (log q_v - log p_v);
+                   dD/du_j = sum_v (log q_v - log p_v + 1) q_v (delta_vj - q_j)
+                           = q_j (log q_j - log p_j - D)
+                   (the +1 terms cancel: sum_v q_v (delta_vj - q_j) = 0)
     and du/dz = 1/T, so alpha T^2 dD/dz = alpha T dD/du. Hence
       G = [alpha T (q - p) + (1 - alpha)(s - onehot(y))] / denom                 forward KL
       G = [alpha T q (log q - log p - D) + (1 - alpha)(s - onehot(y))] / denom   reverse KL
@@ -209,63 +207,43 @@ def _analytic_loss_and_grad(
     with dD/du of the (k + 1)-bucket KL derived in `_topk_forward_kl_and_grad`.
     (Liger-Kernel's fused linear losses use the same closed forms, arXiv 2410.10989.)
     The log-probs come from kd.losses' own functions (T, -inf floor, teacher mixtures); D is
-    `kd.losses._kl` written out in place, since (n x V) temporaries cost page faults on CPU.
-    -inf logits (masked vocab entries): log q and log p are floored at the most negative finite
-    float (`kd.losses._floor`), so q = p = 0 there exactly, log q - log p stays finite and G = 0
-    at entries masked in both models, as in autograd (whose gradient through the floor is 0).
+    `kd.losses.forward_kl` / `reverse_kl` written out in place, since (n x V) temporaries cost
+    page faults on CPU. -inf logits (masked vocab entries): log q and log p are floored at the
+    most negative finite float (`kd.losses.log_probs`), so q = p = 0 there exactly,
+    log q - log p stays finite and G = 0 at entries masked in both models, as in autograd
+    (whose gradient through the floor is 0).
     """
-    _check_options(divergence, temperature, alpha, teacher_mixture)
-    dtype = _compute_dtype(logits)
+    temperature, alpha = options.temperature, options.alpha
+    dtype = compute_dtype(logits)
     z = logits.to(dtype)  # (n, V); fp32 for bf16 logits
-    valid = labels != ignore_index  # (n,)
+    valid = labels != options.ignore_index  # (n,)
     safe_labels = labels.masked_fill(~valid, 0).long().unsqueeze(-1)  # (n, 1)
     # Row weights: 1 / denom on valid tokens, 0 on ignored ones (`loss_sums` drops them by where()).
     row = (valid.to(dtype) / denom).unsqueeze(-1)  # (n, 1)
 
-    log_q = (
-        _log_probs(z, temperature, dtype) if teacher is not None or temperature == 1.0 else None
-    )  # log softmax(z / T)
-    log_s = (
-        log_q if temperature == 1.0 else F.log_softmax(z, dim=-1)
-    )  # log softmax(z), for CE at T = 1
+    # log softmax(z / T), and log softmax(z) for the CE at T = 1: the same tensor when T = 1.
+    need_log_q = teacher is not None or temperature == 1.0
+    log_q = log_probs(z, temperature, dtype) if need_log_q else None
+    log_s = log_q if temperature == 1.0 else F.log_softmax(z, dim=-1)
     ce = -log_s.gather(-1, safe_labels).squeeze(-1)  # (n,) -log s_y
-    # From here on the (n, V) buffers are overwritten in place once their last reader is done.
+    # From here on the (n, V) buffers are overwritten in place once their last reader is done;
+    # log_q is not when it is also log s (T = 1), which the CE gradient reads below.
+    overwrite = log_s is not log_q
+    # (n, 1): alpha T / denom, the factor of dD/du in G; None when G has no divergence term
+    scale = row * (alpha * temperature) if need_grad and alpha != 0.0 else None
     g = None  # (n, V): G
-    if teacher is None:
-        div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)  # plain SFT (alpha = 0)
-    elif isinstance(
-        teacher, TopK
-    ):  # forward KL over the top-k buckets: the only top-k divergence dispatched here
-        scale = (
-            row * (alpha * temperature) if need_grad and alpha != 0.0 else None
-        )  # (n, 1): alpha T / denom
-        # At T = 1, log_q is also log s (read for the CE gradient below): then it is not overwritten.
-        div, g = _topk_forward_kl_and_grad(log_q, teacher, scale, overwrite=log_s is not log_q)
+    if teacher is None:  # plain SFT (alpha = 0)
+        div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
+    elif isinstance(teacher, TopK):  # forward KL: the only top-k divergence dispatched here
+        div, g = _topk_forward_kl_and_grad(log_q, teacher, scale, overwrite=overwrite)
     else:
-        teacher = _aligned_teacher(teacher, logits, tokenizer_vocab_size)
-        log_p = _teacher_log_probs(
-            teacher,
-            temperature,
-            dtype,
-            teacher_weights=teacher_weights,
-            teacher_mixture=teacher_mixture,
-        )  # (n, V) log p, floored
-        if divergence == "forward_kl":
-            p = log_p.exp()
-            div = log_p.sub_(log_q).mul_(p).sum(-1)  # D = sum_v p (log p - log q)
-            if need_grad and alpha != 0.0:
-                q = (
-                    log_q.exp_() if log_s is not log_q else log_q.exp()
-                )  # at T = 1, log_q is also log s
-                g = q.sub_(p).mul_(row * (alpha * temperature))  # alpha T (q - p) / denom
-        else:
-            log_ratio = log_p.sub_(log_q).neg_()  # log q - log p
-            q = log_q.exp_() if log_s is not log_q else log_q.exp()
-            div = (q * log_ratio).sum(-1)  # D = sum_v q (log q - log p)
-            if need_grad and alpha != 0.0:
-                g = q.mul_(log_ratio.sub_(div.unsqueeze(-1))).mul_(
-                    row * (alpha * temperature)
-                )  # alpha T q (log q - log p - D) / denom
+        teacher = aligned_teacher(
+            teacher, logits, tokenizer_vocab_size=options.tokenizer_vocab_size
+        )
+        log_p = teacher_log_probs(teacher, options, dtype)  # (n, V) log p, floored
+        div, g = _dense_kl_and_grad(
+            log_p, log_q, scale, reverse=options.divergence == "reverse_kl", overwrite=overwrite
+        )
     div_sum = torch.where(valid, div, 0.0).sum()
     ce_sum = torch.where(valid, ce, 0.0).sum()
     total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
@@ -279,17 +257,42 @@ def _analytic_loss_and_grad(
     return total, div_sum, ce_sum, g.to(logits.dtype)
 
 
+def _dense_kl_and_grad(
+    log_p: Tensor, log_q: Tensor, scale: Tensor | None, *, reverse: bool, overwrite: bool
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row forward KL (reverse KL if `reverse`) and scale * dD/du (None when scale is None).
+
+    log_p, log_q: (n, V) floored log-probs of teacher and student at T; log_p is overwritten,
+    log_q too when `overwrite` (it becomes G). scale: (n, 1), alpha T / denom. The formulas are
+    derived in `_analytic_loss_and_grad`.
+    """
+    if not reverse:
+        p = log_p.exp()
+        div = log_p.sub_(log_q).mul_(p).sum(-1)  # D = sum_v p (log p - log q)
+        if scale is None:
+            return div, None
+        q = log_q.exp_() if overwrite else log_q.exp()
+        return div, q.sub_(p).mul_(scale)  # alpha T (q - p) / denom
+    log_ratio = log_p.sub_(log_q).neg_()  # log q - log p
+    q = log_q.exp_() if overwrite else log_q.exp()
+    div = (q * log_ratio).sum(-1)  # D = sum_v q (log q - log p)
+    if scale is None:
+        return div, None
+    return div, q.mul_(log_ratio.sub_(div.unsqueeze(-1))).mul_(scale)  # alpha T q (...) / denom
+
+
 def _topk_forward_kl_and_grad(
     log_q: Tensor, teacher: TopK, scale: Tensor | None, *, overwrite: bool
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-row forward KL over `kd.losses._topk_buckets`, and scale * dD/du (None when scale is None).
+    """Per-row forward KL over `kd.losses.topk_buckets`, and scale * dD/du (None without scale).
 
-    log_q: (n, V) the student's log softmax(u), u = z / T, floored as `kd.losses._log_probs` does;
-    overwritten (it becomes G) when `overwrite`, else left as it is (one extra (n x V) buffer).
-    teacher: the chunk's k token ids S and log-probs at T. scale: (n, 1), e.g. alpha T / denom.
+    log_q: (n, V) the student's log softmax(u), u = z / T, floored as `kd.losses.log_probs`
+    floors it; overwritten (it becomes G) when `overwrite`, else left as it is (one extra
+    (n x V) buffer). teacher: the chunk's k token ids S and log-probs at T. scale: (n, 1), e.g.
+    alpha T / denom.
 
     The buckets are the k tokens and one tail: P_i = p_i, Q_i = q_i for i in S, P_tail = 1 -
-    sum_S p_i (clamped at 0) and Q_tail = sum_{v not in S} q_v, with `_topk_buckets`' floors, so
+    sum_S p_i (clamped at 0) and Q_tail = sum_{v not in S} q_v, with `topk_buckets`' floors, so
         D = sum_{i in S} P_i (log P_i - log Q_i) + P_tail (log P_tail - log Q_tail).
     With d log q_i/du_j = delta_ij - q_j and dQ_tail/du_j = q_j [j not in S] - Q_tail q_j, and
     P_sum = sum_S P_i + P_tail (1 up to the cache's rounding; the clamp can leave it above 1),
@@ -299,26 +302,24 @@ def _topk_forward_kl_and_grad(
     (At T = 1 and P_sum = 1: q - p on S and q (1 - P_tail / Q_tail) elsewhere.) w_j, student j's
     share of the student's tail, is formed in log space, exp(log q_j - log Q_tail) in [0, 1]:
     when Q_tail underflows (the student puts all its mass on S) q_j / Q_tail would be 0 / 0.
-    With k = V (no tail) `_topk_buckets` floors log Q_tail and log P_tail, so P_tail = Q_tail = 0
+    With k = V (no tail) `topk_buckets` floors log Q_tail and log P_tail, so P_tail = Q_tail = 0
     and no j lies outside S. Student entries masked to -inf have log q at the floor: w_j = 0 and
     G = 0 there, as in autograd (whose gradient through the floor is 0).
     """
     g = log_q if overwrite else log_q.clone()  # (n, V)
-    # With overwrite, `_topk_buckets` floors g's entries in S in place: g = log q off S, the floor
-    # on S (so exp gives 0 there, never inf), and log Q_tail = logsumexp(g).
-    log_p_b, log_q_b = _topk_buckets(
-        teacher, g, overwrite=True
-    )  # (n, k + 1) each: the k tokens, then the tail
-    div = _forward_kl(log_p_b, log_q_b)  # (n,) as in `loss_sums`
+    # `topk_buckets` floors g's entries in S in place: g = log q off S, the floor on S (so exp
+    # gives 0 there, never inf), and log Q_tail = logsumexp(g).
+    # log_p_b, log_q_b: (n, k + 1) each, the k tokens, then the tail
+    log_p_b, log_q_b = topk_buckets(teacher, g, overwrite=True)
+    div = forward_kl(log_p_b, log_q_b)  # (n,) as in `loss_sums`
     if scale is None:
         return div, None
     p_b = log_p_b.exp()  # (n, k + 1)
     p_sum = p_b.sum(-1, keepdim=True)  # (n, 1)
     log_q_tail = log_q_b[:, -1:]  # (n, 1)
     ids = teacher.ids.long()  # (n, k)
-    g.sub_(log_q_tail).exp_().mul_(
-        scale * (p_sum * log_q_tail.exp() - p_b[:, -1:])
-    )  # off S: w (P_sum Q_tail - P_tail)
+    # off S: w (P_sum Q_tail - P_tail)
+    g.sub_(log_q_tail).exp_().mul_(scale * (p_sum * log_q_tail.exp() - p_b[:, -1:]))
     g.scatter_(-1, ids, scale * (p_sum * log_q_b[:, :-1].exp() - p_b[:, :-1]))  # on S: P_sum q - P
     return div, g
 
@@ -329,36 +330,32 @@ def chunked_distillation_loss(
     teacher_hidden: Tensor | Sequence[Tensor] | None,
     teacher_head_weight: Tensor | Sequence[Tensor] | None,
     labels: Tensor,
+    options: LossOptions = LossOptions(),
     *,
     chunk_size: int = 256,
     teacher_logits: Teacher | None = None,
-    divergence: str = "forward_kl",
-    temperature: float = 1.0,
-    alpha: float = 0.5,
-    ignore_index: int = -100,
     num_tokens: int | Tensor | None = None,
-    teacher_weights: Sequence[float] | None = None,
-    teacher_mixture: str = "probs",
-    tokenizer_vocab_size: int | None = None,
-    **divergence_kwargs: float,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """`distillation_loss` of (student_hidden @ W_s^T, teacher_hidden @ W_t^T), one chunk at a time.
+    """`distillation_loss` of (student_hidden @ W_s^T, teacher_hidden @ W_t^T), chunk by chunk.
 
     student_hidden: (..., H) final hidden states (after the last norm); student_head_weight
         (V, H). Leading dims are flattened; labels (...) align with them.
     teacher_hidden, teacher_head_weight: (..., H_t) and (V_t, H_t), or lists of them for several
-        teachers (combined as in `distillation_loss`, with `teacher_weights`). The teacher part
-        runs without gradients. V_t > V only with `tokenizer_vocab_size` (rows are sliced).
-    teacher_logits: instead of teacher hidden states (pass None, None for those): precomputed
-        logits (..., V_t), a list of them, or a `TopK` of cached top-k log-probs. No teacher at
-        all (None, None and no teacher_logits) is plain SFT and needs alpha = 0.
+        teachers (combined as in `distillation_loss`, by options.teacher_mixture and
+        options.teacher_weights). The teacher part runs without gradients. V_t > V only with
+        options.tokenizer_vocab_size (the padding rows are sliced off).
+    options: the divergence, T, alpha and the rest, as in `distillation_loss` (`LossOptions`).
     chunk_size: tokens per chunk; peak extra memory is a few (chunk_size x V) fp32 buffers
         (measured ~0.4 GiB at 256 for V = 49152 and 128256) plus dL/dW in fp32, whatever the
         token count. 256 is Liger-Kernel's choice for V / H ~ 64; larger chunks run the
         matmuls a little more efficiently.
+    teacher_logits: instead of teacher hidden states (pass None, None for those): precomputed
+        logits (..., V_t), a list of them, or a `TopK` of cached top-k log-probs. No teacher at
+        all (None, None and no teacher_logits) is plain SFT and needs options.alpha = 0.
+    num_tokens: the divisor, as in `distillation_loss`.
 
-    Value and gradients equal `distillation_loss` on the full logits. All other options are
-    those of `distillation_loss`. Returns (loss, metrics) with detached metric tensors.
+    Value and gradients equal `distillation_loss` on the full logits. Returns (loss, metrics)
+    with detached metric tensors.
     """
     if chunk_size < 1:
         raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk, e.g. 1024)")
@@ -366,14 +363,15 @@ def chunked_distillation_loss(
     flat_labels = labels.reshape(-1)  # (N,)
     if flat_labels.shape[0] != hidden.shape[0]:
         raise ValueError(
-            f"labels {tuple(labels.shape)} do not match student_hidden {tuple(student_hidden.shape)}"
+            f"labels {tuple(labels.shape)} do not match student_hidden "
+            f"{tuple(student_hidden.shape)} in their leading dims"
         )
-    valid_count, denom = token_count(flat_labels, num_tokens, ignore_index=ignore_index)
+    valid_count, denom = token_count(flat_labels, num_tokens, ignore_index=options.ignore_index)
     # Rows without a label (prompt, padding) add nothing to the loss or its gradients, so they
     # skip the heads: the chunks walk the labelled rows only. In chat data 30-50% of positions
     # are prompt or padding, and the four head matmuls (student logits, dL/dh, dL/dW, teacher
     # logits) are about a third of a KD step's FLOPs. (On a GPU, nonzero() is a host sync.)
-    rows = (flat_labels != ignore_index).nonzero().squeeze(-1)  # (N_valid,)
+    rows = (flat_labels != options.ignore_index).nonzero().squeeze(-1)  # (N_valid,)
     teacher_chunk = _teacher_chunks(
         teacher_hidden,
         teacher_head_weight,
@@ -381,22 +379,10 @@ def chunked_distillation_loss(
         rows=rows,
         n_tokens=hidden.shape[0],
         student_vocab=student_head_weight.shape[0],
-        tokenizer_vocab_size=tokenizer_vocab_size,
+        tokenizer_vocab_size=options.tokenizer_vocab_size,
     )
-    hidden, flat_labels = (
-        hidden[rows],
-        flat_labels[rows],
-    )  # (N_valid, H), (N_valid,); autograd scatters dL/dh back
-    options = dict(
-        divergence=divergence,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=ignore_index,
-        teacher_weights=teacher_weights,
-        teacher_mixture=teacher_mixture,
-        tokenizer_vocab_size=tokenizer_vocab_size,
-        **divergence_kwargs,
-    )
+    # (N_valid, H) and (N_valid,); autograd scatters dL/dh back to the N rows
+    hidden, flat_labels = hidden[rows], flat_labels[rows]
     grad_on = torch.is_grad_enabled()
     loss, div_sum, ce_sum = _ChunkedHeadLoss.apply(
         hidden,
@@ -422,14 +408,17 @@ def _teacher_chunks(
     student_vocab: int,
     tokenizer_vocab_size: int | None,
 ) -> Callable[[int, int], Teacher]:
-    """A function (start, end) -> the teacher for token rows rows[start:end] of the N = n_tokens,
-    in the form `loss_sums` takes (rows are gathered per chunk: no (N_valid x V) copy)."""
+    """A function (start, end) -> the teacher of token rows rows[start:end] of N = n_tokens.
+
+    The teacher comes in the form `loss_sums` takes; rows are gathered per chunk, so no
+    (N_valid x V) copy is made.
+    """
     if teacher_logits is None and teacher_hidden is None and teacher_head_weight is None:
         return lambda s, e: None  # no teacher: plain SFT, allowed with alpha = 0 only
     if (teacher_logits is None) == (teacher_hidden is None or teacher_head_weight is None):
         raise ValueError(
-            "pass either teacher_hidden and teacher_head_weight, or teacher_logits= (with None, None "
-            "for the teacher hidden states and head weight), not both and not neither"
+            "pass either teacher_hidden and teacher_head_weight, or teacher_logits= (with None, "
+            "None for the teacher hidden states and head weight), not both and not neither"
         )
     if teacher_logits is not None:
         if isinstance(teacher_logits, TopK):
@@ -437,29 +426,23 @@ def _teacher_chunks(
             logprobs = teacher_logits.logprobs.reshape(n_tokens, -1)  # (N, k)
             return lambda s, e: TopK(ids[rows[s:e]], logprobs[rows[s:e]])
         single = isinstance(teacher_logits, Tensor)
-        flat = [
-            t.reshape(n_tokens, t.shape[-1])
-            for t in ([teacher_logits] if single else teacher_logits)
-        ]  # (N, V_t)
+        teachers = [teacher_logits] if single else teacher_logits
+        flat = [t.reshape(n_tokens, t.shape[-1]) for t in teachers]  # (N, V_t) each
         return lambda s, e: flat[0][rows[s:e]] if single else [t[rows[s:e]] for t in flat]
 
     single = isinstance(teacher_hidden, Tensor)
     hiddens = [teacher_hidden] if single else list(teacher_hidden)
-    weights = (
-        [teacher_head_weight]
-        if isinstance(teacher_head_weight, Tensor)
-        else list(teacher_head_weight)
-    )
+    single_weight = isinstance(teacher_head_weight, Tensor)
+    weights = [teacher_head_weight] if single_weight else list(teacher_head_weight)
     if len(hiddens) != len(weights):
         raise ValueError(
-            f"{len(hiddens)} teacher_hidden but {len(weights)} teacher_head_weight; pass one per teacher"
+            f"{len(hiddens)} teacher_hidden but {len(weights)} teacher_head_weight; pass one "
+            "per teacher"
         )
     for w in weights:
         check_teacher_vocab(student_vocab, w.shape[0], tokenizer_vocab_size)
     hiddens = [h.reshape(n_tokens, h.shape[-1]) for h in hiddens]  # (N, H_t)
-    weights = [
-        w[:student_vocab] for w in weights
-    ]  # padding rows beyond the student's vocab dropped
+    weights = [w[:student_vocab] for w in weights]  # padding rows beyond the student's vocab
 
     def chunk(start: int, end: int) -> Teacher:
         with torch.no_grad():

@@ -2,18 +2,20 @@
 prompts with the teacher's answers ({"prompt", "response"} records, as generate.py writes them,
 or {"messages"} ending with the teacher's assistant turn).
 
-Two kinds of numbers, the ones distillation papers report (kd/eval.py has the pure metrics):
+Three kinds of numbers, the ones distillation papers report:
 
-1. Teacher-forced, on the teacher's responses: both models read prompt + teacher response and
-   at every response token we compare their next-token distributions: forward KL(teacher ||
-   student) per token, the student's perplexity of the teacher's text, and top-1 agreement
-   (argmax_student == argmax_teacher). This is the quantity logit distillation minimizes.
+1. Teacher-forced, on the teacher's responses (kd/metrics.py): both models read prompt +
+   teacher response and at every response token we compare their next-token distributions:
+   forward KL(teacher || student) per token, the student's perplexity of the teacher's text,
+   and top-1 agreement (argmax_student == argmax_teacher). This is the quantity logit
+   distillation minimizes.
 2. Free-running: the student answers each prompt greedily and Rouge-L F1 (MiniLLM protocol,
-   kd/eval.corpus_rouge_l) scores its answer against the teacher's greedy answer.
+   kd/rouge.py) scores its answer against the teacher's greedy answer.
 3. Speed: tokens/s of batched greedy generation on the same work for every model (the first
    SPEED_BATCH prompts, exactly SPEED_TOKENS new tokens each, EOS ignored, prefill included),
-   so rows of one table compare. Timing the answers themselves would not: a student that never stops
-   runs every row to the token limit and looks faster than one that ends its answers.
+   so rows of one table compare. Timing the answers themselves would not: a student that
+   never stops runs every row to the token limit and looks faster than one that ends its
+   answers.
 
     eval_set = load_eval_set("runs/demo/data/heldout.jsonl", tokenizer)
     metrics = evaluate(student, tokenizer, eval_set, teacher=teacher)
@@ -23,7 +25,6 @@ Used by scripts/demo.py, scripts/evaluate.py (any student from the command line)
 scripts/compare_methods.py. Tests: `.venv/bin/python -m pytest -q tests/test_evaluate.py`.
 """
 
-import json
 import os
 import platform
 import time
@@ -33,17 +34,16 @@ from pathlib import Path
 
 import torch
 
-from kd.data import Example, collate, load_examples, load_prompts
-from kd.eval import accumulate, corpus_rouge_l, summarize, token_metrics
+from kd.data import Example, load_examples, load_prompts, read_jsonl
+from kd.metrics import teacher_forced_metrics
 from kd.model import Transformer
+from kd.rouge import corpus_rouge_l
 from kd.sampling import generate
 from kd.tokenizer import Tokenizer
 
+# The generation-speed measurement: prompts in one batch, new tokens each.
+SPEED_BATCH, SPEED_TOKENS = 16, 32
 # Table columns: metrics key -> (header, format). Arrows say which way is better.
-SPEED_BATCH, SPEED_TOKENS = (
-    16,
-    32,
-)  # the generation-speed measurement: prompts in one batch, new tokens each
 COLUMNS = {
     "params_m": ("params (M)", "{:.1f}"),
     "kl": ("KL to teacher ↓", "{:.3f}"),
@@ -56,12 +56,10 @@ COLUMNS = {
 
 @dataclass
 class EvalSet:
-    examples: list[
-        Example
-    ]  # prompt + teacher response, labels on the response (teacher-forced metrics)
-    prompts: list[
-        list[int]
-    ]  # each record's prompt tokens, chat-templated as in training (greedy answers)
+    # prompt + teacher response, labels on the response (teacher-forced metrics)
+    examples: list[Example]
+    # each record's prompt tokens, chat-templated as in training (greedy answers)
+    prompts: list[list[int]]
     questions: list[str]  # each record's last user message, for showing answers side by side
     references: list[str]  # each record's teacher answer (Rouge-L reference)
 
@@ -75,9 +73,7 @@ def load_eval_set(path: str | Path, tokenizer: Tokenizer, *, seq_len: int = 1024
     examples, _ = load_examples(path, tokenizer, seq_len=seq_len)
     prompts, _ = load_prompts(path, tokenizer)
     questions, references = [], []
-    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-    for n, line in enumerate(lines, 1):
-        record = json.loads(line)  # load_examples has already checked every line
+    for where, record in read_jsonl(path):  # load_examples has already checked every record
         if "messages" in record and record["messages"][-1]["role"] == "assistant":
             references.append(record["messages"][-1]["content"])
             questions.append(
@@ -88,57 +84,11 @@ def load_eval_set(path: str | Path, tokenizer: Tokenizer, *, seq_len: int = 1024
             questions.append(record["prompt"])
         else:
             raise ValueError(
-                f'{path}:{n}: no teacher answer; an evaluation record needs "prompt" and '
-                '"response", or "messages" ending with an assistant turn (generate.py writes them)'
+                f'{where}: no teacher answer; an evaluation record needs "prompt" and '
+                '"response", or "messages" ending with an assistant turn; generate.py '
+                "writes such records"
             )
     return EvalSet(examples, [p.ids for p in prompts], questions, references)
-
-
-def pad_id_of(tokenizer: Tokenizer) -> int:
-    """Padding id: the tokenizer's pad token, else its smallest end-of-sequence id."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    if not tokenizer.eos_token_ids:
-        raise ValueError(
-            "the tokenizer defines neither a pad nor an EOS token; add one to tokenizer_config.json"
-        )
-    return min(tokenizer.eos_token_ids)
-
-
-@torch.no_grad()
-def teacher_forced_metrics(
-    model: Transformer,
-    examples: list[Example],
-    *,
-    teacher: Transformer | None = None,
-    pad_id: int,
-    batch_size: int = 8,
-) -> dict[str, float]:
-    """nll, ppl (and with a teacher: kl, top1_agreement) over the response tokens of `examples`.
-
-    The teacher may be the model itself (its own row in a table): its logits are then reused,
-    which gives KL 0 and agreement 1 exactly, without a second forward.
-    """
-    device = model.head_weight.device
-    # Padded vocabularies (e.g. rounded up to a multiple of 64) are compared on their shared
-    # prefix: rows past the tokenizer are never real tokens.
-    vocab = (
-        model.config.vocab_size
-        if teacher is None
-        else min(model.config.vocab_size, teacher.config.vocab_size)
-    )
-    sums = None
-    for start in range(0, len(examples), batch_size):
-        batch = collate(examples[start : start + batch_size], pad_id=pad_id)
-        input_ids, labels = batch["input_ids"].to(device), batch["labels"].to(device)  # (B, T) each
-        s_logits = model(input_ids)[..., :vocab]  # (B, T, V)
-        t_logits = None
-        if teacher is not None:
-            t_logits = (
-                s_logits if teacher is model else teacher(input_ids)[..., :vocab]
-            )  # (B, T, V)
-        sums = accumulate(sums, token_metrics(s_logits, t_logits, labels))
-    return summarize(sums)
 
 
 def greedy_answers(
@@ -162,16 +112,15 @@ def greedy_answers(
             max_new_tokens=max_new_tokens,
             temperature=0.0,
             eos_token_ids=eos,
-            pad_id=pad_id_of(tokenizer),
+            pad_id=tokenizer.pad_id,
         )
         seconds += time.perf_counter() - t0
         new_tokens += sum(len(tokens) for tokens in out)
         answers += [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out]
         done = len(answers)
         eta = seconds / done * (len(prompts) - done)
-        log(
-            f"  greedy answers {done}/{len(prompts)}, {new_tokens / seconds:.0f} tokens/s, ETA {eta:.0f} s"
-        )
+        speed = new_tokens / seconds
+        log(f"  greedy answers {done}/{len(prompts)}, {speed:.0f} tokens/s, ETA {eta:.0f} s")
     return answers
 
 
@@ -180,9 +129,10 @@ def decode_speed(
 ) -> float:
     """New tokens/s of one batch of greedy generation: every prompt gets exactly `new_tokens`
     (no EOS stops a row), prefill included. The same prompts give every model the same work."""
+    # Warm-up: the first call pays for allocations (and lazy initialization) once.
     generate(
         model, prompts[:1], max_new_tokens=2, temperature=0.0, eos_token_ids=None, pad_id=pad_id
-    )  # warm-up
+    )
     t0 = time.perf_counter()
     generate(
         model,
@@ -214,19 +164,18 @@ def evaluate(
 
     Returns {"params_m", "nll", "ppl", "tokens", "rouge_l", "tokens_per_s", "answers"} and, with
     a teacher, "kl" and "top1_agreement". Put the model (and teacher) in eval mode on the
-    device and dtype to evaluate in; bf16 logits change the KL by ~1e-3 nats (FACTS.md).
+    device and dtype to evaluate in; bf16 logits change the KL by ~1e-3 nats.
     """
     t0 = time.perf_counter()
     metrics: dict = teacher_forced_metrics(
         model,
         eval_set.examples,
         teacher=teacher,
-        pad_id=pad_id_of(tokenizer),
+        pad_id=tokenizer.pad_id,
         batch_size=max(1, batch_size // 2),
     )
-    log(
-        f"  teacher-forced metrics on {int(metrics['tokens'])} response tokens in {time.perf_counter() - t0:.0f} s"
-    )
+    seconds = time.perf_counter() - t0
+    log(f"  teacher-forced metrics on {int(metrics['tokens'])} response tokens in {seconds:.0f} s")
     if answers is None:
         answers = greedy_answers(
             model,
@@ -238,10 +187,11 @@ def evaluate(
         )
     speed_prompts = eval_set.prompts[:SPEED_BATCH]
     tokens_per_s = decode_speed(
-        model, speed_prompts, pad_id=pad_id_of(tokenizer), new_tokens=SPEED_TOKENS
+        model, speed_prompts, pad_id=tokenizer.pad_id, new_tokens=SPEED_TOKENS
     )
     log(
-        f"  generation speed: {tokens_per_s:.0f} tokens/s ({len(speed_prompts)} prompts x {SPEED_TOKENS} tokens)"
+        f"  generation speed: {tokens_per_s:.0f} tokens/s "
+        f"({len(speed_prompts)} prompts x {SPEED_TOKENS} tokens)"
     )
     metrics |= {
         "params_m": model.num_params() / 1e6,
@@ -271,9 +221,8 @@ def describe_machine(device: torch.device) -> str:
         return f"{torch.cuda.get_device_name(device)}, torch {torch.__version__}"
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
-    if (
-        cpuinfo.is_file()
-    ):  # Linux names the model there; platform.processor() often says only x86_64
+    # Linux names the model there; platform.processor() often says only x86_64.
+    if cpuinfo.is_file():
         cpu = next(
             (
                 line.split(":", 1)[1].strip()

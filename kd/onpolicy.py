@@ -55,7 +55,7 @@ from torch.utils.checkpoint import checkpoint
 
 from kd.chunked_loss import chunked_distillation_loss
 from kd.data import IGNORE, DataStats, Example, collate, load_examples, load_prompts, read_jsonl
-from kd.losses import token_count
+from kd.losses import LossOptions, token_count
 from kd.model import Transformer
 from kd.sampling import last_logits, sample_from_probs, sampling_probs
 from kd.tokenizer import Tokenizer
@@ -424,11 +424,9 @@ def minillm_loss(
             t_hidden,
             teacher.head_weight,
             labels,
+            LossOptions(divergence="reverse_kl", alpha=1.0, tokenizer_vocab_size=vocab),
             chunk_size=chunk_size,
-            divergence="reverse_kl",
-            alpha=1.0,
             num_tokens=denom,
-            tokenizer_vocab_size=vocab,
         )
         logprobs = token_logprobs(hidden, head, labels, chunk_size=chunk_size)
         pg = (

@@ -1,13 +1,14 @@
-"""Benchmark: peak memory and time of the naive materialized KD loss vs `chunked_distillation_loss`.
+"""Benchmark: peak memory and time of a naive materialized KD loss vs the chunked one.
 
 One forward + backward of forward-KL distillation (alpha 0.5, T 2) from hidden states
 (N x H) through a student head (V x H) and a teacher head, gradients into the student hidden
 states and head. "naive" is the usual snippet: full fp32 logits of both models, F.kl_div +
-F.cross_entropy over all N x V entries. "chunked" is `kd.chunked_loss.chunked_distillation_loss`
-(for forward KL, its analytic-gradient path). With --topk K the teacher is an offline cache of
-its top-K log-probs (`kd.losses.TopK`, built from the teacher head before timing): "naive" is
-then `kd.losses.distillation_loss` on the full student logits (autograd), "chunked" the same
-loss through `chunked_distillation_loss(teacher_logits=...)` (its analytic top-k path).
+F.cross_entropy over all N x V entries. "chunked" is
+`kd.chunked_loss.chunked_distillation_loss` (for forward KL, its analytic-gradient path).
+With --topk K the teacher is an offline cache of its top-K log-probs (`kd.losses.TopK`, built
+from the teacher head before timing): "naive" is then `kd.losses.distillation_loss` on the
+full student logits (autograd), "chunked" the same loss through
+`chunked_distillation_loss(teacher_logits=...)` (its analytic top-k path).
 
 Each (implementation, case) runs in a fresh subprocess so that peak memory is its own:
 on CPU the peak resident set (ru_maxrss) minus the resident set after the inputs are built;
@@ -17,7 +18,7 @@ shared machine the wall clock also counts time other processes held the cores, C
 No repeats: read the time ratios loosely.
 Naive cases whose logits alone would exceed --max-naive-gib are skipped.
 
-Run:  .venv/bin/python scripts/bench_losses.py            # the issue's grid (slow on CPU)
+Run:  .venv/bin/python scripts/bench_losses.py            # the full grid (slow on CPU)
       .venv/bin/python scripts/bench_losses.py --quick    # ~1 min smoke run
       .venv/bin/python scripts/bench_losses.py --device cuda
       .venv/bin/python scripts/bench_losses.py --tokens 4096 8192 --shapes 576x49152
@@ -32,6 +33,7 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -39,16 +41,17 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kd.chunked_loss import chunked_distillation_loss  # noqa: E402
-from kd.losses import TopK, distillation_loss  # noqa: E402
+from kd.losses import LossOptions, TopK, distillation_loss  # noqa: E402
 
 TEMPERATURE, ALPHA = 2.0, 0.5
+OPTIONS = LossOptions(divergence="forward_kl", temperature=TEMPERATURE, alpha=ALPHA)
 NAIVE_COPIES = 7  # live (N x V) fp32 buffers at the naive peak (measured: 6.5)
 
 
 def naive_loss(
     h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """The usual snippet: materialize both models' logits in fp32, then KL + CE over valid tokens."""
+    """The usual snippet: both models' logits in fp32, then KL + CE over the valid tokens."""
     logits = (h @ w.T).float()  # (N, V)
     with torch.no_grad():
         teacher_logits = (th @ tw.T).float()  # (N, V)
@@ -63,9 +66,7 @@ def naive_loss(
 
 
 def chunked_loss(h, w, th, tw, labels, *, chunk_size: int) -> torch.Tensor:
-    loss, _ = chunked_distillation_loss(
-        h, w, th, tw, labels, chunk_size=chunk_size, temperature=TEMPERATURE, alpha=ALPHA
-    )
+    loss, _ = chunked_distillation_loss(h, w, th, tw, labels, OPTIONS, chunk_size=chunk_size)
     return loss
 
 
@@ -73,29 +74,19 @@ def naive_topk_loss(
     h: torch.Tensor, w: torch.Tensor, teacher: TopK, labels: torch.Tensor
 ) -> torch.Tensor:
     """kd's dense top-k loss: full fp32 student logits, autograd through `distillation_loss`."""
-    loss, _ = distillation_loss(
-        (h @ w.T).float(), teacher, labels, temperature=TEMPERATURE, alpha=ALPHA
-    )
+    loss, _ = distillation_loss((h @ w.T).float(), teacher, labels, OPTIONS)
     return loss
 
 
 def chunked_topk_loss(h, w, teacher: TopK, labels, *, chunk_size: int) -> torch.Tensor:
     loss, _ = chunked_distillation_loss(
-        h,
-        w,
-        None,
-        None,
-        labels,
-        chunk_size=chunk_size,
-        teacher_logits=teacher,
-        temperature=TEMPERATURE,
-        alpha=ALPHA,
+        h, w, None, None, labels, OPTIONS, chunk_size=chunk_size, teacher_logits=teacher
     )
     return loss
 
 
 def topk_teacher(th: torch.Tensor, tw: torch.Tensor, k: int) -> TopK:
-    """The teacher's top-k log-probs at T, as a cache holds them; 256 rows at a time (small peak)."""
+    """The teacher's top-k log-probs at T, as a cache holds them; 256 rows at a time."""
     parts = [
         torch.log_softmax(th[i : i + 256] @ tw.T / TEMPERATURE, -1).topk(k, dim=-1)
         for i in range(0, th.shape[0], 256)
@@ -117,23 +108,15 @@ def make_inputs(n: int, hidden: int, vocab: int, device: str) -> tuple[torch.Ten
 def run_one(
     impl: str, n: int, hidden: int, vocab: int, chunk_size: int, device: str, topk: int = 0
 ) -> dict[str, float]:
-    """Measure one case in this (fresh) process; topk > 0: a top-k teacher cache instead of the head."""
-    if topk:
-        fn = (
-            naive_topk_loss
-            if impl == "naive"
-            else (lambda *a: chunked_topk_loss(*a, chunk_size=chunk_size))
-        )
-    else:
-        fn = naive_loss if impl == "naive" else (lambda *a: chunked_loss(*a, chunk_size=chunk_size))
+    """Measure one case in this (fresh) process; topk > 0: a top-k teacher cache, not the head."""
+    naive, chunked = (naive_topk_loss, chunked_topk_loss) if topk else (naive_loss, chunked_loss)
+    fn = naive if impl == "naive" else partial(chunked, chunk_size=chunk_size)
 
     def inputs_of(n: int, vocab: int) -> tuple:
         h, w, th, tw, labels = make_inputs(n, hidden, vocab, device)
-        return (
-            (h, w, topk_teacher(th, tw, min(topk, vocab)), labels)
-            if topk
-            else (h, w, th, tw, labels)
-        )
+        if topk:
+            return h, w, topk_teacher(th, tw, min(topk, vocab)), labels
+        return h, w, th, tw, labels
 
     small = inputs_of(64, 512)
     fn(*small).backward()  # warm-up: kernels, allocator, lazy imports
@@ -162,7 +145,34 @@ def _times(result: dict[str, float]) -> str:
     return f"{result['seconds']:.1f} ({result['cpu_seconds']:.1f})"
 
 
-def main() -> None:
+def _row(n: int, hidden: int, vocab: int, naive: dict | None, chunked: dict, gib: float) -> str:
+    """One markdown table row; naive is None when it was skipped (estimated at `gib` GiB)."""
+    if naive is None:
+        return (
+            f"| {n} | {hidden} | {vocab} | skipped (~{gib:.0f} GiB) | {chunked['peak_mib']:.0f} "
+            f"| - | - | {_times(chunked)} | - |"
+        )
+    mem_ratio = chunked["peak_mib"] / naive["peak_mib"]
+    time_ratio = chunked["seconds"] / naive["seconds"]
+    cpu_ratio = chunked["cpu_seconds"] / naive["cpu_seconds"]
+    return (
+        f"| {n} | {hidden} | {vocab} | {naive['peak_mib']:.0f} | {chunked['peak_mib']:.0f} | "
+        f"{mem_ratio:.2f} | {_times(naive)} | {_times(chunked)} | "
+        f"{time_ratio:.2f} ({cpu_ratio:.2f}) |"
+    )
+
+
+def _measure_in_subprocess(
+    impl: str, n: int, hidden: int, vocab: int, args: argparse.Namespace
+) -> dict[str, float]:
+    """`run_one` in a fresh Python process, so that its peak memory is its own."""
+    cmd = [sys.executable, __file__, "--run-one", impl, str(n), str(hidden), str(vocab)]
+    cmd += [str(args.chunk_size), args.device, str(args.topk)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument(
@@ -183,14 +193,15 @@ def main() -> None:
         help="teacher as its cached top-K log-probs (e.g. 32); 0: the dense head",
     )
     parser.add_argument("--run-one", nargs=7, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     if args.run_one:
         impl, n, hidden, vocab, chunk, device, topk = args.run_one
-        print(
-            json.dumps(
-                run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device, int(topk))
-            )
-        )
+        result = run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device, int(topk))
+        print(json.dumps(result))
         return
     if args.quick:
         args.tokens, args.shapes = [1024], ["576x49152"]
@@ -198,8 +209,8 @@ def main() -> None:
     threads = torch.get_num_threads()
     teacher = f"top-{args.topk} cache" if args.topk else "dense head"
     print(
-        f"device {args.device}, torch {torch.__version__}, {threads} threads, chunk_size {args.chunk_size}, "
-        f"teacher {teacher}"
+        f"device {args.device}, torch {torch.__version__}, {threads} threads, "
+        f"chunk_size {args.chunk_size}, teacher {teacher}"
     )
     print(
         "| tokens | hidden | vocab | naive peak MiB | chunked peak MiB | mem ratio "
@@ -209,38 +220,12 @@ def main() -> None:
     for shape in args.shapes:
         hidden, vocab = (int(x) for x in shape.split("x"))
         for n in args.tokens:
-            result = {}
-            for impl in ("naive", "chunked"):
-                estimate_gib = NAIVE_COPIES * n * vocab * 4 / 2**30
-                if impl == "naive" and estimate_gib > args.max_naive_gib:
-                    result[impl] = None
-                    continue
-                cmd = [
-                    sys.executable,
-                    __file__,
-                    "--run-one",
-                    impl,
-                    str(n),
-                    str(hidden),
-                    str(vocab),
-                    str(args.chunk_size),
-                    args.device,
-                    str(args.topk),
-                ]
-                out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-                result[impl] = json.loads(out.strip().splitlines()[-1])
-            naive, chunked = result["naive"], result["chunked"]
-            if naive is None:
-                print(
-                    f"| {n} | {hidden} | {vocab} | skipped (~{estimate_gib:.0f} GiB) | {chunked['peak_mib']:.0f} | - | - | {_times(chunked)} | - |"
-                )
-            else:
-                print(
-                    f"| {n} | {hidden} | {vocab} | {naive['peak_mib']:.0f} | {chunked['peak_mib']:.0f} | "
-                    f"{chunked['peak_mib'] / naive['peak_mib']:.2f} | {_times(naive)} | {_times(chunked)} | "
-                    f"{chunked['seconds'] / naive['seconds']:.2f} ({chunked['cpu_seconds'] / naive['cpu_seconds']:.2f}) |",
-                    flush=True,
-                )
+            estimate_gib = NAIVE_COPIES * n * vocab * 4 / 2**30
+            naive = None
+            if estimate_gib <= args.max_naive_gib:
+                naive = _measure_in_subprocess("naive", n, hidden, vocab, args)
+            chunked = _measure_in_subprocess("chunked", n, hidden, vocab, args)
+            print(_row(n, hidden, vocab, naive, chunked, estimate_gib), flush=True)
 
 
 if __name__ == "__main__":

@@ -67,9 +67,8 @@ def main(argv: list[str] | None = None) -> int:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = fast_dtype(device) if args.dtype == "auto" else DTYPES[args.dtype]
         tokenizer = load_tokenizer(args.teacher)
-        if (args.model / "tokenizer.json").is_file() and load_tokenizer(
-            args.model
-        ).fingerprint() != tokenizer.fingerprint():
+        own_tokenizer = (args.model / "tokenizer.json").is_file()
+        if own_tokenizer and load_tokenizer(args.model).fingerprint() != tokenizer.fingerprint():
             raise ValueError(
                 f"the tokenizer of {args.model} differs from the teacher's: token-level metrics "
                 "need one vocabulary"
@@ -77,18 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         eval_set = load_eval_set(args.data, tokenizer)
 
         def load(path: Path) -> torch.nn.Module:
-            return (
-                load_model(path, dtype=dtype)
-                .to(device)
-                .decode_layout()
-                .eval()
-                .requires_grad_(False)
-            )
+            model = load_model(path, dtype=dtype).to(device)
+            return model.decode_layout().eval().requires_grad_(False)
 
         teacher = load(args.teacher)
         model = teacher if args.model.resolve() == args.teacher.resolve() else load(args.model)
         print(
-            f"evaluating {args.model} against {args.teacher} on {len(eval_set.prompts)} prompts of {args.data} "
+            f"evaluating {args.model} against {args.teacher} "
+            f"on {len(eval_set.prompts)} prompts of {args.data} "
             f"({describe_machine(device)}, {str(dtype).removeprefix('torch.')})",
             file=sys.stderr,
         )

@@ -27,7 +27,7 @@ from kd.chunked_loss import (
     _autograd_loss_and_grad,
     chunked_distillation_loss,
 )
-from kd.losses import TopK, distillation_loss
+from kd.losses import LossOptions, TopK, distillation_loss
 
 N, H, HT, V = 37, 8, 12, 50  # 37 tokens: a prime, so most chunk sizes leave a ragged last chunk
 
@@ -63,27 +63,14 @@ def assert_close(got: list[torch.Tensor], want: list[torch.Tensor], tol: float) 
         assert diff < tol, diff
 
 
-def analytic_options(divergence: str, temperature: float, alpha: float) -> dict:
-    """The options dict `_analytic_loss_and_grad` takes, for one divergence, T and alpha."""
-    return dict(
-        divergence=divergence,
-        temperature=temperature,
-        alpha=alpha,
-        ignore_index=-100,
-        teacher_weights=None,
-        teacher_mixture="probs",
-        tokenizer_vocab_size=None,
-    )
-
-
 @pytest.mark.parametrize("chunk_size", [1, 5, 16, 37, 100])
 @pytest.mark.parametrize("name,kw", DIVERGENCES, ids=[d[0] for d in DIVERGENCES])
 def test_chunked_equals_dense(name, kw, chunk_size):
     h, w, th, tw, labels = tensors()
-    opts = dict(divergence=name, temperature=2.0, alpha=0.7, **kw)
-    dense, dense_metrics = distillation_loss(h @ w.T, th @ tw.T, labels, **opts)
+    options = LossOptions(divergence=name, temperature=2.0, alpha=0.7, **kw)
+    dense, dense_metrics = distillation_loss(h @ w.T, th @ tw.T, labels, options)
     chunked, metrics = chunked_distillation_loss(
-        h, w, th, tw, labels, chunk_size=chunk_size, **opts
+        h, w, th, tw, labels, options, chunk_size=chunk_size
     )
     # float64 throughout; only the order of summation over chunks differs.
     assert_close(
@@ -100,26 +87,22 @@ def test_teacher_forms():
     th2, tw2 = th.flip(0), tw.flip(0)
     top = torch.log_softmax(th @ tw.T / 2.0, -1).topk(6, dim=-1)
     padded = torch.cat([tw, torch.randn(6, HT, dtype=torch.float64)])  # 6 padding rows
+    topk = TopK(top.indices, top.values)
     cases = [  # (chunked arguments, dense teacher, extra options)
         ((None, None), {"teacher_logits": th @ tw.T}, th @ tw.T, {}),
-        (
-            (None, None),
-            {"teacher_logits": TopK(top.indices, top.values)},
-            TopK(top.indices, top.values),
-            {},
-        ),
-        (([th, th2], [tw, tw2]), {}, [th @ tw.T, th2 @ tw2.T], {"teacher_weights": [0.3, 0.7]}),
+        ((None, None), {"teacher_logits": topk}, topk, {}),
+        (([th, th2], [tw, tw2]), {}, [th @ tw.T, th2 @ tw2.T], {"teacher_weights": (0.3, 0.7)}),
         (([th, th2], [tw, tw2]), {}, [th @ tw.T, th2 @ tw2.T], {"teacher_mixture": "logits"}),
         ((th, padded), {}, th @ padded.T, {"tokenizer_vocab_size": V - 2}),
     ]
     for (t_hidden, t_weight), teacher_kw, dense_teacher, opts in cases:
-        dense, _ = distillation_loss(h @ w.T, dense_teacher, labels, temperature=2.0, **opts)
+        options = LossOptions(temperature=2.0, **opts)
+        dense, _ = distillation_loss(h @ w.T, dense_teacher, labels, options)
         chunked, _ = chunked_distillation_loss(
-            h, w, t_hidden, t_weight, labels, chunk_size=8, temperature=2.0, **teacher_kw, **opts
+            h, w, t_hidden, t_weight, labels, options, chunk_size=8, **teacher_kw
         )
-        assert_close(
-            [chunked] + grads(chunked, h, w), [dense] + grads(dense, h, w), 1e-12
-        )  # float64
+        # float64
+        assert_close([chunked] + grads(chunked, h, w), [dense] + grads(dense, h, w), 1e-12)
     # (B, T, H) hidden states and (B, T) labels are flattened inside; grads keep the shape.
     dense, _ = distillation_loss(h @ w.T, th @ tw.T, labels)
     chunked, _ = chunked_distillation_loss(
@@ -131,12 +114,13 @@ def test_teacher_forms():
 def test_bf16_inputs_give_bf16_grads_and_fp32_loss():
     h, w, th, tw, labels = tensors(seed=2, dtype=torch.float32)
     hb, wb = h.detach().bfloat16().requires_grad_(), w.detach().bfloat16().requires_grad_()
+    options = LossOptions(temperature=2.0)
     loss, _ = chunked_distillation_loss(
-        hb, wb, th.bfloat16(), tw.bfloat16(), labels, chunk_size=8, temperature=2.0
+        hb, wb, th.bfloat16(), tw.bfloat16(), labels, options, chunk_size=8
     )
     gh, gw = grads(loss, hb, wb)
     assert loss.dtype == torch.float32 and gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
-    ref, _ = distillation_loss(h @ w.T, th @ tw.T, labels, temperature=2.0)
+    ref, _ = distillation_loss(h @ w.T, th @ tw.T, labels, options)
     rh, rw = grads(ref, h, w)
     # bf16 keeps 8 mantissa bits (relative error 2^-9 per rounding) on inputs, logits and grads;
     # a few roundings in a row on O(1) quantities: 3% of the largest magnitude.
@@ -173,8 +157,9 @@ def test_no_valid_token_and_no_grad():
     with torch.no_grad():
         loss, _ = chunked_distillation_loss(h, w, th, tw, labels, chunk_size=8)
     assert not loss.requires_grad
-    sft, metrics = chunked_distillation_loss(h, w, None, None, labels, chunk_size=8, alpha=0.0)
-    dense_sft, _ = distillation_loss(h @ w.T, None, labels, alpha=0.0)
+    sft_options = LossOptions(alpha=0.0)
+    sft, metrics = chunked_distillation_loss(h, w, None, None, labels, sft_options, chunk_size=8)
+    dense_sft, _ = distillation_loss(h @ w.T, None, labels, sft_options)
     assert_close([sft] + grads(sft, h, w), [dense_sft] + grads(dense_sft, h, w), 1e-12)  # float64
     assert float(metrics["divergence"]) == 0.0
     frozen_head = w.detach()  # a frozen head: only the hidden states get a gradient
@@ -192,12 +177,12 @@ def test_saved_tensors_stay_within_one_chunk_of_logits():
         largest.append(t.numel())
         return t
 
+    jsd = LossOptions(divergence="jsd")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = chunked_distillation_loss(h, w, th, tw, labels, chunk_size=8, divergence="jsd")
+        loss, _ = chunked_distillation_loss(h, w, th, tw, labels, jsd, chunk_size=8)
     loss.backward()
-    assert max(largest) <= max(8 * V, 64 * H, V * H), max(
-        largest
-    )  # a chunk of logits, or the grads
+    # a chunk of logits, or the grads
+    assert max(largest) <= max(8 * V, 64 * H, V * H), max(largest)
 
 
 def test_input_errors_are_value_errors():
@@ -205,7 +190,8 @@ def test_input_errors_are_value_errors():
     bad = [
         lambda: chunked_distillation_loss(h, w, th, tw, labels, chunk_size=0),
         lambda: chunked_distillation_loss(h, w, th, tw, labels, teacher_logits=th @ tw.T),
-        lambda: chunked_distillation_loss(h, w, None, None, labels),  # no teacher needs alpha = 0
+        # no teacher needs alpha = 0
+        lambda: chunked_distillation_loss(h, w, None, None, labels),
         lambda: chunked_distillation_loss(h, w, th, None, labels),
         lambda: chunked_distillation_loss(h, w, th, tw, labels[:-1]),
         lambda: chunked_distillation_loss(h, w, [th, th], [tw], labels),
@@ -232,34 +218,27 @@ def test_analytic_gradient_equals_autograd(name, temperature, alpha):
     student = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
     teacher = torch.randn(n, V, generator=g, dtype=torch.float64) * 3
     student[:, -4:] = teacher[:, -4:] = float("-inf")  # padded vocab rows, masked in both models
-    if name in (
-        "forward_kl",
-        "topk",
-        "topk_all",
-    ):  # entries only the teacher rules out: p = 0 where q > 0 (finite KL)
+    # entries only the teacher rules out: p = 0 where q > 0 (finite KL)
+    if name in ("forward_kl", "topk", "topk_all"):
         teacher[torch.rand(n, V, generator=g) < 0.2] = float("-inf")
-    if name in (
-        "topk",
-        "topk_all",
-    ):  # the teacher cached as its top-k log-probs at T (k = V: -inf ones too)
+    # the teacher cached as its top-k log-probs at T (k = V: -inf ones too)
+    if name in ("topk", "topk_all"):
         top = torch.log_softmax(teacher / temperature, -1).topk(3 if name == "topk" else V, dim=-1)
         teacher = TopK(top.indices, top.values)
-    if (
-        name == "topk"
-    ):  # row 1 (a valid token): the student's tail mass, ~exp(-2000 / T), underflows to 0
+    # row 1 (a valid token): the student's tail mass, ~exp(-2000 / T), underflows to 0
+    if name == "topk":
         student[1, top.indices[1]] += 2000.0
     labels = torch.randint(0, V - 4, (n,), generator=g)
     labels[::3] = -100
     denom = torch.tensor(20)  # a global count larger than the chunk's 8 valid tokens
-    options = analytic_options(
-        name if name in ("forward_kl", "reverse_kl") else "forward_kl", temperature, alpha
-    )
+    divergence = name if name in ("forward_kl", "reverse_kl") else "forward_kl"
+    options = LossOptions(divergence=divergence, temperature=temperature, alpha=alpha)
     teacher_arg = None if name == "sft" else teacher
     *sums, grad = _analytic_loss_and_grad(
-        student, teacher_arg, labels, denom, need_grad=True, **options
+        student, teacher_arg, labels, denom, options, need_grad=True
     )
     *want_sums, want_grad = _autograd_loss_and_grad(
-        student, teacher_arg, labels, denom, options, True
+        student, teacher_arg, labels, denom, options, need_grad=True
     )
     assert torch.isfinite(grad).all()
     assert (grad[labels == -100] == 0).all() and (grad[:, -4:] == 0).all()
@@ -273,7 +252,8 @@ def test_topk_gradient_equals_numpy_reference():
 
     Per valid token, with q = softmax(z / T), s = softmax(z), the teacher's top-k set S with
     probs p_i and tail p_tail = 1 - sum_S p_i, and q_tail = 1 - sum_S q_i:
-        D = sum_S p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),  l = alpha T^2 D + (1 - alpha) CE,
+        D = sum_S p_i log(p_i / q_i) + p_tail log(p_tail / q_tail),
+        l = alpha T^2 D + (1 - alpha) CE,
         dD/du_j = q_j - p_j (j in S),  q_j (1 - p_tail / q_tail) (j not in S),  u = z / T,
         G = [alpha T dD/du + (1 - alpha)(s - onehot(y))] / denom,  0 on ignored tokens.
     """
@@ -308,14 +288,14 @@ def test_topk_gradient_equals_numpy_reference():
     teacher = TopK(
         top_ids, torch.log_softmax(torch.from_numpy(zt) / temperature, -1).gather(-1, top_ids)
     )
-    options = analytic_options("forward_kl", temperature, alpha)
+    options = LossOptions(divergence="forward_kl", temperature=temperature, alpha=alpha)
     total, div, ce, grad = _analytic_loss_and_grad(
         torch.from_numpy(z),
         teacher,
         torch.from_numpy(labels),
         torch.tensor(denom),
+        options,
         need_grad=True,
-        **options,
     )
     # float64; the reference forms q_tail as 1 - sum (exact enough with 45 of 50 tokens in the
     # tail), kd as a logsumexp: O(1) values, rounding ~1e-15.
@@ -330,15 +310,18 @@ def test_topk_gradient_equals_numpy_reference():
 @pytest.mark.parametrize("k", [3, V], ids=["k3", "kV"])
 @pytest.mark.parametrize("alpha", [0.5, 1.0])
 def test_topk_chunked_equals_dense(alpha, k, dtype):
-    """Top-k forward KL through the analytic chunked path: loss, metrics, dL/dh and dL/dW equal
-    autograd through `distillation_loss` on the full logits (T = 2, ignored tokens, k < V and k = V)."""
+    """Top-k forward KL through the analytic chunked path equals autograd on the full logits.
+
+    Loss, metrics, dL/dh and dL/dW against `distillation_loss` (T = 2, ignored tokens, k < V and
+    k = V).
+    """
     h, w, th, tw, labels = tensors(seed=9, dtype=dtype)
     top = torch.log_softmax((th @ tw.T).double() / 2.0, -1).topk(k, dim=-1)
     teacher = TopK(top.indices, top.values.to(dtype))  # a bf16 cache for bf16 inputs
-    opts = dict(divergence="forward_kl", temperature=2.0, alpha=alpha)
-    dense, dense_metrics = distillation_loss(h @ w.T, teacher, labels, **opts)
+    options = LossOptions(divergence="forward_kl", temperature=2.0, alpha=alpha)
+    dense, dense_metrics = distillation_loss(h @ w.T, teacher, labels, options)
     chunked, metrics = chunked_distillation_loss(
-        h, w, None, None, labels, chunk_size=8, teacher_logits=teacher, **opts
+        h, w, None, None, labels, options, chunk_size=8, teacher_logits=teacher
     )
     got = [chunked, metrics["divergence"], metrics["ce"], *grads(chunked, h, w)]
     want = [dense, dense_metrics["divergence"], dense_metrics["ce"], *grads(dense, h, w)]
@@ -359,9 +342,9 @@ def test_dispatch_takes_the_analytic_path_where_written_out(monkeypatch):
     used = []
     real = kd.chunked_loss._autograd_loss_and_grad
 
-    def spy(*args):
+    def spy(*args, **kwargs):
         used.append("autograd")
-        return real(*args)
+        return real(*args, **kwargs)
 
     monkeypatch.setattr(kd.chunked_loss, "_autograd_loss_and_grad", spy)
     cases = [  # (teacher arguments, options, path)
@@ -380,5 +363,6 @@ def test_dispatch_takes_the_analytic_path_where_written_out(monkeypatch):
         used.clear()
         t_hidden, t_weight, *t_logits = teacher
         extra = {"teacher_logits": t_logits[0]} if t_logits else {}
-        chunked_distillation_loss(h, w, t_hidden, t_weight, labels, chunk_size=16, **extra, **opts)
+        options = LossOptions(**opts)
+        chunked_distillation_loss(h, w, t_hidden, t_weight, labels, options, chunk_size=16, **extra)
         assert ("autograd" if used else "analytic") == path, (opts, path)

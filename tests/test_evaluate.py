@@ -1,8 +1,8 @@
 """Checks kd/evaluate.py and scripts/evaluate.py on tiny random llamas with the tiny tokenizer:
 reading an evaluation file (prompt/response and messages records, one-line errors), the
-teacher-forced metrics (padding-invariant, KL 0 against itself, equal to kd/eval.py on one
-unpadded example), batched greedy answers equal to one-by-one generation, a teacher
-reproducing its own greedy answers, the table, and the CLI.
+teacher-forced metrics (padding-invariant, KL 0 against itself, equal to kd/metrics.py's
+token_metrics on one unpadded example), batched greedy answers equal to one-by-one
+generation, a teacher reproducing its own greedy answers, the table, and the CLI.
 
 Run: `.venv/bin/python -m pytest -q tests/test_evaluate.py`.
 """
@@ -18,16 +18,10 @@ from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 from kd.data import load_prompts
-from kd.eval import corpus_rouge_l, summarize, token_metrics
-from kd.evaluate import (
-    evaluate,
-    format_table,
-    greedy_answers,
-    load_eval_set,
-    pad_id_of,
-    teacher_forced_metrics,
-)
+from kd.evaluate import evaluate, format_table, greedy_answers, load_eval_set
 from kd.hf import load_model
+from kd.metrics import summarize, teacher_forced_metrics, token_metrics
+from kd.rouge import corpus_rouge_l
 from kd.sampling import generate
 from kd.tokenizer import load_tokenizer
 
@@ -129,15 +123,14 @@ def test_teacher_forced_metrics(dirs) -> None:
     tok = load_tokenizer(dirs["teacher"])
     teacher, student = load_model(dirs["teacher"]).eval(), load_model(dirs["student"]).eval()
     examples = load_eval_set(dirs["data"], tok).examples
-    pad = pad_id_of(tok)
+    pad = tok.pad_id
     one = teacher_forced_metrics(student, examples, teacher=teacher, pad_id=pad, batch_size=1)
     padded = teacher_forced_metrics(student, examples, teacher=teacher, pad_id=pad, batch_size=3)
-    for (
-        key
-    ) in one:  # right padding carries no labels; only float rounding of the padded matmuls differs
+    # Right padding carries no labels; only float rounding of the padded matmuls differs.
+    for key in one:
         assert math.isclose(one[key], padded[key], rel_tol=1e-5), (key, one[key], padded[key])
     assert one["kl"] > 0.01 and one["top1_agreement"] < 1.0
-    # Against kd/eval.py directly on the first example, with the labels the loader built.
+    # Against token_metrics directly on the first example, with the labels the loader built.
     ids, labels = torch.tensor([examples[0].input_ids]), torch.tensor([examples[0].labels])
     with torch.no_grad():
         direct = summarize(token_metrics(student(ids), teacher(ids), labels))
@@ -162,7 +155,7 @@ def test_greedy_answers_match_one_by_one_generation(dirs) -> None:
                 max_new_tokens=10,
                 temperature=0.0,
                 eos_token_ids=tok.eos_token_ids,
-                pad_id=pad_id_of(tok),
+                pad_id=tok.pad_id,
             )[0]
         )
         for p in prompts

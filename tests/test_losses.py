@@ -19,23 +19,23 @@ import torch
 import torch.nn.functional as F
 
 from kd import losses
-from kd.losses import TopK, distillation_loss
+from kd.losses import LossOptions, TopK, distillation_loss
 
-# (name, public function kwargs, loss kwargs): the skew KLs take `alpha` as functions and
-# `skew_alpha` inside distillation_loss, where `alpha` is the KD / CE mix.
+# (name, the divergence's own setting): a keyword of the per-position function and a field of
+# LossOptions alike (`skew_alpha`, not `alpha`, which is the KD / CE mix).
 CASES = [
-    ("forward_kl", {}, {}),
-    ("reverse_kl", {}, {}),
-    ("jsd", {"beta": 0.5}, {"beta": 0.5}),
-    ("jsd", {"beta": 0.1}, {"beta": 0.1}),  # asymmetric beta pins the mixture direction (TRL #3043)
-    ("jsd", {"beta": 0.0}, {"beta": 0.0}),
-    ("jsd", {"beta": 1.0}, {"beta": 1.0}),
-    ("skew_forward_kl", {"alpha": 0.1}, {"skew_alpha": 0.1}),
-    ("skew_reverse_kl", {"alpha": 0.3}, {"skew_alpha": 0.3}),
-    ("tvd", {}, {}),
-    ("logit_mse", {}, {}),
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("jsd", {"beta": 0.5}),
+    ("jsd", {"beta": 0.1}),  # asymmetric beta pins the mixture direction (TRL #3043)
+    ("jsd", {"beta": 0.0}),
+    ("jsd", {"beta": 1.0}),
+    ("skew_forward_kl", {"skew_alpha": 0.1}),
+    ("skew_reverse_kl", {"skew_alpha": 0.3}),
+    ("tvd", {}),
+    ("logit_mse", {}),
 ]
-IDS = [f"{name}-{kw}" for name, kw, _ in CASES]
+IDS = [f"{name}-{kw}" for name, kw in CASES]
 
 
 # ---------------------------------------------------------------- numpy float64 references
@@ -54,7 +54,7 @@ def np_kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def np_divergence(
     name: str, s: np.ndarray, t: np.ndarray, temperature: float, **kw: float
 ) -> np.ndarray:
-    """The formulas of the issue, applied literally in float64."""
+    """The formulas of the module docstring of kd/losses.py, applied literally in float64."""
     p, q = np_softmax(t / temperature), np_softmax(s / temperature)
     if name == "forward_kl":
         return np_kl(p, q)
@@ -69,9 +69,9 @@ def np_divergence(
         m = beta * p + (1 - beta) * q
         return beta * np_kl(p, m) + (1 - beta) * np_kl(q, m)
     if name == "skew_forward_kl":
-        return np_kl(p, kw["alpha"] * p + (1 - kw["alpha"]) * q)
+        return np_kl(p, kw["skew_alpha"] * p + (1 - kw["skew_alpha"]) * q)
     if name == "skew_reverse_kl":
-        return np_kl(q, (1 - kw["alpha"]) * p + kw["alpha"] * q)
+        return np_kl(q, (1 - kw["skew_alpha"]) * p + kw["skew_alpha"] * q)
     if name == "tvd":
         return 0.5 * np.abs(p - q).sum(-1)
     if name == "logit_mse":
@@ -85,7 +85,7 @@ def np_divergence(
 
 
 def np_loss(s, t, labels, *, name, temperature, alpha, num_tokens=None, kw=None) -> float:
-    """(alpha T^2 sum_valid D + (1 - alpha) sum_valid CE) / num_tokens, from the issue."""
+    """(alpha T^2 sum_valid D + (1 - alpha) sum_valid CE) / num_tokens, from the formula."""
     valid = labels != -100
     div = np_divergence(name, s, t, temperature, **(kw or {}))
     log_q1 = np.log(np_softmax(s))
@@ -101,10 +101,21 @@ def rand_logits(
     return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(dtype)
 
 
+def pair(
+    s: torch.Tensor, t: torch.Tensor, temperature: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log_p, log_q): teacher and student log-probabilities at T, the divergences' arguments."""
+    dtype = losses.compute_dtype(s, t)
+    return losses.log_probs(t, temperature, dtype), losses.log_probs(s, temperature, dtype)
+
+
 def call(
     name: str, s: torch.Tensor, t: torch.Tensor, *, temperature: float = 1.0, **kw: float
 ) -> torch.Tensor:
-    return getattr(losses, name)(s, t, temperature=temperature, **kw)
+    """Divergence `name` of student logits s and teacher logits t at T (logit_mse: of logits)."""
+    if name == "logit_mse":
+        return losses.logit_mse(s, t, temperature=temperature, **kw)
+    return getattr(losses, name)(*pair(s, t, temperature), **kw)
 
 
 def max_diff(a, b) -> float:
@@ -116,8 +127,8 @@ def max_diff(a, b) -> float:
 
 @pytest.mark.parametrize("shape", [(5, 11), (2, 3, 97), (4, 3000)])
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
-@pytest.mark.parametrize("name,kw,_", CASES, ids=IDS)
-def test_divergence_matches_numpy(name, kw, _, temperature, shape):
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_divergence_matches_numpy(name, kw, temperature, shape):
     s, t = rand_logits(*shape, seed=1), rand_logits(*shape, seed=2)
     got = call(name, s, t, temperature=temperature, **kw)
     want = np_divergence(name, s.numpy(), t.numpy(), temperature, **kw)
@@ -126,12 +137,10 @@ def test_divergence_matches_numpy(name, kw, _, temperature, shape):
     assert max_diff(got, want) < 1e-10, max_diff(got, want)
 
 
-@pytest.mark.parametrize("name,kw,_", CASES, ids=IDS)
-def test_fp32_inputs_compute_in_fp32(name, kw, _):
-    s, t = (
-        rand_logits(4, 3000, seed=3, dtype=torch.float32),
-        rand_logits(4, 3000, seed=4, dtype=torch.float32),
-    )
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_fp32_inputs_compute_in_fp32(name, kw):
+    s = rand_logits(4, 3000, seed=3, dtype=torch.float32)
+    t = rand_logits(4, 3000, seed=4, dtype=torch.float32)
     got = call(name, s, t, temperature=2.0, **kw)
     want = np_divergence(name, s.double().numpy(), t.double().numpy(), 2.0, **kw)
     assert got.dtype == torch.float32
@@ -139,8 +148,8 @@ def test_fp32_inputs_compute_in_fp32(name, kw, _):
     assert max_diff(got, want) < 1e-4 * max(1.0, float(np.abs(want).max())), max_diff(got, want)
 
 
-@pytest.mark.parametrize("name,kw,_", CASES, ids=IDS)
-def test_masked_vocab_entries(name, kw, _):
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_masked_vocab_entries(name, kw):
     """Padded vocab rows at -inf in both models: same value as without those rows, finite grads."""
     s, t = rand_logits(3, 40, seed=5), rand_logits(3, 40, seed=6)
     s_masked, t_masked = s.clone(), t.clone()
@@ -154,9 +163,12 @@ def test_masked_vocab_entries(name, kw, _):
     assert torch.isfinite(s_masked.grad).all() and (s_masked.grad[:, -7:] == 0).all()
 
 
-@pytest.mark.parametrize("name,kw,_", CASES, ids=IDS)
-def test_one_sided_mask_gives_no_nan(name, kw, _):
-    """-inf in only one model: never NaN (a KL whose support is violated is huge, as it should be)."""
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_one_sided_mask_gives_no_nan(name, kw):
+    """-inf in only one model: never NaN.
+
+    A KL whose support is violated is huge (or inf), as it should be.
+    """
     s, t = rand_logits(3, 40, seed=7), rand_logits(3, 40, seed=8)
     t_masked, s_masked = t.clone(), s.clone()
     t_masked[:, :5] = -math.inf
@@ -168,8 +180,8 @@ def test_one_sided_mask_gives_no_nan(name, kw, _):
         assert not torch.isnan(out).any() and not torch.isnan(a.grad).any()
 
 
-@pytest.mark.parametrize("name,kw,_", CASES, ids=IDS)
-def test_gradcheck(name, kw, _):
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_gradcheck(name, kw):
     s, t = rand_logits(3, 6, seed=9, scale=1.0), rand_logits(3, 6, seed=10, scale=1.0)
     s.requires_grad_()
     t.requires_grad_()
@@ -179,8 +191,8 @@ def test_gradcheck(name, kw, _):
 # ------------------------------------------------------------------------------- identities
 
 
-@pytest.mark.parametrize("name,kw,_", CASES, ids=IDS)
-def test_zero_on_equal_and_nonnegative(name, kw, _):
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_zero_on_equal_and_nonnegative(name, kw):
     s, t = rand_logits(6, 200, seed=11), rand_logits(6, 200, seed=12)
     same = call(name, s, s + 1.5, **kw)  # a constant shift leaves the distribution unchanged
     assert same.abs().max() < 1e-12, same.abs().max()  # float64 rounding of a zero
@@ -188,25 +200,27 @@ def test_zero_on_equal_and_nonnegative(name, kw, _):
 
 
 def test_tvd_and_jsd_bounds_and_symmetry():
-    s, t = (
-        rand_logits(8, 50, seed=13, scale=40.0),
-        rand_logits(8, 50, seed=14, scale=40.0),
-    )  # near one-hot
-    assert losses.tvd(s, t).max() <= 1.0
-    j = losses.jsd(s, t, beta=0.5)
+    # near one-hot
+    s, t = rand_logits(8, 50, seed=13, scale=40.0), rand_logits(8, 50, seed=14, scale=40.0)
+    assert losses.tvd(*pair(s, t)).max() <= 1.0
+    j = losses.jsd(*pair(s, t), beta=0.5)
     assert j.max() <= math.log(2) + 1e-12  # float64 rounding
-    diff = (j - losses.jsd(t, s, beta=0.5)).abs().max()
+    diff = (j - losses.jsd(*pair(t, s), beta=0.5)).abs().max()
     assert diff < 1e-12, diff  # symmetric at beta = 0.5, up to float64 rounding
 
 
 def test_jsd_ends_and_skew_zero_are_exact_kls():
     s, t = rand_logits(4, 30, seed=15), rand_logits(4, 30, seed=16)
-    assert torch.equal(losses.jsd(s, t, beta=0.0), losses.forward_kl(s, t))
-    assert torch.equal(losses.jsd(s, t, beta=1.0), losses.reverse_kl(s, t))
-    assert torch.equal(losses.skew_forward_kl(s, t, alpha=0.0), losses.forward_kl(s, t))
-    assert torch.equal(losses.skew_reverse_kl(s, t, alpha=0.0), losses.reverse_kl(s, t))
+    log_p, log_q = pair(s, t)
+    assert torch.equal(losses.jsd(log_p, log_q, beta=0.0), losses.forward_kl(log_p, log_q))
+    assert torch.equal(losses.jsd(log_p, log_q, beta=1.0), losses.reverse_kl(log_p, log_q))
+    skew_fkl = losses.skew_forward_kl(log_p, log_q, skew_alpha=0.0)
+    assert torch.equal(skew_fkl, losses.forward_kl(log_p, log_q))
+    skew_rkl = losses.skew_reverse_kl(log_p, log_q, skew_alpha=0.0)
+    assert torch.equal(skew_rkl, losses.reverse_kl(log_p, log_q))
     # Just inside the ends the formula is near 0, not near the KL: the documented discontinuity.
-    assert losses.jsd(s, t, beta=1e-6).max() < 1e-3 * losses.forward_kl(s, t).min()
+    near_end = losses.jsd(log_p, log_q, beta=1e-6)
+    assert near_end.max() < 1e-3 * losses.forward_kl(log_p, log_q).min()
 
 
 # ---------------------------------------------------------------------- distillation_loss
@@ -221,13 +235,12 @@ def labels_for(shape: tuple[int, ...], vocab: int, *, seed: int) -> torch.Tensor
 
 
 @pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0, 4.0])
-@pytest.mark.parametrize("name,kw,loss_kw", CASES, ids=IDS)
-def test_distillation_loss_matches_numpy(name, kw, loss_kw, temperature):
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_distillation_loss_matches_numpy(name, kw, temperature):
     s, t = rand_logits(2, 9, 50, seed=17), rand_logits(2, 9, 50, seed=18)
     labels = labels_for((2, 9), 50, seed=19)
-    loss, metrics = distillation_loss(
-        s, t, labels, divergence=name, temperature=temperature, alpha=0.3, **loss_kw
-    )
+    options = LossOptions(divergence=name, temperature=temperature, alpha=0.3, **kw)
+    loss, metrics = distillation_loss(s, t, labels, options)
     want = np_loss(
         s.numpy(), t.numpy(), labels.numpy(), name=name, temperature=temperature, alpha=0.3, kw=kw
     )
@@ -236,9 +249,7 @@ def test_distillation_loss_matches_numpy(name, kw, loss_kw, temperature):
     want_div = np_divergence(name, s.numpy(), t.numpy(), temperature, **kw)[valid].mean()
     assert abs(float(metrics["divergence"]) - want_div) < 1e-10  # unscaled: no T^2, no alpha
     assert int(metrics["valid_tokens"]) == valid.sum()
-    loss_n, _ = distillation_loss(
-        s, t, labels, divergence=name, temperature=temperature, alpha=0.3, num_tokens=100, **loss_kw
-    )
+    loss_n, _ = distillation_loss(s, t, labels, options, num_tokens=100)
     want_n = np_loss(
         s.numpy(),
         t.numpy(),
@@ -255,15 +266,15 @@ def test_distillation_loss_matches_numpy(name, kw, loss_kw, temperature):
 def test_alpha_zero_is_sft_and_ignores_padding():
     s, t = rand_logits(2, 9, 50, seed=20), rand_logits(2, 9, 50, seed=21)
     labels = labels_for((2, 9), 50, seed=22)
-    loss, metrics = distillation_loss(s, t, labels, alpha=0.0, temperature=2.0)
+    sft = LossOptions(alpha=0.0, temperature=2.0)
+    loss, metrics = distillation_loss(s, t, labels, sft)
     ce = F.cross_entropy(s.reshape(-1, 50), labels.reshape(-1), ignore_index=-100)
-    assert (
-        abs(float(loss - ce)) < 1e-12 and abs(float(metrics["ce"] - ce)) < 1e-12
-    )  # float64 rounding
-    no_teacher, _ = distillation_loss(s, None, labels, alpha=0.0, temperature=2.0)
+    # float64 rounding
+    assert abs(float(loss - ce)) < 1e-12 and abs(float(metrics["ce"] - ce)) < 1e-12
+    no_teacher, _ = distillation_loss(s, None, labels, sft)
     assert abs(float(no_teacher - ce)) < 1e-12, abs(float(no_teacher - ce))  # float64 rounding
     with pytest.raises(ValueError, match="alpha=0"):
-        distillation_loss(s, None, labels, alpha=0.5)
+        distillation_loss(s, None, labels, LossOptions(alpha=0.5))
 
 
 def test_no_valid_token_gives_connected_zero():
@@ -278,17 +289,16 @@ def test_micro_batches_with_global_count_give_the_full_gradient():
     s = rand_logits(4, 7, 30, seed=25).requires_grad_()
     t = rand_logits(4, 7, 30, seed=26)
     labels = labels_for((4, 7), 30, seed=27)
-    labels[
-        3, :5
-    ] = -100  # micro-batches with different valid counts: the per-micro-batch-mean bug shows
-    distillation_loss(s, t, labels, temperature=2.0)[0].backward()
+    # micro-batches with different valid counts: the per-micro-batch-mean bug shows
+    labels[3, :5] = -100
+    options = LossOptions(temperature=2.0)
+    distillation_loss(s, t, labels, options)[0].backward()
     full = s.grad.clone()
     s.grad = None
     n = int((labels != -100).sum())
     for rows in (slice(0, 1), slice(1, 4)):
-        distillation_loss(s[rows], t[rows], labels[rows], temperature=2.0, num_tokens=n)[
-            0
-        ].backward()
+        loss, _ = distillation_loss(s[rows], t[rows], labels[rows], options, num_tokens=n)
+        loss.backward()
     assert (s.grad - full).abs().max() < 1e-14, (s.grad - full).abs().max()  # float64 rounding
 
 
@@ -297,10 +307,12 @@ def test_loss_gradcheck_with_topk_and_teacher_mixture():
     t1, t2 = rand_logits(2, 3, 8, seed=29), rand_logits(2, 3, 8, seed=30)
     labels = torch.tensor([[1, 2, -100], [3, -100, 7]])
     topk = torch.log_softmax(t1 / 2.0, -1).topk(3, dim=-1)
+    options = LossOptions(divergence="jsd", beta=0.3, temperature=2.0)
     for teacher in ([t1, t2], TopK(topk.indices, topk.values)):
-        fn = lambda a: distillation_loss(
-            a, teacher, labels, divergence="jsd", beta=0.3, temperature=2.0
-        )[0]  # noqa: E731
+
+        def fn(a: torch.Tensor) -> torch.Tensor:
+            return distillation_loss(a, teacher, labels, options)[0]
+
         assert torch.autograd.gradcheck(fn, (s,))
 
 
@@ -311,20 +323,16 @@ def test_multi_teacher_mixtures_match_numpy():
     s, t1, t2 = (rand_logits(2, 5, 20, seed=i) for i in (31, 32, 33))
     labels = labels_for((2, 5), 20, seed=34)
     w = [0.25, 0.75]
-    loss, _ = distillation_loss(s, [t1, t2], labels, alpha=1.0, temperature=2.0, teacher_weights=w)
+    options = LossOptions(alpha=1.0, temperature=2.0, teacher_weights=w)
+    loss, _ = distillation_loss(s, [t1, t2], labels, options)
     p = w[0] * np_softmax(t1.numpy() / 2) + w[1] * np_softmax(t2.numpy() / 2)  # probability mixture
     valid = (labels != -100).numpy()
     want = 4.0 * np_kl(p, np_softmax(s.numpy() / 2))[valid].sum() / valid.sum()
     assert abs(float(loss) - want) < 1e-10, abs(float(loss) - want)  # float64 both sides
-    loss, _ = distillation_loss(
-        s,
-        [t1, t2],
-        labels,
-        alpha=1.0,
-        temperature=2.0,
-        teacher_weights=[1, 3],
-        teacher_mixture="logits",
+    options = LossOptions(
+        alpha=1.0, temperature=2.0, teacher_weights=[1, 3], teacher_mixture="logits"
     )
+    loss, _ = distillation_loss(s, [t1, t2], labels, options)
     avg = 0.25 * t1.numpy() + 0.75 * t2.numpy()  # weights normalized, logits averaged
     want = np_loss(s.numpy(), avg, labels.numpy(), name="forward_kl", temperature=2.0, alpha=1.0)
     assert abs(float(loss) - want) < 1e-10, abs(float(loss) - want)
@@ -332,15 +340,14 @@ def test_multi_teacher_mixtures_match_numpy():
     assert abs(float(single - distillation_loss(s, t1, labels)[0])) < 1e-12  # logsumexp of one term
 
 
-@pytest.mark.parametrize("name,kw,loss_kw", [c for c in CASES if c[0] != "logit_mse"], ids=IDS[:-1])
-def test_topk_with_k_equal_vocab_is_dense(name, kw, loss_kw):
+@pytest.mark.parametrize("name,kw", [c for c in CASES if c[0] != "logit_mse"], ids=IDS[:-1])
+def test_topk_with_k_equal_vocab_is_dense(name, kw):
     s, t = rand_logits(2, 6, 40, seed=35), rand_logits(2, 6, 40, seed=36)
     labels = labels_for((2, 6), 40, seed=37)
     top = torch.log_softmax(t / 2.0, -1).topk(40, dim=-1)
-    sparse, _ = distillation_loss(
-        s, TopK(top.indices, top.values), labels, divergence=name, temperature=2.0, **loss_kw
-    )
-    dense, _ = distillation_loss(s, t, labels, divergence=name, temperature=2.0, **loss_kw)
+    options = LossOptions(divergence=name, temperature=2.0, **kw)
+    sparse, _ = distillation_loss(s, TopK(top.indices, top.values), labels, options)
+    dense, _ = distillation_loss(s, t, labels, options)
     assert abs(float(sparse - dense)) < 1e-10, abs(float(sparse - dense))  # float64, reordered sums
 
 
@@ -352,9 +359,8 @@ def test_topk_tail_bucket_matches_numpy():
     p_k, q_k = np.take_along_axis(p, ids, -1), np.take_along_axis(q, ids, -1)
     p_b = np.concatenate([p_k, 1 - p_k.sum(-1, keepdims=True)], -1)  # k tokens + tail bucket
     q_b = np.concatenate([q_k, 1 - q_k.sum(-1, keepdims=True)], -1)
-    got, _ = distillation_loss(
-        s, TopK(top.indices, top.values), torch.zeros(3, dtype=torch.long), alpha=1.0
-    )
+    labels = torch.zeros(3, dtype=torch.long)
+    got, _ = distillation_loss(s, TopK(top.indices, top.values), labels, LossOptions(alpha=1.0))
     want = np_kl(p_b, q_b).mean()
     assert abs(float(got) - want) < 1e-10, abs(float(got) - want)  # float64 both sides
     assert want < np_kl(p, q).mean()  # the bucketed KL is a lower bound of the full one
@@ -363,13 +369,14 @@ def test_topk_tail_bucket_matches_numpy():
 def test_padded_teacher_vocab_is_sliced_only_when_declared():
     s, t = rand_logits(2, 4, 30, seed=40), rand_logits(2, 4, 38, seed=41)
     labels = labels_for((2, 4), 30, seed=42)
-    got, _ = distillation_loss(s, t, labels, tokenizer_vocab_size=28)
+    got, _ = distillation_loss(s, t, labels, LossOptions(tokenizer_vocab_size=28))
     want, _ = distillation_loss(s, t[..., :30], labels)
     assert float(got) == float(want)
     with pytest.raises(ValueError, match="tokenizer_vocab_size"):
         distillation_loss(s, t, labels)
     with pytest.raises(ValueError, match="tokenizer_vocab_size"):
-        distillation_loss(s, t, labels, tokenizer_vocab_size=35)  # real tokens beyond the student
+        # real tokens beyond the student
+        distillation_loss(s, t, labels, LossOptions(tokenizer_vocab_size=35))
     with pytest.raises(ValueError, match="vocab"):
         distillation_loss(t, s, labels.clamp(max=29))  # smaller teacher
 
@@ -377,25 +384,15 @@ def test_padded_teacher_vocab_is_sliced_only_when_declared():
 # ------------------------------------------------------------------------- dtypes, errors
 
 
-@pytest.mark.parametrize("name,kw,loss_kw", CASES, ids=IDS)
-def test_bf16_inputs_give_fp32_results(name, kw, loss_kw):
-    s, t = (
-        rand_logits(2, 8, 500, seed=43, dtype=torch.float32),
-        rand_logits(2, 8, 500, seed=44, dtype=torch.float32),
-    )
+@pytest.mark.parametrize("name,kw", CASES, ids=IDS)
+def test_bf16_inputs_give_fp32_results(name, kw):
+    s = rand_logits(2, 8, 500, seed=43, dtype=torch.float32)
+    t = rand_logits(2, 8, 500, seed=44, dtype=torch.float32)
     labels = labels_for((2, 8), 500, seed=45)
-    got, _ = distillation_loss(
-        s.bfloat16(), t.bfloat16(), labels, divergence=name, temperature=2.0, **loss_kw
-    )
-    upcast, _ = distillation_loss(
-        s.bfloat16().float(),
-        t.bfloat16().float(),
-        labels,
-        divergence=name,
-        temperature=2.0,
-        **loss_kw,
-    )
-    full, _ = distillation_loss(s, t, labels, divergence=name, temperature=2.0, **loss_kw)
+    options = LossOptions(divergence=name, temperature=2.0, **kw)
+    got, _ = distillation_loss(s.bfloat16(), t.bfloat16(), labels, options)
+    upcast, _ = distillation_loss(s.bfloat16().float(), t.bfloat16().float(), labels, options)
+    full, _ = distillation_loss(s, t, labels, options)
     assert got.dtype == torch.float32
     assert float(got) == float(upcast)  # the math runs in fp32 on the bf16 values, nothing in bf16
     # bf16 keeps 8 mantissa bits: logits ~3 are off by up to ~0.01, so the loss by ~1%.
@@ -405,18 +402,18 @@ def test_bf16_inputs_give_fp32_results(name, kw, loss_kw):
 def test_input_errors_are_value_errors():
     s, t, labels = rand_logits(2, 10), rand_logits(2, 10), torch.tensor([1, 2])
     bad = [
-        lambda: losses.forward_kl(s, t, temperature=0.0),
-        lambda: losses.jsd(s, t, beta=1.5),
-        lambda: losses.skew_forward_kl(s, t, alpha=-0.1),
-        lambda: losses.forward_kl(s, t[:, :9]),
-        lambda: distillation_loss(s, t, labels, divergence="kl"),
-        lambda: distillation_loss(s, t, labels, alpha=2.0),
+        lambda: losses.forward_kl(*pair(s, t, temperature=0.0)),
+        lambda: losses.jsd(*pair(s, t), beta=1.5),
+        lambda: losses.skew_forward_kl(*pair(s, t), skew_alpha=-0.1),
+        lambda: losses.forward_kl(*pair(s, t[:, :9])),
+        lambda: distillation_loss(s, t, labels, LossOptions(divergence="kl")),
+        lambda: distillation_loss(s, t, labels, LossOptions(alpha=2.0)),
         lambda: distillation_loss(s, t, labels[:1]),
         lambda: distillation_loss(s, t, labels, num_tokens=0),
-        lambda: distillation_loss(s, [t, t], labels, teacher_weights=[1.0]),
-        lambda: distillation_loss(s, [t], labels, teacher_mixture="geometric"),
+        lambda: distillation_loss(s, [t, t], labels, LossOptions(teacher_weights=[1.0])),
+        lambda: distillation_loss(s, [t], labels, LossOptions(teacher_mixture="geometric")),
         lambda: distillation_loss(
-            s, TopK(labels[:, None], t[:, :1]), labels, divergence="logit_mse"
+            s, TopK(labels[:, None], t[:, :1]), labels, LossOptions(divergence="logit_mse")
         ),
     ]
     for fn in bad:

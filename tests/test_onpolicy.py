@@ -28,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from kd.data import IGNORE, Example
-from kd.losses import distillation_loss, reverse_kl
+from kd.losses import LossOptions, distillation_loss, log_probs, reverse_kl
 from kd.model import ModelConfig, Transformer
 from kd.onpolicy import (
     RolloutConfig,
@@ -237,7 +237,7 @@ def test_minillm_loss_terms() -> None:
     valid = batch["labels"] != IGNORE
     with torch.no_grad():
         s_logits, t_logits = student(batch["input_ids"]), teacher(batch["input_ids"])
-    single = reverse_kl(s_logits, t_logits)[valid].mean()
+    single = reverse_kl(log_probs(t_logits, 1.0), log_probs(s_logits, 1.0))[valid].mean()
     pg = (
         ppo_clipped_sum(
             batch["old_logprobs"],
@@ -268,7 +268,8 @@ def seq_reverse_kl(
     batch = rollout_batch(r, pad_id=0)
     valid = batch["labels"] != IGNORE
     with torch.no_grad():
-        kl = reverse_kl(student(batch["input_ids"]), teacher(batch["input_ids"]))
+        log_q = log_probs(student(batch["input_ids"]), 1.0)
+        kl = reverse_kl(log_probs(teacher(batch["input_ids"]), 1.0), log_q)
     return float(torch.where(valid, kl, 0.0).sum() / len(prompts))
 
 
@@ -292,9 +293,7 @@ def test_on_policy_training_lowers_reverse_kl(method: str) -> None:
                 student(batch["input_ids"]),
                 t_logits,
                 batch["labels"],
-                divergence="jsd",
-                alpha=1.0,
-                beta=0.5,
+                LossOptions(divergence="jsd", alpha=1.0, beta=0.5),
             )
         else:
             r = rollout(student, teacher, prompts, config(8), teacher_mix_alpha=0.2, seed=step)

@@ -14,10 +14,10 @@ Checks, on a tiny random llama teacher (vocab 512) and the tiny BPE tokenizer:
   crash mid-shard) resumes and yields byte-identical files to an uninterrupted run;
 - scripts/cache_teacher.py under torchrun (2 gloo ranks, an odd number of shards, so one rank
   idles in the last round) finishes a cache begun by one process with the one-process bytes;
-- (slow, once train.py has `teacher_cache`) train.py from a k = V cache equals online KD.
+- (slow) train.py from a k = V cache equals online KD.
 
-Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~25 s of CPU time, ~10 s of it the torchrun test);
-`-m slow` for the train.py run.
+Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~25 s of CPU time, ~10 s of
+it the torchrun test); `-m slow` for the train.py run.
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tokenizers import Tokenizer as Backend
 from kd.chunked_loss import chunked_distillation_loss
 from kd.data import IGNORE, collate, load_examples
 from kd.hf import load_model
-from kd.losses import distillation_loss
+from kd.losses import LossOptions, distillation_loss
 from kd.teacher_cache import (
     CacheSpec,
     TeacherCache,
@@ -56,7 +56,8 @@ from kd.tokenizer import load_tokenizer
 SEQ_LEN = 40
 RECORDS = [
     {
-        "text": "The river rises in the northern hills and flows south for about two hundred kilometres."
+        "text": "The river rises in the northern hills and flows south for about two hundred "
+        "kilometres."
     },
     {"prompt": "What is the capital of France?", "response": "The capital of France is Paris."},
     {"text": "def add(a: int, b: int) -> int:\n    return a + b\n"},
@@ -117,7 +118,8 @@ def _spec(
 
 
 def _cache(s: dict, name: str, **spec_kwargs) -> TeacherCache:
-    """Write a cache (batch size 1: each example's forward is the one the tests recompute) and open it."""
+    """Write a cache (batch size 1: each example's forward is the one the tests recompute) and
+    open it."""
     out = s["root"] / name
     if not out.exists():
         assert write_cache(out, s["teacher"], s["examples"], _spec(s, **spec_kwargs), batch_size=1)
@@ -154,9 +156,8 @@ def test_round_trip_is_exact(setup, dtype):
 
     # The stored top-k is the dense logits' top-k; 1e-5: fp32 head rows computed in other blocks.
     batch = _batch(s, [0, 3, 6])
-    log_p = F.log_softmax(_dense_teacher_logits(s, batch).double(), -1)[
-        batch["labels"] != IGNORE
-    ]  # (n, V)
+    # (n, V)
+    log_p = F.log_softmax(_dense_teacher_logits(s, batch).double(), -1)[batch["labels"] != IGNORE]
     top, top_ids = log_p.topk(16, -1)
     ids, logprobs, log_tail = teacher_topk(s["teacher"], batch["input_ids"], batch["labels"], k=16)
     assert torch.equal(ids, top_ids)
@@ -196,11 +197,11 @@ def test_k_equals_vocab_matches_dense_loss_and_gradients(setup, temperature):
     labels = batch["labels"]
     torch.manual_seed(0)
     student_logits = (2 * torch.randn(*labels.shape, TINY_VOCAB_SIZE)).requires_grad_()
-    options = dict(temperature=temperature, alpha=0.5)
-    dense, _ = distillation_loss(student_logits, _dense_teacher_logits(s, batch), labels, **options)
+    options = LossOptions(temperature=temperature, alpha=0.5)
+    dense, _ = distillation_loss(student_logits, _dense_teacher_logits(s, batch), labels, options)
     (g_dense,) = torch.autograd.grad(dense, student_logits)
     topk = cache.topk_for(indices, labels, temperature=temperature)
-    cached, _ = distillation_loss(student_logits, topk, labels, **options)
+    cached, _ = distillation_loss(student_logits, topk, labels, options)
     (g_cached,) = torch.autograd.grad(cached, student_logits)
     # 1e-5: the cached teacher ran one example per forward, the dense one the batch (fp32 rows
     # in other blocks, ~1e-6 in log-probs); everything else is the same arithmetic.
@@ -211,13 +212,14 @@ def test_k_equals_vocab_matches_dense_loss_and_gradients(setup, temperature):
         f"max |diff| {(g_dense - g_cached).abs().max():.3g}"
     )
 
-    # The chunked loss takes the same TopK; hidden @ W stands in for the logits (1e-5: matmul order).
+    # The chunked loss takes the same TopK; hidden @ W stands in for the logits (1e-5: matmul
+    # order).
     hidden = torch.randn(*labels.shape, 16, requires_grad=True)
     weight = torch.randn(TINY_VOCAB_SIZE, 16)
     chunked, _ = chunked_distillation_loss(
-        hidden, weight, None, None, labels, chunk_size=16, teacher_logits=topk, **options
+        hidden, weight, None, None, labels, options, chunk_size=16, teacher_logits=topk
     )
-    plain, _ = distillation_loss(hidden @ weight.T, topk, labels, **options)
+    plain, _ = distillation_loss(hidden @ weight.T, topk, labels, options)
     assert abs(chunked.item() - plain.item()) < 1e-5, (
         f"|diff| {abs(chunked.item() - plain.item()):.3g}"
     )
@@ -239,7 +241,8 @@ def test_training_from_cache_equals_online_step_for_step(setup, tmp_path):
             (online, opts[0], _dense_teacher_logits(s, batch)),
             (cached, opts[1], cache.topk_for(indices, labels)),
         ):
-            loss, _ = distillation_loss(model(batch["input_ids"]), teacher, labels, alpha=0.5)
+            options = LossOptions(alpha=0.5)
+            loss, _ = distillation_loss(model(batch["input_ids"]), teacher, labels, options)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -405,11 +408,8 @@ def test_two_ranks_finish_a_one_process_cache_with_the_same_bytes(setup, tmp_pat
     one, mixed = tmp_path / "one", tmp_path / "mixed"
     _run_script([*common, "--out", str(one)])
     _run_script([*common, "--out", str(mixed), "--max-shards", "2"])
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-    }  # one thread: same fp32 sum order
+    # One thread: the same fp32 summation order.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     result = subprocess.run(
         [
             sys.executable,
@@ -446,13 +446,11 @@ def _train_has_teacher_cache() -> bool:
     not _train_has_teacher_cache(), reason="train.py has no teacher_cache setting yet"
 )
 def test_train_py_from_cache_equals_online(setup, tmp_path):
-    """train.py end to end (~1-2 min): a k = V cache at T = 2 reproduces online KD's losses and weights."""
+    """train.py end to end (~1-2 min): a k = V cache at T = 2 reproduces online KD's losses and
+    weights."""
     s = setup
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-    }  # one thread: same fp32 sum order
+    # One thread: the same fp32 summation order.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
 
     def run(*argv: str) -> None:
         result = subprocess.run(

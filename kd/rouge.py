@@ -1,137 +1,24 @@
-"""Evaluation metrics for distillation, as pure functions.
+"""Rouge-L F1 between generated text and references, as pure functions.
 
-Two families:
+Follows the evaluation protocol of MiniLLM (arXiv 2306.08543) and DistiLLM (arXiv 2402.03898):
+SQuAD-style answer normalization (lowercase, drop punctuation, drop the articles a/an/the,
+collapse whitespace), then Google's `rouge_score` tokenization (lowercase, non-alphanumerics
+to spaces) with the Porter stemmer (`RougeScorer(["rougeL"], use_stemmer=True)`), the longest
+common subsequence (LCS) over tokens, P = LCS / |prediction|, R = LCS / |reference|,
+F1 = 2PR / (P + R), the max over references, and the corpus mean x 100 as the papers report it:
 
-1. Token-level metrics from logits (teacher-forced on a fixed response, e.g. the teacher's own
-   answer): forward KL(p_teacher || q_student) per token, student perplexity, and top-1
-   agreement (argmax_student == argmax_teacher). `token_metrics` returns *sums* over the valid
-   tokens of one batch, so batches add exactly and ranks combine with one all-reduce(SUM) done
-   by the caller; `summarize` turns the totals into means:
+    corpus_rouge_l(["The cat sat."], [["A cat sat down.", "Cats sit."]])   # 0..100
 
-       sums = None
-       for batch in loader:
-           sums = accumulate(sums, token_metrics(s_logits, t_logits, labels))
-       # distributed: dist.all_reduce on each tensor of `sums` (op=SUM), then
-       print(summarize(sums))      # {"kl": ..., "nll": ..., "ppl": ..., "top1_agreement": ...}
+The stemmer is NLTK's PorterStemmer in its default NLTK_EXTENSIONS mode (what rouge_score
+uses) re-implemented below, so kd does not depend on nltk; tests/test_rouge.py checks every
+value against nltk and `rouge_score` themselves.
 
-2. Rouge-L F1 between generated text and references, following the evaluation protocol of
-   MiniLLM (arXiv 2306.08543) and DistiLLM (arXiv 2402.03898): SQuAD-style answer
-   normalization (lowercase, drop punctuation, drop the articles a/an/the, collapse
-   whitespace), then Google's `rouge_score` tokenization (lowercase, non-alphanumerics to
-   spaces) with the Porter stemmer (`RougeScorer(["rougeL"], use_stemmer=True)`), the
-   longest common subsequence over tokens, F1 = 2PR / (P + R), the max over references, and
-   the corpus mean x 100 as the papers report it. The stemmer is NLTK's PorterStemmer in its
-   default NLTK_EXTENSIONS mode (what rouge_score uses) re-implemented below, so kd does not
-   depend on nltk; tests/test_eval.py checks every value against `rouge_score` itself.
-
-Run the tests: `.venv/bin/python -m pytest -q tests/test_eval.py`.
+Run the tests: `.venv/bin/python -m pytest -q tests/test_rouge.py`.
 """
 
 import functools
-import math
 import re
 import string
-
-import torch
-
-# ---------------------------------------------------------------------------------------------
-# Token-level metrics
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def token_metrics(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor | None,
-    labels: torch.Tensor,
-    *,
-    ignore_index: int = -100,
-    chunk_tokens: int = 1024,
-) -> dict[str, torch.Tensor]:
-    """Sums of per-token metrics over the valid tokens of one batch.
-
-    student_logits, teacher_logits: (B, T, V); logits[:, t] predicts labels[:, t] (shift
-    before calling). labels: (B, T) token ids, `ignore_index` where a position does not count
-    (prompt, padding). teacher_logits may be None: then only the NLL and the count are returned.
-    chunk_tokens: how many tokens' full-vocabulary softmaxes exist at once; 1024 tokens x 49152
-    vocab is 200 MB per fp32 temporary, so a large eval batch does not multiply peak memory.
-
-    Returns 0-d float64 tensors on the logits' device:
-      "nll":    sum_t -log q(y_t)                                     (student NLL)
-      "tokens": number of valid tokens
-      "kl":     sum_t sum_v p_t(v) (log p_t(v) - log q_t(v))   (forward KL, teacher || student)
-      "top1":   sum_t [argmax_v q_t(v) == argmax_v p_t(v)]            (top-1 agreement count)
-    Softmaxes are taken in fp32; the sums are accumulated in float64 so that summing many
-    batches is exact to well below the metrics' resolution.
-    """
-    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
-        raise ValueError(
-            f"token_metrics: expected logits (B, T, V) and labels (B, T), got "
-            f"{tuple(student_logits.shape)} and {tuple(labels.shape)}"
-        )
-    if teacher_logits is not None and teacher_logits.shape != student_logits.shape:
-        raise ValueError(
-            f"token_metrics: teacher logits {tuple(teacher_logits.shape)} differ from student "
-            f"logits {tuple(student_logits.shape)}; both models must share one vocabulary"
-        )
-    # Flat indices of the valid tokens; labels, not input_ids, carry the mask. nonzero() is a
-    # host sync (its size is data-dependent): once per eval batch, outside the training step.
-    rows = (labels != ignore_index).flatten().nonzero().squeeze(-1)  # (N,)
-    flat_labels = labels.flatten()  # (B*T,)
-    s_flat = student_logits.flatten(0, 1)  # (B*T, V), a view
-    t_flat = None if teacher_logits is None else teacher_logits.flatten(0, 1)
-    zero = torch.zeros((), dtype=torch.float64, device=student_logits.device)
-    sums = {"nll": zero, "tokens": zero + rows.numel()}
-    if t_flat is not None:
-        sums |= {"kl": zero, "top1": zero}
-    for idx in rows.split(chunk_tokens):
-        log_q = torch.log_softmax(s_flat[idx].float(), dim=-1)  # (n, V)
-        nll = -log_q.gather(-1, flat_labels[idx].unsqueeze(-1)).squeeze(-1)  # (n,)
-        sums["nll"] = sums["nll"] + nll.double().sum()
-        if t_flat is None:
-            continue
-        log_p = torch.log_softmax(t_flat[idx].float(), dim=-1)  # (n, V)
-        p = log_p.exp()
-        # KL(p || q) = sum_v p (log p - log q). Where p = 0 (a -inf-masked teacher logit) the
-        # term is 0 by convention; without the `where`, 0 * (-inf - x) would be NaN.
-        kl = torch.where(p > 0, p * (log_p - log_q), 0.0).sum(-1)  # (n,)
-        agree = log_q.argmax(-1) == log_p.argmax(-1)  # (n,)
-        sums["kl"] = sums["kl"] + kl.double().sum()
-        sums["top1"] = sums["top1"] + agree.sum().double()
-    return sums
-
-
-def accumulate(
-    total: dict[str, torch.Tensor] | None, sums: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """Add one batch's `token_metrics` sums to a running total (None starts a new total)."""
-    if total is None:
-        return dict(sums)
-    if total.keys() != sums.keys():
-        raise ValueError(
-            f"accumulate: metric keys differ ({sorted(total)} vs {sorted(sums)}); pass "
-            f"teacher logits for every batch or for none"
-        )
-    return {k: total[k] + sums[k] for k in total}
-
-
-def summarize(sums: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Means from (possibly all-reduced) sums: nll, ppl = exp(mean NLL), and with a teacher
-    kl (mean per-token forward KL, nats) and top1_agreement (fraction in [0, 1])."""
-    n = float(sums["tokens"])  # host sync: once per evaluation, not in a hot loop
-    if n == 0:
-        raise ValueError("summarize: no valid tokens (every label is ignore_index)")
-    nll = float(sums["nll"]) / n
-    out = {"nll": nll, "ppl": math.exp(nll), "tokens": n}
-    if "kl" in sums:
-        out["kl"] = float(sums["kl"]) / n
-        out["top1_agreement"] = float(sums["top1"]) / n
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Rouge-L
-# ---------------------------------------------------------------------------------------------
 
 _PUNCTUATION = set(string.punctuation)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
