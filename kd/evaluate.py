@@ -37,6 +37,7 @@ import torch
 from kd.data import Example, load_examples, load_prompts, read_jsonl
 from kd.metrics import teacher_forced_metrics
 from kd.model import Transformer
+from kd.pipeline import write_json
 from kd.rouge import corpus_rouge_l
 from kd.sampling import generate
 from kd.tokenizer import Tokenizer
@@ -52,6 +53,11 @@ COLUMNS = {
     "rouge_l": ("Rouge-L F1 vs teacher ↑", "{:.1f}"),
     "tokens_per_s": ("tokens/s ↑", "{:.0f}"),
 }
+
+
+# Metrics where a distilled student must beat its start (`verdict`), and which way is better.
+QUALITY = ("kl", "ppl", "top1_agreement", "rouge_l")
+LOWER_IS_BETTER = {"kl", "ppl"}
 
 
 @dataclass
@@ -200,6 +206,68 @@ def evaluate(
         "answers": answers,
     }
     return metrics
+
+
+def for_eval(model: Transformer, device: torch.device, dtype: torch.dtype) -> Transformer:
+    """The model on `device` in `dtype`, laid out for decoding (kd/linear.py), frozen."""
+    return model.to(device=device, dtype=dtype).decode_layout().eval().requires_grad_(False)
+
+
+def evaluate_to_file(
+    path: Path,
+    name: str,
+    model: Transformer,
+    tokenizer: Tokenizer,
+    eval_set: EvalSet,
+    *,
+    teacher: Transformer,
+    max_new_tokens: int,
+    batch_size: int,
+    answers: list[str] | None = None,
+) -> dict:
+    """`evaluate`, its table row printed as `name`, the metrics written to `path` as JSON
+    (atomically: a stage of a run is done exactly when its file exists)."""
+    metrics = evaluate(
+        model,
+        tokenizer,
+        eval_set,
+        teacher=teacher,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        answers=answers,
+        log=lambda s: print(s, flush=True),
+    )
+    print(f"  {name}: " + format_table({name: metrics}).splitlines()[-1])
+    write_json(path, metrics)
+    return metrics
+
+
+def metrics_note(n_prompts: int) -> str:
+    """What the table's columns are, for the demo's report and docs/results.md."""
+    return (
+        "KL, perplexity and top-1 agreement are per token of the teacher's greedy held-out "
+        "answers (teacher-forced); Rouge-L F1 (MiniLLM protocol) compares each model's greedy "
+        "answer with the teacher's (the teacher's own answers are the references: 100 by "
+        f"construction); tokens/s is greedy generation of exactly {SPEED_TOKENS} new tokens for "
+        f"the first {min(SPEED_BATCH, n_prompts)} held-out prompts in one batch, prefill "
+        "included: the same work for every model (a speed, not a quality metric)."
+    )
+
+
+def verdict(before: dict, after: dict) -> tuple[list[str], bool]:
+    """Lines saying whether distillation helped on every quality metric and closed half the
+    KL gap, and whether all of that holds. The teacher's own KL is 0, so the gap before is
+    before["kl"]."""
+    lines, ok = [], True
+    for key in QUALITY:
+        better = after[key] < before[key] if key in LOWER_IS_BETTER else after[key] > before[key]
+        ok &= better
+        change = f"{before[key]:.4g} -> {after[key]:.4g}"
+        lines.append(f"- {key}: {change} ({'better' if better else 'NOT better'})")
+    recovered = (before["kl"] - after["kl"]) / before["kl"]
+    ok &= recovered >= 0.5
+    lines.append(f"- held-out KL gap to the teacher closed: {recovered:.0%} (target >= 50%)")
+    return lines, ok
 
 
 def format_table(rows: dict[str, dict]) -> str:

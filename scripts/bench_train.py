@@ -6,9 +6,10 @@
 Cases, each in a fresh subprocess so that its peak memory (max RSS on CPU, max allocated on
 CUDA) is its own, on the same random tokens (every position trained; with --prompt-fraction F the
 first F of each row is a "prompt" without labels, as in chat data, where our loss skips the heads):
-  (a) sft        our SFT step: train.train_step with loss=sft (FSDP2, chunked CE, AdamW)
+  (a) sft        our SFT step: kd.training.train_step with loss=sft (FSDP2, chunked CE, AdamW)
   (b) teacher    the teacher's forward alone, to full logits, no_grad
-  (c) kd         our KD step: train.train_step with loss=forward_kl, alpha=0.5 (teacher + student + chunked loss)
+  (c) kd         our KD step: kd.training.train_step with loss=forward_kl, alpha=0.5 (teacher +
+                 student + chunked loss)
   (d) naive      the same KD the usual way: transformers models, bf16 autocast (or plain fp32),
                  both (B, T, V) logits materialized, KL + CE on them, AdamW, a plain loop
   (e) cached     (c) with the teacher replaced by its top-k cache (--top-k, 32), as train.py with
@@ -24,7 +25,7 @@ else fp32; kd.dtypes.fast_precision).
 Efficiency = (time a + time b) / time c: how close KD gets to "an SFT step plus a teacher
 forward" (the loss overhead); speed-up = tokens/s of c over d; memory ratio = peak c / peak d;
 from cache = tokens/s of e over c (target >= 1.5) and peak e / peak c.
-Achieved FLOP/s = model FLOPs per token (train.flops_per_token: 2 N_teacher + 6 N_student
+Achieved FLOP/s = model FLOPs per token (kd.training.flops_per_token: 2 N_teacher + 6 N_student
 + attention) x tokens/s, over the peak of a 2048^3 matmul in that dtype measured in the same run.
 The student is 10 of the teacher's 30 blocks, as configs/smollm2_kd.toml.
 """
@@ -37,7 +38,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,6 +51,7 @@ from kd.dtypes import DTYPES, fast_precision  # noqa: E402
 from kd.tokenizer import Tokenizer  # noqa: E402
 
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
+CASES = ("sft", "teacher", "kd", "naive", "cached")
 PROMPT_FRACTION = 0.0  # set from --prompt-fraction in main and in each case's process
 
 
@@ -108,8 +109,9 @@ def batch_examples(batch: dict[str, torch.Tensor]) -> list[Example]:
 
 
 def write_batch_cache(args: argparse.Namespace) -> dict:
-    """Before case (e), in a process of its own: the teacher's top-k of the random batch as a teacher
-    cache in args.cache_dir/cache, the batch's ids in args.cache_dir/batch.json as its data file."""
+    """Before case (e), in a process of its own: the teacher's top-k of the random batch as a
+    teacher cache in args.cache_dir/cache, the batch's ids in args.cache_dir/batch.json as its
+    data file."""
     from kd import hf
     from kd.teacher_cache import CacheSpec, config_sha256, file_sha256, write_cache
     from kd.tokenizer import load_tokenizer
@@ -138,46 +140,42 @@ def write_batch_cache(args: argparse.Namespace) -> dict:
     return {"seconds": time.perf_counter() - start}
 
 
-def cache_reader(
-    cfg: TrainConfig, tokenizer: Tokenizer, batch: dict[str, torch.Tensor]
-) -> Callable[[], dict[str, torch.Tensor]]:
-    """Case (e): open the cache write_batch_cache made for this (CPU) batch and return what train.py's
-    loop does each step with teacher_cache set: read the batch's TopK on the CPU (train_step moves it)."""
+def open_batch_cache(cfg: TrainConfig, tokenizer: Tokenizer, batch: dict[str, torch.Tensor]):
+    """Case (e): the cache write_batch_cache made for this (CPU) batch, opened as train.py opens
+    a teacher_cache (its checks included)."""
     from kd.teacher_cache import TeacherCache
 
     if json.loads(Path(cfg.data[0]).read_text()) != batch["input_ids"].tolist():
         raise RuntimeError(
             f"{cfg.data[0]} holds another batch than this case's: the cache is not of this batch"
         )
-    cache = TeacherCache.open(
+    return TeacherCache.open(
         cfg.teacher_cache,
         tokenizer=tokenizer,
         data_path=cfg.data[0],
         seq_len=cfg.seq_len,
         examples=batch_examples(batch),
     )
-    index = torch.arange(
-        len(batch["labels"])
-    )  # (B,) the batch's rows are the cache's examples 0..B-1
-
-    def read() -> dict[str, torch.Tensor]:
-        ids, logprobs = cache.topk_for(
-            index, batch["labels"], temperature=cfg.temperature
-        )  # (B, T, k) each
-        return {"teacher_ids": ids, "teacher_logprobs": logprobs}
-
-    return read
 
 
 def run_ours(case: str, args: argparse.Namespace) -> dict:
-    import train
+    """kd's step of `case` through kd/training.py and kd/offpolicy.py, as train.py runs it: each
+    timed step takes the method's micro-batch (collated, and for (e) the cache read) and runs
+    kd.training.train_step on it."""
     from kd import parallel
+    from kd.data import Batches
+    from kd.offpolicy import OffPolicy
     from kd.optim import build_optimizer
     from kd.tokenizer import load_tokenizer
+    from kd.training import (
+        build_models,
+        flops_per_token,
+        forward_flops_per_token,
+        loss_options,
+        train_step,
+    )
 
-    cache_dir = Path(
-        args.cache_dir or "unused"
-    )  # (e): write_batch_cache's batch.json (its data) and cache/
+    cache_dir = Path(args.cache_dir or "unused")  # (e): batch.json (the cache's data) and cache/
     cfg = TrainConfig(
         teacher=(args.teacher,),
         student_layers=LAYERS,
@@ -193,41 +191,53 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
     )
     world = parallel.init_distributed()
     tokenizer = load_tokenizer(args.teacher)
-    student, teachers, vocab = train.build_models(cfg, world, tokenizer)  # cached: teachers = []
+    student, teachers, vocab = build_models(cfg, world, tokenizer)  # cached: teachers = []
     cpu_batch = random_batch(vocab, batch_size=args.batch_size, seq_len=args.seq_len)
-    batch = {k: v.to(world.device) for k, v in cpu_batch.items()}
     if case == "teacher":
+        ids = cpu_batch["input_ids"].to(world.device)
         with torch.no_grad():
-            seconds, cpu_seconds = timed(lambda: teachers[0](batch["input_ids"]), steps=args.steps)
-        flops = train.forward_flops_per_token(teachers[0], seq_len=args.seq_len)
+            seconds, cpu_seconds = timed(lambda: teachers[0](ids), steps=args.steps)
+        flops = forward_flops_per_token(teachers[0], seq_len=args.seq_len)
     else:
+        data = Batches(
+            [(batch_examples(cpu_batch), 1.0)],
+            batch_size=args.batch_size,
+            grad_accum=1,
+            rank=0,
+            world_size=1,
+            seed=0,
+            pad_id=0,
+        )
+        method = OffPolicy(
+            data,
+            teachers=[] if case == "sft" else teachers,
+            options=loss_options(cfg, vocab),
+            vocab=vocab,
+            chunk_size=cfg.chunk_size,
+            cache=open_batch_cache(cfg, tokenizer, cpu_batch) if case == "cached" else None,
+        )
         optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=0.1)
-        n = args.batch_size * args.seq_len
-        read_teacher = (
-            cache_reader(cfg, tokenizer, cpu_batch) if case == "cached" else dict
-        )  # dict(): nothing to read
-        seconds, cpu_seconds = timed(
-            lambda: train.train_step(
+
+        def step() -> None:
+            micro_batches = method.micro_batches(0)
+            train_step(
                 student,
-                teachers,
-                [{**batch, **read_teacher()}],
-                num_tokens=n,
-                vocab=vocab,
-                cfg=cfg,
+                method,
+                micro_batches,
                 optimizer=optimizer,
                 scaler=None,
-            ),
-            steps=args.steps,
-        )
-        flops = train.flops_per_token(
-            [] if case == "sft" else teachers, student, seq_len=args.seq_len
-        )
+                grad_clip=cfg.grad_clip,
+            )
+
+        seconds, cpu_seconds = timed(step, steps=args.steps)
+        flops = flops_per_token(method.teachers, student, seq_len=args.seq_len)
     parallel.shutdown()
     return {"seconds": seconds, "cpu_seconds": cpu_seconds, "flops_per_token": flops}
 
 
 def run_naive(args: argparse.Namespace) -> dict:
-    """The usual way: transformers models, bf16 autocast (or none in fp32), full logits, KL + CE, plain AdamW loop."""
+    """The usual way: transformers models, bf16 autocast (or none in fp32), full logits, KL + CE,
+    a plain AdamW loop."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
     from kd import hf
@@ -288,48 +298,117 @@ def run_case(case: str, args: argparse.Namespace) -> dict:
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument(
-        "--teacher",
-        default=str(REPO / "models" / "smollm2-135m-instruct"),
-        help="HF teacher directory",
-    )
+    teacher = str(REPO / "models" / "smollm2-135m-instruct")
+    parser.add_argument("--teacher", default=teacher, help="HF teacher directory")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument(
-        "--chunk-size",
-        type=int,
-        default=TrainConfig.chunk_size,
-        help="tokens per chunk of our loss",
-    )
-    parser.add_argument(
-        "--steps", type=int, default=3, help="timed steps per case, after one warm-up step"
-    )
+    chunk = TrainConfig.chunk_size
+    parser.add_argument("--chunk-size", type=int, default=chunk, help="tokens per loss chunk")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per case, after 1")
     parser.add_argument(
         "--precision",
         default="auto",
         choices=["auto", "bf16", "fp32"],
         help="compute dtype of every case",
     )
-    parser.add_argument(
-        "--top-k", type=int, default=32, help="tokens per position in the teacher cache of case (e)"
-    )
+    parser.add_argument("--top-k", type=int, default=32, help="tokens per position, case (e)")
     parser.add_argument(
         "--prompt-fraction",
         type=float,
         default=0.0,
         help="leading share of each row without labels",
     )
-    parser.add_argument(
-        "--case",
-        choices=["sft", "teacher", "kd", "naive", "write-cache", "cached"],
-        help="run one case (used internally)",
+    parser.add_argument("--case", choices=[*CASES, "write-cache"], help="one case (internal)")
+    parser.add_argument("--cache-dir", help="directory of case (e)'s teacher cache (internal)")
+    return parser.parse_args()
+
+
+def run_cases(args: argparse.Namespace) -> dict[str, dict] | None:
+    """Each case in a process of its own (write-cache first makes (e)'s cache, untimed by
+    the table); None when one fails (its error printed)."""
+    results = {}
+    with tempfile.TemporaryDirectory() as cache_dir:
+        for case in ("sft", "teacher", "kd", "naive", "write-cache", "cached"):
+            command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher]
+            for flag in (
+                "batch_size",
+                "seq_len",
+                "chunk_size",
+                "steps",
+                "precision",
+                "top_k",
+                "prompt_fraction",
+            ):
+                command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            command += ["--cache-dir", cache_dir]
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            out = subprocess.run(command, capture_output=True, text=True, env=env)
+            if out.returncode != 0:
+                print(out.stderr[-2000:], file=sys.stderr)
+                return None
+            results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    return results
+
+
+def print_table(results: dict[str, dict], args: argparse.Namespace, peak: float) -> None:
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    print(
+        f"device: {device}, {torch.get_num_threads()} threads; batch {args.batch_size} x "
+        f"{args.seq_len} tokens (first {args.prompt_fraction:.0%} of each row unlabelled); "
+        f"{args.precision}; load average {os.getloadavg()[0]:.1f}"
     )
-    parser.add_argument(
-        "--cache-dir", help="directory of case (e)'s teacher cache (used internally)"
+    print(f"matmul 2048^3 peak, {args.precision}: {peak / 1e9:.0f} GFLOP/s")
+    header = ("case", "s/step", "CPU s", "tokens/s", "peak GB", "GFLOP/s", "of peak")
+    widths = (10, 9, 8, 11, 10, 10, 9)
+    print(header[0].ljust(widths[0]) + "".join(h.rjust(w) for h, w in zip(header[1:], widths[1:])))
+    for name, r in results.items():
+        # naive: the same model FLOPs as ours (kd's count)
+        achieved = r.get("flops_per_token", results["kd"]["flops_per_token"]) * r["tokens_per_s"]
+        r["achieved_flops"] = achieved
+        cells = (
+            f"{r['seconds']:.2f}",
+            f"{r['cpu_seconds']:.2f}",
+            f"{r['tokens_per_s']:.0f}",
+            f"{r['peak_memory_gb']:.2f}",
+            f"{achieved / 1e9:.0f}",
+            f"{achieved / peak:.1%}",
+        )
+        print(name.ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(cells, widths[1:])))
+
+
+def summarize(results: dict[str, dict], args: argparse.Namespace, cache_seconds: float) -> dict:
+    """The ratios of the docstring, printed, and returned for the JSON line."""
+    a, b, c, d, e = (results[k] for k in ("sft", "teacher", "kd", "naive", "cached"))
+    s = {
+        "efficiency": (a["seconds"] + b["seconds"]) / c["seconds"],
+        "efficiency_cpu": (a["cpu_seconds"] + b["cpu_seconds"]) / c["cpu_seconds"],
+        "speedup_vs_naive": c["tokens_per_s"] / d["tokens_per_s"],
+        "speedup_vs_naive_cpu": d["cpu_seconds"] / c["cpu_seconds"],
+        "memory_vs_naive": c["peak_memory_gb"] / d["peak_memory_gb"],
+        "cached_vs_kd": e["tokens_per_s"] / c["tokens_per_s"],
+        "cached_vs_kd_cpu": c["cpu_seconds"] / e["cpu_seconds"],
+        "cached_memory_vs_kd": e["peak_memory_gb"] / c["peak_memory_gb"],
+        "top_k": args.top_k,
+        "cache_write_seconds": cache_seconds,
+    }
+    print(
+        f"efficiency (a + b) / c = {s['efficiency']:.2f} wall, {s['efficiency_cpu']:.2f} CPU "
+        f"(target >= 0.9); ours vs naive: {s['speedup_vs_naive']:.2f}x tokens/s wall, "
+        f"{s['speedup_vs_naive_cpu']:.2f}x CPU (target >= 1.5), {s['memory_vs_naive']:.2f}x "
+        "peak memory (target <= 0.7)"
     )
-    args = parser.parse_args()
+    print(
+        f"from cache (k = {args.top_k}, written in {cache_seconds:.1f} s, untimed) vs online "
+        f"KD: {s['cached_vs_kd']:.2f}x tokens/s wall, {s['cached_vs_kd_cpu']:.2f}x CPU "
+        f"(target >= 1.5), {s['cached_memory_vs_kd']:.2f}x peak memory"
+    )
+    return s
+
+
+def main() -> int:
+    args = parse_args()
     if not (Path(args.teacher) / "config.json").is_file():
         print(
             f"error: no teacher at {args.teacher}; run `make teacher` or pass --teacher",
@@ -346,86 +425,12 @@ def main() -> int:
     if args.precision == "auto":
         args.precision = fast_precision(device)
     peak = matmul_peak(DTYPES[args.precision], device)
-    results = {}
-    with (
-        tempfile.TemporaryDirectory() as cache_dir
-    ):  # write-cache makes (e)'s cache: not a row of the table
-        for case in ("sft", "teacher", "kd", "naive", "write-cache", "cached"):
-            command = [
-                sys.executable,
-                __file__,
-                "--case",
-                case,
-                "--teacher",
-                args.teacher,
-                "--batch-size",
-                str(args.batch_size),
-                "--seq-len",
-                str(args.seq_len),
-                "--chunk-size",
-                str(args.chunk_size),
-                "--steps",
-                str(args.steps),
-                "--precision",
-                args.precision,
-                "--top-k",
-                str(args.top_k),
-                "--cache-dir",
-                cache_dir,
-                "--prompt-fraction",
-                str(args.prompt_fraction),
-            ]
-            out = subprocess.run(
-                command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)}
-            )
-            if out.returncode != 0:
-                print(out.stderr[-2000:], file=sys.stderr)
-                return 1
-            results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    results = run_cases(args)
+    if results is None:
+        return 1
     cache_seconds = results.pop("write-cache")["seconds"]
-
-    a, b, c, d, e = (results[k] for k in ("sft", "teacher", "kd", "naive", "cached"))
-    print(
-        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else f'CPU, {torch.get_num_threads()} threads'}; "
-        f"batch {args.batch_size} x {args.seq_len} tokens (first {args.prompt_fraction:.0%} of each row unlabelled); "
-        f"{args.precision}; load average {os.getloadavg()[0]:.1f}"
-    )
-    print(f"matmul 2048^3 peak, {args.precision}: {peak / 1e9:.0f} GFLOP/s")
-    print(
-        f"{'case':<10}{'s/step':>9}{'CPU s':>8}{'tokens/s':>11}{'peak GB':>10}{'GFLOP/s':>10}{'of peak':>9}"
-    )
-    for name, r in results.items():
-        achieved = (
-            r.get("flops_per_token", c["flops_per_token"]) * r["tokens_per_s"]
-        )  # naive: same model FLOPs as ours
-        r["achieved_flops"] = achieved
-        print(
-            f"{name:<10}{r['seconds']:>9.2f}{r['cpu_seconds']:>8.2f}{r['tokens_per_s']:>11.0f}{r['peak_memory_gb']:>10.2f}"
-            f"{achieved / 1e9:>10.0f}{achieved / peak:>9.1%}"
-        )
-    summary = {
-        "efficiency": (a["seconds"] + b["seconds"]) / c["seconds"],
-        "efficiency_cpu": (a["cpu_seconds"] + b["cpu_seconds"]) / c["cpu_seconds"],
-        "speedup_vs_naive": c["tokens_per_s"] / d["tokens_per_s"],
-        "speedup_vs_naive_cpu": d["cpu_seconds"] / c["cpu_seconds"],
-        "memory_vs_naive": c["peak_memory_gb"] / d["peak_memory_gb"],
-        "cached_vs_kd": e["tokens_per_s"] / c["tokens_per_s"],
-        "cached_vs_kd_cpu": c["cpu_seconds"] / e["cpu_seconds"],
-        "cached_memory_vs_kd": e["peak_memory_gb"] / c["peak_memory_gb"],
-        "top_k": args.top_k,
-        "cache_write_seconds": cache_seconds,
-    }
-    print(
-        f"efficiency (a + b) / c = {summary['efficiency']:.2f} wall, {summary['efficiency_cpu']:.2f} CPU (target >= 0.9); "
-        f"ours vs naive: {summary['speedup_vs_naive']:.2f}x tokens/s wall, {summary['speedup_vs_naive_cpu']:.2f}x CPU "
-        "(target >= 1.5), "
-        f"{summary['memory_vs_naive']:.2f}x peak memory (target <= 0.7)"
-    )
-    print(
-        f"from cache (k = {args.top_k}, written in {cache_seconds:.1f} s, untimed) vs online KD: "
-        f"{summary['cached_vs_kd']:.2f}x tokens/s wall, {summary['cached_vs_kd_cpu']:.2f}x CPU (target >= 1.5), "
-        f"{summary['cached_memory_vs_kd']:.2f}x peak memory"
-    )
+    print_table(results, args, peak)
+    summary = summarize(results, args, cache_seconds)
     print(json.dumps({"precision": args.precision, "peak": peak, "results": results, **summary}))
     return 0
 

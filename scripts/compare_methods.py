@@ -1,7 +1,8 @@
 """Compare distillation methods at equal steps and data, and write docs/results.md.
 
-    .venv/bin/python scripts/compare_methods.py                  # after `make demo` (it writes the data)
-    .venv/bin/python scripts/compare_methods.py --methods sft,jsd --max_steps=50   # --key=value: train.py
+    .venv/bin/python scripts/compare_methods.py    # after `make demo` (it writes the data)
+    .venv/bin/python scripts/compare_methods.py --methods sft,jsd --max_steps=50
+                                                   # --key=value settings go to train.py
 
 Every method trains the demo's student (configs/demo.toml: the teacher's layers 0, 3, ..., 24, 29)
 for the same steps on the same data, the teacher's greedy answers to the 320 training prompts
@@ -11,7 +12,8 @@ the 64 held-out prompts. The methods, each pure (alpha = 1, no cross-entropy mix
   forward_kl  KL(p || q) at every token of it (Hinton et al., arXiv 1503.02531)
   reverse_kl  KL(q || p), mode-seeking (as in MiniLLM's single-step term, arXiv 2306.08543)
   jsd         JSD(beta = 0.5) (GKD's default divergence, arXiv 2306.13649), off-policy
-  gkd         JSD on the student's own samples (GKD, lmbda = 1: fully on-policy, answers <= 64 tokens)
+  gkd         JSD on the student's own samples (GKD, lmbda = 1: fully on-policy, answers of
+              <= 64 tokens)
 Runs live in OUT/<method>/ (default runs/compare); each stage is skipped when its output
 exists, so an interrupted comparison resumes. docs/results.md gets the demo's table (from
 runs/demo/eval/) and this comparison, with the settings and the machine; `--methods ""`
@@ -22,19 +24,29 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-import demo  # noqa: E402  (the demo's stages: run_child, student_before, evaluation, verdict)
-
-from kd import checkpoint, hf  # noqa: E402
+sys.path.insert(0, str(ROOT.parent))
+from kd import hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
 from kd.dtypes import DTYPES, fast_precision  # noqa: E402
-from kd.evaluate import describe_machine, format_table, load_eval_set  # noqa: E402
+from kd.evaluate import (  # noqa: E402
+    describe_machine,
+    evaluate_to_file,
+    for_eval,
+    format_table,
+    load_eval_set,
+    metrics_note,
+    verdict,
+)
+from kd.model import Transformer  # noqa: E402
+from kd.pipeline import ChildFailed, run_train, train_args  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
+from kd.training import initial_student  # noqa: E402
 
 METHODS = {
     "sft": ["--loss=sft"],
@@ -109,10 +121,16 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 def method_args(
     args: argparse.Namespace, method: str, overrides: list[str], precision: str
 ) -> list[str]:
-    """train.py's arguments for one method, in demo.train_args' order: config, paths, method, overrides."""
-    demo_args = argparse.Namespace(config=args.config, teacher=args.teacher, out=args.demo)
-    common = demo.train_args(demo_args, [], precision)
-    return [*common, f"--out={args.out / method}", *METHODS[method], *overrides]
+    """train.py's arguments for one method: the demo's data, this method's settings, then the
+    user's overrides."""
+    return train_args(
+        config=args.config,
+        teacher=args.teacher,
+        data=args.demo / "data",
+        out=args.out / method,
+        precision=precision,
+        extra=[*METHODS[method], *overrides],
+    )
 
 
 def settings_lines(
@@ -121,11 +139,13 @@ def settings_lines(
     """The settings every row of a table shares, as markdown list items."""
     return [
         f"- student: teacher layers {list(cfg.student_layers)} of {Path(cfg.teacher[0]).name}",
-        f"- data: the teacher's greedy answers to {n_train} training prompts ({args.demo / 'data'}); "
-        f"evaluation on {n_heldout} held-out prompts and the teacher's greedy answers to them",
-        f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples, seq_len {cfg.seq_len}, "
-        f"lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to {cfg.min_lr}), weight decay {cfg.weight_decay}, "
-        f"precision {cfg.precision}, seed {cfg.seed}",
+        f"- data: the teacher's greedy answers to {n_train} training prompts "
+        f"({args.demo / 'data'}); evaluation on {n_heldout} held-out prompts and the teacher's "
+        "greedy answers to them",
+        f"- training: {cfg.max_steps} steps x {cfg.batch_size * cfg.grad_accum} examples, "
+        f"seq_len {cfg.seq_len}, lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to "
+        f"{cfg.min_lr}), weight decay {cfg.weight_decay}, precision {cfg.precision}, "
+        f"seed {cfg.seed}",
     ]
 
 
@@ -141,52 +161,38 @@ def run_methods(
     device: torch.device,
     precision: str,
 ) -> tuple[dict[str, dict], dict[str, float]]:
-    """Train and evaluate each method (skipping what is done); the table's rows and training seconds."""
+    """Train and evaluate each method (skipping what is done); the table's rows and the
+    training seconds of this run."""
     dtype = DTYPES[precision]
     tokenizer = load_tokenizer(args.teacher)
     eval_set = load_eval_set(args.demo / "data" / "heldout.jsonl", tokenizer)
-    teacher = demo.for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
-    eval_args = argparse.Namespace(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    teacher = for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
+
+    def evaluate_once(name: str, model: Callable[[], Transformer], answers=None) -> None:
+        if not (args.out / f"{name}.json").exists():
+            evaluate_to_file(
+                args.out / f"{name}.json",
+                name,
+                for_eval(model(), device, dtype),
+                tokenizer,
+                eval_set,
+                teacher=teacher,
+                answers=answers,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+            )
+
     seconds = {}
     for method in configs:
         print(f"\n=== {method}", flush=True)
         run = args.out / method
         if not (run / "final").exists():
-            resume = ["--resume=true"] if checkpoint.complete_checkpoints(run) else []
             t0 = time.perf_counter()
-            demo.run_child(
-                [
-                    sys.executable,
-                    str(ROOT.parent / "train.py"),
-                    *method_args(args, method, overrides, precision),
-                    *resume,
-                ]
-            )
+            run_train(method_args(args, method, overrides, precision), run)
             seconds[method] = time.perf_counter() - t0
-            if not (
-                run / "final"
-            ).is_dir():  # train.py stops early, with a checkpoint, on a SIGTERM
-                raise demo.ChildFailed(
-                    f"train.py stopped early for {method}; run again to resume it"
-                )
-        if not (args.out / f"{method}.json").exists():
-            student = demo.for_eval(hf.load_model(run / "final", dtype=dtype), device, dtype)
-            demo.evaluate_stage(method, student, teacher, tokenizer, eval_set, args.out, eval_args)
-    for name, model in (
-        ("student_before", lambda: demo.student_before(next(iter(configs.values())))),
-        ("teacher", lambda: teacher),
-    ):
-        if not (args.out / f"{name}.json").exists():
-            demo.evaluate_stage(
-                name,
-                demo.for_eval(model(), device, dtype),
-                teacher,
-                tokenizer,
-                eval_set,
-                args.out,
-                eval_args,
-                answers=eval_set.references if name == "teacher" else None,
-            )
+        evaluate_once(method, lambda: hf.load_model(run / "final", dtype=dtype))
+    evaluate_once("student_before", lambda: initial_student(next(iter(configs.values()))))
+    evaluate_once("teacher", lambda: teacher, answers=eval_set.references)
     rows = {
         "teacher": read(args.out / "teacher.json"),
         "student before": read(args.out / "student_before.json"),
@@ -210,7 +216,7 @@ def main(argv: list[str]) -> None:
 
     n_train = len((args.demo / "data" / "train.jsonl").read_text().splitlines())
     n_heldout = len((args.demo / "data" / "heldout.jsonl").read_text().splitlines())
-    metrics_note = demo.metrics_note(n_heldout)
+    note = metrics_note(n_heldout)
     lines = [
         "# Results",
         "",
@@ -224,7 +230,7 @@ def main(argv: list[str]) -> None:
         demo_cfg = load_config(
             [f"--config={args.demo / 'train' / 'train_config.toml'}"]
         )  # as train.py ran it
-        verdict, _ = demo.verdict(demo_rows["student before"], demo_rows["student after"])
+        verdict_lines, _ = verdict(demo_rows["student before"], demo_rows["student after"])
         lines += [
             "## make demo",
             "",
@@ -235,24 +241,24 @@ def main(argv: list[str]) -> None:
             "",
             format_table(demo_rows),
             "",
-            metrics_note,
+            note,
             "",
-            *verdict,
+            *verdict_lines,
             "",
         ]
     if configs:
         lines += [
             "## Methods at equal steps and data",
             "",
-            "Made by `scripts/compare_methods.py`. Every method "
-            "starts from the same student and sees the same batches in the same order; alpha = 1 (no "
-            "cross-entropy mixed in) except SFT, which is cross-entropy only.",
+            "Made by `scripts/compare_methods.py`. Every method starts from the same student "
+            "and sees the same batches in the same order; alpha = 1 (no cross-entropy mixed "
+            "in) except SFT, which is cross-entropy only.",
             "",
             *settings_lines(next(iter(configs.values())), args, n_train, n_heldout),
             "",
             format_table(rows),
             "",
-            metrics_note,
+            note,
         ]
     if seconds:
         lines += [
@@ -269,7 +275,7 @@ def main(argv: list[str]) -> None:
 if __name__ == "__main__":
     try:
         main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, demo.ChildFailed) as e:
+    except (ValueError, FileNotFoundError, ChildFailed) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt:

@@ -23,8 +23,6 @@ Ctrl-C and a rerun resume where the run stopped; training resumes from its last 
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -34,30 +32,26 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-import train  # noqa: E402  (train.py's own student construction, reused for "before")
-from kd import checkpoint, hf  # noqa: E402
+from kd import hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
 from kd.dtypes import DTYPES, fast_precision  # noqa: E402
-from kd.evaluate import (
-    SPEED_BATCH,
-    SPEED_TOKENS,
+from kd.evaluate import (  # noqa: E402
+    EvalSet,
     describe_machine,
-    evaluate,
+    evaluate_to_file,
+    for_eval,
     format_table,
     load_eval_set,
-)  # noqa: E402
+    metrics_note,
+    verdict,
+)
 from kd.model import Transformer  # noqa: E402
-from kd.tokenizer import load_tokenizer  # noqa: E402
+from kd.pipeline import ChildFailed, run_child, run_train, train_args  # noqa: E402
+from kd.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from kd.training import initial_student  # noqa: E402
 
 GPU_STEP_FACTOR = 3  # a GPU does the CPU budget in seconds; spend some of the saving on more steps
 EXAMPLES_SHOWN = 2  # held-out answers printed side by side: the first ones, not hand-picked
-QUALITY = (
-    "kl",
-    "ppl",
-    "top1_agreement",
-    "rouge_l",
-)  # metrics where the distilled student must beat "before"
-LOWER_IS_BETTER = {"kl", "ppl"}
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -95,18 +89,17 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, rest
 
 
-def train_args(args: argparse.Namespace, overrides: list[str], precision: str) -> list[str]:
-    """train.py's arguments: the demo config, this run's paths and precision, then the user's overrides."""
-    data = args.out / "data"
-    return [
-        f"--config={args.config}",
-        f"--teacher={args.teacher}",
-        f"--data={data / 'train.jsonl'}",
-        f"--eval_data={data / 'heldout.jsonl'}",
-        f"--out={args.out / 'train'}",
-        f"--precision={precision}",
-        *overrides,
-    ]
+def demo_train_args(args: argparse.Namespace, overrides: list[str], precision: str) -> list[str]:
+    """train.py's arguments: the demo config, this run's paths and precision, then the user's
+    overrides."""
+    return train_args(
+        config=args.config,
+        teacher=args.teacher,
+        data=args.out / "data",
+        out=args.out / "train",
+        precision=precision,
+        extra=overrides,
+    )
 
 
 # ----------------------------------------------------------------------------- running stages
@@ -142,113 +135,11 @@ class Clock:
         return "\n".join(lines)
 
 
-def run_child(cmd: list[str]) -> None:
-    """Run a child process to completion. Ctrl-C reaches only us (the child has its own session):
-    we pass it on as SIGTERM, on which train.py checkpoints at the next step boundary and
-    generate.py stops (its finished batches are already on disk); a second Ctrl-C kills it."""
-    print("  $ " + " ".join(cmd), flush=True)
-    child = subprocess.Popen(cmd, start_new_session=True)
-    try:
-        rc = child.wait()
-    except KeyboardInterrupt:
-        child.send_signal(signal.SIGTERM)
-        print(
-            "\ninterrupted: stopping cleanly (Ctrl-C again to kill)...", file=sys.stderr, flush=True
-        )
-        try:
-            child.wait()
-        except KeyboardInterrupt:
-            child.kill()
-            child.wait()
-        raise
-    if rc != 0:
-        raise ChildFailed(
-            f"{Path(cmd[1]).name} exited with status {rc} (its message is above); fix it and rerun "
-            "the demo: finished stages are kept"
-        )
-
-
-class ChildFailed(Exception):
-    """A stage's subprocess failed; it has printed its own error."""
-
-
-def write_json(path: Path, data: dict) -> None:
-    """Write-then-rename, so a result file is complete or absent."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def slug(name: str) -> str:
     return name.replace(" ", "_")
 
 
-def for_eval(model: Transformer, device: torch.device, dtype: torch.dtype) -> Transformer:
-    return model.to(device=device, dtype=dtype).decode_layout().eval().requires_grad_(False)
-
-
-def student_before(cfg: TrainConfig) -> Transformer:
-    """The student exactly as train.py builds it at step 0 (train.student_config/student_weights)."""
-    config = train.student_config(cfg, hf.load_config(cfg.teacher[0]))
-    with torch.device("meta"):
-        model = Transformer(config)
-    model.load_state_dict(train.student_weights(cfg), strict=True, assign=True)
-    return model
-
-
-def evaluate_stage(
-    name: str,
-    model: Transformer,
-    teacher: Transformer,
-    tokenizer,
-    eval_set,
-    out: Path,
-    args: argparse.Namespace,
-    answers: list[str] | None = None,
-) -> None:
-    metrics = evaluate(
-        model,
-        tokenizer,
-        eval_set,
-        teacher=teacher,
-        max_new_tokens=args.max_new_tokens,
-        batch_size=args.batch_size,
-        answers=answers,
-        log=lambda s: print(s, flush=True),
-    )
-    print(f"  {name}: " + format_table({name: metrics}).splitlines()[-1])
-    write_json(out / f"{slug(name)}.json", metrics)
-
-
 # ----------------------------------------------------------------------------- the report
-
-
-def metrics_note(n_prompts: int) -> str:
-    """What the table's columns are, for the report and docs/results.md."""
-    return (
-        "KL, perplexity and top-1 agreement are per token of the teacher's greedy held-out answers (teacher-"
-        "forced); Rouge-L F1 (MiniLLM protocol) compares each model's greedy answer with the teacher's (the "
-        "teacher's own answers are the references: 100 by construction); tokens/s is greedy generation of "
-        f"exactly {SPEED_TOKENS} new tokens for the first {min(SPEED_BATCH, n_prompts)} held-out prompts in one "
-        "batch, prefill included: "
-        "the same work for every model (a speed, not a quality metric)."
-    )
-
-
-def verdict(before: dict, after: dict) -> tuple[list[str], bool]:
-    """Lines saying whether distillation helped on every quality metric and closed half the KL gap.
-    The teacher's own KL is 0, so the gap before is before["kl"]."""
-    lines, ok = [], True
-    for key in QUALITY:
-        better = after[key] < before[key] if key in LOWER_IS_BETTER else after[key] > before[key]
-        ok &= better
-        lines.append(
-            f"- {key}: {before[key]:.4g} -> {after[key]:.4g} ({'better' if better else 'NOT better'})"
-        )
-    recovered = (before["kl"] - after["kl"]) / before["kl"]
-    ok &= recovered >= 0.5
-    lines.append(f"- held-out KL gap to the teacher closed: {recovered:.0%} (target >= 50%)")
-    return lines, ok
 
 
 def shorten(text: str, limit: int = 400) -> str:
@@ -280,38 +171,39 @@ def print_examples(eval_set, results: dict[str, dict]) -> None:
             print(f"  {name:>15}: {shorten(m['answers'][i], 240)}")
 
 
-def write_report(
+def report_text(
     args: argparse.Namespace,
     cfg: TrainConfig,
-    eval_set,
+    eval_set: EvalSet,
     results: dict[str, dict],
     clock: Clock,
     device: torch.device,
     curves: bool,
-) -> Path:
-    table = format_table(results)
-    lines, ok = verdict(results["student before"], results["student after"])
-    steps = [
-        json.loads(line) for line in (args.out / "train/metrics.jsonl").read_text().splitlines()
-    ]
-    last = next((r for r in reversed(steps) if "tokens_per_s" in r), {})
-    report = "\n".join(
+) -> str:
+    """OUT/report.md: settings, the table, the verdict, curves, answers, time per stage."""
+    lines, _ = verdict(results["student before"], results["student after"])
+    steps = (args.out / "train/metrics.jsonl").read_text().splitlines()
+    last = next((r for r in map(json.loads, reversed(steps)) if "tokens_per_s" in r), {})
+    n_prompts = len(eval_set.prompts)
+    return "\n".join(
         [
             f"# kd demo: {Path(cfg.teacher[0]).name} -> a {len(cfg.student_layers)}-layer student",
             "",
             f"Machine: {describe_machine(device)}; precision {cfg.precision}.",
             "",
-            f"Student: teacher layers {list(cfg.student_layers)}, embeddings and final norm copied. "
-            f"Data: {args.train_prompts.name} prompts answered greedily by the teacher (<= {args.max_new_tokens} "
-            f"tokens). Training: loss {cfg.loss} (alpha {cfg.alpha}, T {cfg.temperature}), {cfg.max_steps} steps of "
-            f"{cfg.batch_size * cfg.grad_accum} examples, lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to "
-            f"{cfg.min_lr}), {last.get('tokens_per_s', float('nan')):.0f} training tokens/s at the end.",
+            f"Student: teacher layers {list(cfg.student_layers)}, embeddings and final norm "
+            f"copied. Data: {args.train_prompts.name} prompts answered greedily by the teacher "
+            f"(<= {args.max_new_tokens} tokens). Training: loss {cfg.loss} (alpha {cfg.alpha}, "
+            f"T {cfg.temperature}), {cfg.max_steps} steps of {cfg.batch_size * cfg.grad_accum} "
+            f"examples, lr {cfg.lr} (warmup {cfg.warmup_steps}, cosine to {cfg.min_lr}), "
+            f"{last.get('tokens_per_s', float('nan')):.0f} training tokens/s at the end.",
             "",
-            f"## Held-out results ({len(eval_set.prompts)} prompts, {len(eval_set.examples)} teacher responses)",
+            f"## Held-out results ({n_prompts} prompts, {len(eval_set.examples)} teacher "
+            "responses)",
             "",
-            metrics_note(len(eval_set.prompts)),
+            metrics_note(n_prompts),
             "",
-            table,
+            format_table(results),
             "",
             "Distilled vs before:",
             *lines,
@@ -326,20 +218,81 @@ def write_report(
             clock.table(),
         ]
     )
+
+
+def write_report(args: argparse.Namespace, text: str, results: dict[str, dict]) -> Path:
+    """Write OUT/report.md atomically and print the table and the verdict."""
     path = args.out / "report.md"
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(report + "\n", encoding="utf-8")
+    tmp.write_text(text + "\n", encoding="utf-8")
     os.replace(tmp, path)
-    print(f"\n{table}\n\nDistilled vs before:\n" + "\n".join(lines))
-    print(
-        "\nresult: "
-        + (
-            "the distilled student beats its start on every metric and closed at least half the KL gap"
-            if ok
-            else "the distilled student did NOT meet the demo's bar (see above)"
-        )
-    )
+    lines, ok = verdict(results["student before"], results["student after"])
+    print(f"\n{format_table(results)}\n\nDistilled vs before:\n" + "\n".join(lines))
+    if ok:
+        result = "the distilled student beats its start on every metric and closed at least "
+        result += "half the KL gap"
+    else:
+        result = "the distilled student did NOT meet the demo's bar (see above)"
+    print("\nresult: " + result)
     return path
+
+
+# ----------------------------------------------------------------------------- the stages
+
+
+def teacher_answers(args: argparse.Namespace, precision: str, prompts: Path, output: Path):
+    """Stages 1 and 2: generate.py writes the teacher's greedy answers to `prompts`."""
+    command = [sys.executable, str(ROOT / "generate.py"), "--model", args.teacher]
+    command += ["--prompts-file", str(prompts), "--output", str(output), "--chat"]
+    command += ["--temperature", "0", "--max-new-tokens", str(args.max_new_tokens)]
+    command += ["--batch-size", str(args.batch_size), "--dtype", precision]
+    return lambda: run_child(command)
+
+
+class Evaluations:
+    """Stages 3 and 5: each model's row of the table, written to OUT/eval/<name>.json; the
+    teacher is loaded once, and only if an evaluation still has to run."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        tokenizer: Tokenizer,
+        eval_set: EvalSet,
+        device: torch.device,
+        dtype: torch.dtype,
+    ) -> None:
+        self.args, self.tokenizer, self.eval_set = args, tokenizer, eval_set
+        self.device, self.dtype, self._teacher = device, dtype, None
+
+    def load(self, path: Path | str) -> Transformer:
+        return for_eval(hf.load_model(path, dtype=self.dtype), self.device, self.dtype)
+
+    @property
+    def teacher(self) -> Transformer:
+        if self._teacher is None:
+            self._teacher = self.load(self.args.teacher)
+        return self._teacher
+
+    def run(self, name: str, model: Transformer, answers: list[str] | None = None) -> None:
+        path = self.args.out / "eval" / f"{slug(name)}.json"
+        evaluate_to_file(
+            path,
+            name,
+            model,
+            self.tokenizer,
+            self.eval_set,
+            teacher=self.teacher,
+            max_new_tokens=self.args.max_new_tokens,
+            batch_size=self.args.batch_size,
+            answers=answers,
+        )
+
+    def after(self) -> None:
+        """The distilled student (unless an interrupted run got that far), then the teacher,
+        whose greedy answers are the references (stage 2): not generated a second time."""
+        if not (self.args.out / "eval" / "student_after.json").exists():
+            self.run("student after", self.load(self.args.out / "train" / "final"))
+        self.run("teacher", self.teacher, answers=self.eval_set.references)
 
 
 # ----------------------------------------------------------------------------- main
@@ -354,146 +307,61 @@ def main(argv: list[str]) -> None:
         )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = fast_precision(device)
-    dtype = DTYPES[precision]
-    cfg = load_config(
-        train_args(args, overrides, precision)
-    )  # checks every setting before any work
+    cfg = load_config(demo_train_args(args, overrides, precision))  # checks every setting first
     if device.type == "cuda" and not any(o.startswith("--max_steps=") for o in overrides):
         overrides = [*overrides, f"--max_steps={cfg.max_steps * GPU_STEP_FACTOR}"]
-        cfg = load_config(train_args(args, overrides, precision))
+        cfg = load_config(demo_train_args(args, overrides, precision))
     print(f"kd demo: {describe_machine(device)}; compute in {precision}; output in {args.out}")
     data, evals = args.out / "data", args.out / "eval"
     data.mkdir(parents=True, exist_ok=True)
     evals.mkdir(parents=True, exist_ok=True)
 
-    def teacher_answers(prompts: Path, output: Path):
-        return lambda: run_child(
-            [
-                sys.executable,
-                str(ROOT / "generate.py"),
-                "--model",
-                args.teacher,
-                "--prompts-file",
-                str(prompts),
-                "--output",
-                str(output),
-                "--chat",
-                "--temperature",
-                "0",
-                "--max-new-tokens",
-                str(args.max_new_tokens),
-                "--batch-size",
-                str(args.batch_size),
-                "--dtype",
-                precision,
-            ]
-        )
-
-    clock.stage(
-        1,
-        "teacher answers the training prompts",
-        data / "train.jsonl",
-        teacher_answers(args.train_prompts, data / "train.jsonl"),
-    )
-    clock.stage(
-        2,
-        "teacher answers the held-out prompts",
-        data / "heldout.jsonl",
-        teacher_answers(args.heldout_prompts, data / "heldout.jsonl"),
-    )
+    train_answers = teacher_answers(args, precision, args.train_prompts, data / "train.jsonl")
+    clock.stage(1, "teacher answers the training prompts", data / "train.jsonl", train_answers)
+    held_out = teacher_answers(args, precision, args.heldout_prompts, data / "heldout.jsonl")
+    clock.stage(2, "teacher answers the held-out prompts", data / "heldout.jsonl", held_out)
 
     tokenizer = load_tokenizer(args.teacher)
     eval_set = load_eval_set(data / "heldout.jsonl", tokenizer)
-    teacher = None
+    dtype = DTYPES[precision]
+    evaluations = Evaluations(args, tokenizer, eval_set, device, dtype)
 
-    def get_teacher() -> Transformer:  # loaded once, only if an evaluation still has to run
-        nonlocal teacher
-        if teacher is None:
-            teacher = for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
-        return teacher
+    def evaluate_before() -> None:
+        evaluations.run("student before", for_eval(initial_student(cfg), device, dtype))
 
     clock.stage(
         3,
         "evaluate the student before distillation",
         evals / "student_before.json",
-        lambda: evaluate_stage(
-            "student before",
-            for_eval(student_before(cfg), device, dtype),
-            get_teacher(),
-            tokenizer,
-            eval_set,
-            evals,
-            args,
-        ),
+        evaluate_before,
     )
-
-    train_dir = args.out / "train"
-
-    def distill() -> None:
-        resume = ["--resume=true"] if checkpoint.complete_checkpoints(train_dir) else []
-        run_child(
-            [
-                sys.executable,
-                str(ROOT / "train.py"),
-                *train_args(args, overrides, precision),
-                *resume,
-            ]
-        )
-        if not (
-            train_dir / "final"
-        ).is_dir():  # train.py stops early, with a checkpoint, on a SIGTERM
-            raise ChildFailed(
-                f"train.py stopped before step {cfg.max_steps}; run the demo again to resume it"
-            )
-
+    train_argv = demo_train_args(args, overrides, precision)
     clock.stage(
-        4, f"distill: {cfg.max_steps} steps of train.py ({cfg.loss})", train_dir / "final", distill
+        4,
+        f"distill: {cfg.max_steps} steps of train.py ({cfg.loss})",
+        args.out / "train" / "final",
+        lambda: run_train(train_argv, args.out / "train"),
     )
-
-    def evaluate_after() -> None:
-        if not (
-            evals / "student_after.json"
-        ).exists():  # done before an interrupted teacher evaluation
-            student = for_eval(hf.load_model(train_dir / "final", dtype=dtype), device, dtype)
-            evaluate_stage(
-                "student after", student, get_teacher(), tokenizer, eval_set, evals, args
-            )
-        # The teacher's greedy answers are the references (stage 2): not generated a second time.
-        evaluate_stage(
-            "teacher",
-            get_teacher(),
-            get_teacher(),
-            tokenizer,
-            eval_set,
-            evals,
-            args,
-            answers=eval_set.references,
-        )
-
     clock.stage(
-        5, "evaluate the distilled student and the teacher", evals / "teacher.json", evaluate_after
+        5,
+        "evaluate the distilled student and the teacher",
+        evals / "teacher.json",
+        evaluations.after,
     )
 
     print("\n[6/6] report")
     curves = args.out / "curves.png"
-    run_child(
-        [
-            sys.executable,
-            str(ROOT / "scripts/plot_metrics.py"),
-            str(train_dir),
-            "--out",
-            str(curves),
-        ]
-    )
+    plot = [sys.executable, str(ROOT / "scripts/plot_metrics.py"), str(args.out / "train")]
+    run_child([*plot, "--out", str(curves)])
     results = {
         name: json.loads((evals / f"{slug(name)}.json").read_text(encoding="utf-8"))
         for name in ("teacher", "student before", "student after")
     }
     print_examples(eval_set, results)
-    report = write_report(args, cfg, eval_set, results, clock, device, curves.is_file())
-    print(
-        f"\nreport: {report}  (curves: {curves})\ndemo finished in {time.perf_counter() - clock.t0:.0f} s"
-    )
+    text = report_text(args, cfg, eval_set, results, clock, device, curves.is_file())
+    report = write_report(args, text, results)
+    seconds = time.perf_counter() - clock.t0
+    print(f"\nreport: {report}  (curves: {curves})\ndemo finished in {seconds:.0f} s")
 
 
 if __name__ == "__main__":

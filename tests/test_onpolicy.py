@@ -1,4 +1,4 @@
-"""Checks kd/onpolicy.py (GKD, arXiv 2306.13649, and MiniLLM, arXiv 2306.08543):
+"""Checks kd/onpolicy.py, kd/gkd.py (arXiv 2306.13649) and kd/minillm.py (arXiv 2306.08543):
 
 * teacher-mixed sampling draws from alpha p + (1 - alpha) q (empirical first-token
   frequencies) and the recorded log-probabilities and importance weights q / mix equal the
@@ -28,25 +28,26 @@ import torch
 import torch.multiprocessing as mp
 
 from kd.data import IGNORE, Example
+from kd.gkd import gkd_micro_batches, on_policy
 from kd.losses import LossOptions, distillation_loss, log_probs, reverse_kl
+from kd.minillm import (
+    importance_weights,
+    minillm_batch,
+    minillm_loss,
+    minillm_micro_batches,
+    ppo_clipped_sum,
+    returns,
+    whiten,
+)
 from kd.model import ModelConfig, Transformer
 from kd.onpolicy import (
     RolloutConfig,
     align,
-    gkd_micro_batches,
-    importance_weights,
     load_prompt_examples,
-    minillm_batch,
-    minillm_loss,
-    minillm_micro_batches,
-    on_policy,
-    ppo_clipped_sum,
-    returns,
     rollout,
     rollout_batch,
     rollout_metrics,
     rollout_sums,
-    whiten,
 )
 from kd.tokenizer import load_tokenizer
 from tests.tiny_tokenizer import make_tiny_tokenizer
@@ -389,7 +390,7 @@ def test_tokenizer_mismatch_is_an_error(tmp_path: Path) -> None:
     """train.py checks every model's tokenizer against the teacher's, for every method: on-policy
     ones feed the student's sampled ids to the teacher, so one vocabulary is a must there."""
     from kd.config import TrainConfig
-    from train import check_tokenizer
+    from kd.training import check_tokenizer
 
     teacher_dir = make_tiny_tokenizer(tmp_path / "teacher")
     student_dir = make_tiny_tokenizer(tmp_path / "student")

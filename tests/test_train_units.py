@@ -4,7 +4,7 @@
 - `build_optimizer`: decay on matrices only.
 - `kd/student.py`: a student of all the teacher's layers in order equals the teacher (logits
   identical); a subset renames blocks and keeps embeddings/norm/head.
-- `train.flops_per_token`: 2N forward + 6N training + attention, by hand for a tiny config.
+- `kd.training.flops_per_token`: 2N forward + 6N training + attention, by hand for a tiny config.
 
 Run: .venv/bin/python -m pytest -q tests/test_train_units.py
 """
@@ -18,7 +18,7 @@ import torch
 from kd.model import ModelConfig, Transformer
 from kd.optim import build_optimizer, lr_at
 from kd.student import layer_subset_config, layer_subset_state_dict
-from train import flops_per_token, matmul_params
+from kd.training import flops_per_token, matmul_params
 
 TINY = ModelConfig(
     vocab_size=64,

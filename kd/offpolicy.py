@@ -1,0 +1,130 @@
+"""Off-policy distillation: the student learns on the data's text, the teacher grades each token.
+
+Word-level KD (Hinton et al., arXiv 1503.02531, per token as Kim & Rush, arXiv 1606.07947):
+at every trained position of a batch from the data, the loss compares the teacher's
+next-token distribution p with the student's q,
+
+    loss = sum_valid [alpha T^2 D(p || q) + (1 - alpha) CE(y)] / N,
+
+N the valid (labelled) tokens of the whole optimizer step, over all micro-batches and ranks
+(kd/losses.py has each D). The teacher is one of
+  * live models, one or several (multi-teacher): their forward runs on each micro-batch, under
+    no_grad, and gives final hidden states; the chunked loss applies their heads chunk by chunk;
+  * a teacher cache (kd/teacher_cache.py): the teacher's top-k log-probs, read per micro-batch;
+  * none: plain SFT (alpha = 0). On data the teacher wrote (generate.py), that is response
+    distillation, sequence-level KD (Kim & Rush, arXiv 1606.07947).
+
+A method, as train.py's loop drives it: `micro_batches(step)` is this rank's micro-batches of
+optimizer step `step`, each carrying `num_tokens`, the global count N its loss divides by;
+`loss(student, batch)` is that micro-batch's share of the step's loss and its log sums;
+`log_fields()` adds the method's own numbers to a log record; `teachers` are the models whose
+forward runs on every micro-batch (for the FLOP count). The on-policy methods, kd/gkd.py and
+kd/minillm.py, provide the same four.
+
+Tests: `.venv/bin/python -m pytest -q tests/test_train.py tests/test_teacher_cache.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from kd.chunked_loss import chunked_distillation_loss
+from kd.data import Batches
+from kd.losses import LossOptions, TopK
+from kd.model import Transformer
+from kd.teacher_cache import TeacherCache
+
+
+def kd_loss(
+    student: Transformer,
+    batch: dict[str, Tensor],
+    *,
+    teachers: list[Transformer],
+    options: LossOptions,
+    vocab: int,
+    chunk_size: int,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """This micro-batch's share of the step's loss (its valid-token sum / batch["num_tokens"])
+    and its log sums {"tokens", "ce", "divergence"} (no divergence without a teacher).
+
+    The teacher: top-k log-probs in the batch ("teacher_ids", "teacher_logprobs", from a cache),
+    else the forward of `teachers`, else none (SFT). The student's forward computes the chunked
+    loss inside it (output_fn), so the (tokens x vocab) logits never exist whole.
+    """
+    input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T) each
+    t_hidden = t_head = cached = None
+    if "teacher_ids" in batch:  # cached: the teacher's top-k at T, aligned with the labels
+        cached = TopK(ids=batch["teacher_ids"], logprobs=batch["teacher_logprobs"])
+    elif teachers:
+        with torch.no_grad():
+            t_hidden = [t(input_ids, output_fn=lambda h, w: h) for t in teachers]  # (B, T, H_t)
+        t_head = [t.head_weight for t in teachers]  # replicated (V_t, H_t): see kd/parallel.py
+        if len(teachers) == 1:
+            t_hidden, t_head = t_hidden[0], t_head[0]
+
+    def loss_fn(hidden: Tensor, head_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        # Runs inside the student's root forward: FSDP2 has gathered the (compute-dtype) head
+        # weight, and the gradient of the loss reaches it and `hidden` through autograd.
+        return chunked_distillation_loss(
+            hidden,
+            head_weight[:vocab],
+            t_hidden,
+            t_head,
+            labels,
+            options,
+            chunk_size=chunk_size,
+            teacher_logits=cached,
+            num_tokens=batch["num_tokens"],
+        )
+
+    loss, metrics = student(input_ids, output_fn=loss_fn)
+    n = metrics["valid_tokens"].float()
+    sums = {"tokens": n, "ce": metrics["ce"] * n}
+    if t_hidden is not None or cached is not None:
+        sums["divergence"] = metrics["divergence"] * n
+    return loss, sums
+
+
+class OffPolicy:
+    """KD (or SFT) on the data: micro-batches from `data`, the loss of `kd_loss`."""
+
+    def __init__(
+        self,
+        data: Batches,
+        *,
+        teachers: list[Transformer],
+        options: LossOptions,
+        vocab: int,
+        chunk_size: int,
+        cache: TeacherCache | None = None,
+    ) -> None:
+        self.data, self.teachers, self.cache = data, teachers, cache
+        self.options, self.vocab, self.chunk_size = options, vocab, chunk_size
+
+    def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
+        """This rank's micro-batches of `step`. N, the trained tokens of the global batch, is
+        known on every rank without an all-reduce: every rank holds the whole data set."""
+        num_tokens = torch.tensor(float(self.data.global_targets(step)))
+        batches = []
+        for batch in self.data.micro_batches(step):
+            index = batch.pop("index")  # (B,) the examples' rows in the data file
+            if self.cache is not None:  # read on the CPU; train_step moves it with the batch
+                batch["teacher_ids"], batch["teacher_logprobs"] = self.cache.topk_for(
+                    index, batch["labels"], temperature=self.options.temperature
+                )
+            batches.append({**batch, "num_tokens": num_tokens})
+        return batches
+
+    def loss(self, student: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        return kd_loss(
+            student,
+            batch,
+            teachers=self.teachers,
+            options=self.options,
+            vocab=self.vocab,
+            chunk_size=self.chunk_size,
+        )
+
+    def log_fields(self) -> dict[str, float]:
+        return {}  # loss, divergence and CE are the loop's
