@@ -1,4 +1,4 @@
-# kd: `make test` sets up .venv, fetches the embedded teacher and runs the test suite;
+# kd: `make test` sets up .venv, fetches the embedded teacher, lints (ruff) and runs the tests;
 # `make demo` distills the teacher into a smaller student on this machine.
 PY := .venv/bin/python
 TEACHER := models/smollm2-135m-instruct
@@ -15,6 +15,8 @@ $(TEACHER)/config.json: .venv/.installed scripts/import_gguf.py
 	bash scripts/fetch_teacher.sh $(TEACHER)
 
 test: setup teacher
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m pytest -q tests
 
 test-slow: setup teacher

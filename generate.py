@@ -127,6 +127,18 @@ def read_partial(partial: Path, records: list[dict]) -> int:
     return done
 
 
+def sampling(args: argparse.Namespace, eos: set[int], pad_id: int) -> dict:
+    """The keyword arguments of `generate` that the command line sets."""
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_ids=eos,
+        pad_id=pad_id,
+    )
+
+
 def run_file(
     model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int
 ) -> None:
@@ -145,17 +157,8 @@ def run_file(
     with open(partial, "a", encoding="utf-8") as f:
         for first in range(start, len(records), args.batch_size):
             batch = range(first, min(first + args.batch_size, len(records)))
-            out = generate(
-                model,
-                [ids[i] for i in batch],
-                max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature,
-                top_k=args.top_k,
-                top_p=args.top_p,
-                eos_token_ids=eos,
-                pad_id=pad_id,
-                seed=args.seed + first,
-            )
+            prompts = [ids[i] for i in batch]
+            out = generate(model, prompts, **sampling(args, eos, pad_id), seed=args.seed + first)
             for i, tokens in zip(batch, out):
                 response = tokenizer.decode(tokens, skip_special_tokens=True)
                 f.write(json.dumps({**records[i], "response": response}, ensure_ascii=False) + "\n")
@@ -194,18 +197,7 @@ def run_one(
             printed = text
 
     t0 = time.perf_counter()
-    out = generate(
-        model,
-        [ids],
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_token_ids=eos,
-        pad_id=pad_id,
-        seed=args.seed,
-        on_token=on_token,
-    )
+    out = generate(model, [ids], **sampling(args, eos, pad_id), seed=args.seed, on_token=on_token)
     elapsed = time.perf_counter() - t0
     print(tokenizer.decode(new, skip_special_tokens=True)[len(printed) :], flush=True)
     n = len(out[0])

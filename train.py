@@ -248,7 +248,8 @@ def log_step(
 ) -> None:
     """One record in metrics.jsonl and one console line; stops a run whose loss or gradient
     norm is not finite (its last checkpoint stays the last good one)."""
-    record = {"step": step, **step_values(sums), "lr": lr, "grad_norm": grad_norm.item()}
+    record = {"step": step, "epochs": run.streams["data"].epochs(step), **step_values(sums)}
+    record |= {"lr": lr, "grad_norm": grad_norm.item()}
     norm_checked = run.scaler is None  # with fp16 loss scaling an inf norm skips the step
     if not math.isfinite(record["loss"]) or (
         norm_checked and not math.isfinite(record["grad_norm"])

@@ -12,7 +12,7 @@ A save writes everything into `step_N.tmp/`, waits for every rank, and rank 0 re
 `step_N/`: the rename is the commit point (atomic on POSIX), so a save killed at any moment
 leaves the previous checkpoint as the newest complete one. `resume` loads the newest complete
 checkpoint; the step plus the data state pin the data position (kd/data.py's stream is a
-pure function of the step), so the resumed run continues exactly (tests/test_train_resume.py).
+pure function of the step), so the resumed run continues exactly (tests/test_train.py).
 """
 
 import json

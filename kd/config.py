@@ -3,11 +3,11 @@
     python train.py --config configs/smollm2_kd.toml --lr=1e-3 --teacher=a,b --resume=true
     python train.py --help                   # every setting with its default and meaning
 
-One dataclass, one setting per line with a comment (meaning, unit, typical value); `--help`
-prints those comments. TOML files are flat (no tables); relative paths are relative to the
-directory `train.py` is run from. On the command line lists are comma-separated and booleans
-are true/false. An unknown key, a wrong type or a bad value is a `ValueError` naming the
-setting, which `train.py` prints as one line.
+One dataclass, one setting per line with a comment (meaning, unit, typical value) after it,
+or above it where the line would be too long; `--help` prints those comments. TOML files are
+flat (no tables); relative paths are relative to the directory `train.py` is run from. On the
+command line lists are comma-separated and booleans are true/false. An unknown key, a wrong
+type or a bad value is a `ValueError` naming the setting, which `train.py` prints as one line.
 """
 
 import inspect
@@ -18,16 +18,9 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-LOSSES = (
-    "sft",
-    "forward_kl",
-    "reverse_kl",
-    "jsd",
-    "skew_forward_kl",
-    "skew_reverse_kl",
-    "tvd",
-    "logit_mse",
-)
+from kd.losses import DIVERGENCES
+
+LOSSES = ("sft", *DIVERGENCES)  # sft: cross-entropy on the data alone, no teacher
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("offpolicy", "gkd", "minillm")
 
@@ -37,64 +30,58 @@ class TrainConfig:
     # --- models ---
     teacher: tuple[str, ...] = ()  # teacher HF dir; several (comma-separated) = multi-teacher
     teacher_weights: tuple[float, ...] = ()  # weight of each teacher in the mixture; default equal
-    teacher_cache: str = ""  # dir from scripts/cache_teacher.py: distill from the teacher's cached top-k, no teacher in memory
-    teacher_mixture: str = (
-        "probs"  # multi-teacher target: probs = sum_i w_i p_i; logits = softmax(sum_i w_i z_i)
-    )
+    # dir from scripts/cache_teacher.py: distill from the teacher's cached top-k, no teacher in
+    # memory
+    teacher_cache: str = ""
+    # multi-teacher target: probs = sum_i w_i p_i; logits = softmax(sum_i w_i z_i)
+    teacher_mixture: str = "probs"
     student: str = ""  # student HF dir (architecture + initial weights); or use student_layers
-    student_layers: tuple[
-        int, ...
-    ] = ()  # teacher layer indices copied into a shallower student, e.g. 0,4,8,11
-    init_from: str = (
-        ""  # HF dir whose weights replace the student's, e.g. stage 1's OUT/final (two-stage)
-    )
+    # teacher layer indices copied into a shallower student, e.g. 0,4,8,11
+    student_layers: tuple[int, ...] = ()
+    # HF dir whose weights replace the student's, e.g. stage 1's OUT/final (two-stage)
+    init_from: str = ""
     # --- data ---
     data: tuple[str, ...] = ()  # training JSONL file(s): prompt/response, messages or text per line
     data_weights: tuple[float, ...] = ()  # sampling ratio of each data file; default equal
     eval_data: str = ""  # held-out JSONL for KL / perplexity / top-1 agreement; "" = no eval
     seq_len: int = 512  # tokens per example (longer ones are truncated); 2048 on GPUs
     batch_size: int = 8  # examples per micro-batch per rank
-    grad_accum: int = (
-        1  # micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks
-    )
+    # micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks
+    grad_accum: int = 1
     # --- loss ---
-    loss: str = "forward_kl"  # sft | forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | logit_mse
-    alpha: float = (
-        0.5  # loss = alpha * T^2 * divergence + (1 - alpha) * cross-entropy; 1.0 = pure KD
-    )
+    # sft | forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | logit_mse
+    loss: str = "forward_kl"
+    # loss = alpha * T^2 * divergence + (1 - alpha) * cross-entropy; 1.0 = pure KD
+    alpha: float = 0.5
     temperature: float = 1.0  # softmax temperature T of both models inside the divergence; 1-2
-    beta: float = (
-        0.5  # jsd: mixture M = beta * p_teacher + (1 - beta) * q_student (GKD, arXiv 2306.13649)
-    )
-    skew_alpha: float = (
-        0.1  # skew KLs: weight of the other distribution in the mix (DistiLLM, arXiv 2402.03898)
-    )
-    chunk_size: int = 256  # tokens per chunk of the loss (memory ~ a few chunk x vocab fp32 buffers); logits never whole
+    # jsd: mixture M = beta * p_teacher + (1 - beta) * q_student (GKD, arXiv 2306.13649)
+    beta: float = 0.5
+    # skew KLs: weight of the other distribution in the mix (DistiLLM, arXiv 2402.03898)
+    skew_alpha: float = 0.1
+    # tokens per chunk of the loss (memory ~ a few chunk x vocab fp32 buffers); logits never whole
+    chunk_size: int = 256
     # --- on-policy distillation (kd/onpolicy.py, docs/onpolicy.md) ---
-    method: str = "offpolicy"  # offpolicy = KD on the data | gkd (arXiv 2306.13649) | minillm (arXiv 2306.08543): on student samples
+    # offpolicy = KD on the data | gkd (arXiv 2306.13649) | minillm (arXiv 2306.08543): on student
+    # samples
+    method: str = "offpolicy"
     max_new_tokens: int = 128  # gkd/minillm: response tokens sampled per prompt at most
-    rollout_temperature: float = (
-        1.0  # gkd/minillm: sampler temperature; 1 keeps the gradient unbiased
-    )
-    rollout_top_k: int = (
-        0  # gkd/minillm: sampler top-k; 0 = off (a cut sampler biases the gradient)
-    )
+    # gkd/minillm: sampler temperature; 1 keeps the gradient unbiased
+    rollout_temperature: float = 1.0
+    # gkd/minillm: sampler top-k; 0 = off (a cut sampler biases the gradient)
+    rollout_top_k: int = 0
     rollout_top_p: float = 1.0  # gkd/minillm: sampler nucleus mass; 1.0 = off
-    rollout_gathered: bool = True  # gkd/minillm: FSDP weights stay gathered per rollout; false if a whole model won't fit a rank
-    lmbda: float = (
-        0.5  # gkd: probability that a micro-batch is student-generated; 1.0 = fully on-policy
-    )
-    seq_kd: bool = (
-        False  # gkd: the other micro-batches are teacher-generated instead of the data's responses
-    )
-    teacher_mix_alpha: float = (
-        0.2  # minillm: sample from alpha * p_teacher + (1 - alpha) * q_student
-    )
+    # gkd/minillm: FSDP weights stay gathered per rollout; false if a whole model won't fit a rank
+    rollout_gathered: bool = True
+    # gkd: probability that a micro-batch is student-generated; 1.0 = fully on-policy
+    lmbda: float = 0.5
+    # gkd: the other micro-batches are teacher-generated instead of the data's responses
+    seq_kd: bool = False
+    # minillm: sample from alpha * p_teacher + (1 - alpha) * q_student
+    teacher_mix_alpha: float = 0.2
     ppo_clip: float = 0.2  # minillm: PPO clip range of the importance ratio
     length_norm: bool = True  # minillm: divide each return by the number of response tokens left
-    lm_data: tuple[
-        str, ...
-    ] = ()  # minillm: pretraining-text JSONL for the language-modelling loss (loss/alpha apply)
+    # minillm: pretraining-text JSONL for the language-modelling loss (loss/alpha apply)
+    lm_data: tuple[str, ...] = ()
     lm_loss_weight: float = 1.0  # minillm: weight of the loss on lm_data
     # --- optimization ---
     max_steps: int = 1000  # optimizer steps
@@ -106,17 +93,16 @@ class TrainConfig:
     # Compute dtype; master weights and optimizer stay fp32. auto = bf16 on a GPU and on a CPU with
     # native bf16 (AVX512-BF16, AMX), else fp32: on an AVX2-only CPU bf16 is ~70x slower than fp32.
     precision: str = "auto"  # auto | bf16 | fp16 | fp32
-    activation_checkpointing: bool = (
-        False  # recompute each student block in backward: less memory, ~30% more compute
-    )
+    # recompute each student block in backward: less memory, ~30% more compute
+    activation_checkpointing: bool = False
     compile: bool = False  # torch.compile each transformer block (needs a C++/Triton toolchain)
     seed: int = 0  # seed of the data order (and of any random init)
     # --- output ---
     out: str = "runs/kd"  # run directory: metrics.jsonl, checkpoints/, final/
-    log_every: int = (
-        10  # print + log a metrics line every this many steps (loss values cost a device sync)
-    )
-    eval_every: int = 0  # evaluate on eval_data every this many steps; 0 = off (still once at the end if eval_data)
+    # print + log a metrics line every this many steps (loss values cost a device sync)
+    log_every: int = 10
+    # evaluate on eval_data every this many steps; 0 = off (still once at the end if eval_data)
+    eval_every: int = 0
     eval_batches: int = 0  # micro-batches per rank per evaluation; 0 = the whole eval set
     save_every: int = 0  # checkpoint every this many steps; 0 = only on SIGTERM
     keep_checkpoints: int = 2  # keep the newest K checkpoints
@@ -124,108 +110,105 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         """Check every value once, so a bad setting fails before any model is loaded."""
+        self._check_models_and_data()
+        self._check_choices_and_ranges()
+        if self.method != "offpolicy":
+            self._check_on_policy()
+
+    def _check_models_and_data(self) -> None:
         if not self.teacher:
             raise ValueError(
-                "setting 'teacher' is required: the teacher's HF directory (or a comma-separated list)"
+                "setting 'teacher' is required: the teacher's HF directory (or a comma-separated "
+                "list)"
             )
         if self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
             raise ValueError(
-                f"teacher_weights has {len(self.teacher_weights)} values for {len(self.teacher)} teachers; give one per teacher"
+                f"teacher_weights has {len(self.teacher_weights)} values for "
+                f"{len(self.teacher)} teachers; give one per teacher"
             )
         if bool(self.student) == bool(self.student_layers):
             raise ValueError(
-                "give exactly one of 'student' (an HF dir) and 'student_layers' (teacher layer indices)"
+                "give exactly one of 'student' (an HF dir) and 'student_layers' (teacher layer "
+                "indices)"
             )
         if not self.data:
             raise ValueError("setting 'data' is required: one or more training JSONL files")
         if self.data_weights and len(self.data_weights) != len(self.data):
             raise ValueError(
-                f"data_weights has {len(self.data_weights)} values for {len(self.data)} data files; give one per file"
+                f"data_weights has {len(self.data_weights)} values for {len(self.data)} data "
+                "files; give one per file"
             )
         if self.teacher_cache and (len(self.teacher) != 1 or len(self.data) != 1):
             raise ValueError(
-                "teacher_cache needs one teacher (for its tokenizer and config) and the one data file the cache was made from"
+                "teacher_cache needs one teacher (for its tokenizer and config) and the one data "
+                "file the cache was made from"
             )
         if self.teacher_cache and (self.eval_data or self.loss in ("sft", "logit_mse")):
             raise ValueError(
-                'teacher_cache: set eval_data = "" (evaluation needs the teacher) and a loss other than sft, logit_mse'
-            )
-        if self.loss not in LOSSES:
-            raise ValueError(f"loss={self.loss!r} is not one of {', '.join(LOSSES)}")
-        if self.teacher_mixture not in ("probs", "logits"):
-            raise ValueError(
-                f"teacher_mixture={self.teacher_mixture!r} is not one of probs, logits"
-            )
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"precision={self.precision!r} is not one of {', '.join(PRECISIONS)}")
-        for name in (
-            "seq_len",
-            "batch_size",
-            "grad_accum",
-            "max_steps",
-            "log_every",
-            "chunk_size",
-            "keep_checkpoints",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
-        for name in (
-            "warmup_steps",
-            "eval_every",
-            "eval_batches",
-            "save_every",
-            "min_lr",
-            "weight_decay",
-            "grad_clip",
-        ):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 0")
-        if (
-            not 0.0 <= self.alpha <= 1.0
-            or not 0.0 <= self.beta <= 1.0
-            or not 0.0 <= self.skew_alpha <= 1.0
-        ):
-            raise ValueError("alpha, beta and skew_alpha must lie in [0, 1]")
-        if self.lr <= 0 or self.temperature <= 0:
-            raise ValueError("lr and temperature must be > 0")
-        if self.method not in METHODS:
-            raise ValueError(f"method={self.method!r} is not one of {', '.join(METHODS)}")
-        if self.method != "offpolicy":
-            if len(self.teacher) > 1:
-                raise ValueError(
-                    f"method={self.method} takes one teacher; give one 'teacher' or use method=offpolicy"
-                )
-            if self.teacher_cache:  # the teacher must score the student's fresh samples
-                raise ValueError(
-                    f'method={self.method} needs the live teacher to score samples; set teacher_cache = ""'
-                )
-            if self.max_new_tokens < 1 or self.rollout_top_k < 0 or self.rollout_temperature <= 0:
-                raise ValueError(
-                    f"max_new_tokens={self.max_new_tokens} must be >= 1, rollout_top_k={self.rollout_top_k} "
-                    f">= 0 and rollout_temperature={self.rollout_temperature} > 0"
-                )
-            if not 0.0 < self.rollout_top_p <= 1.0:
-                raise ValueError(
-                    f"rollout_top_p={self.rollout_top_p} must lie in (0, 1]; 1.0 = off"
-                )
-        if (
-            not 0.0 <= self.lmbda <= 1.0
-            or not 0.0 <= self.teacher_mix_alpha <= 1.0
-            or not 0.0 <= self.ppo_clip < 1.0
-        ):
-            raise ValueError(
-                f"lmbda={self.lmbda} and teacher_mix_alpha={self.teacher_mix_alpha} must lie in [0, 1], "
-                f"ppo_clip={self.ppo_clip} in [0, 1)"
+                'teacher_cache: set eval_data = "" (evaluation needs the teacher) and a loss '
+                "other than sft, logit_mse"
             )
         if self.lm_data and self.method != "minillm":
             raise ValueError(
                 "lm_data is MiniLLM's language-modelling data; set method=minillm or add it to data"
             )
-        if self.lm_loss_weight < 0:
-            raise ValueError(f"lm_loss_weight={self.lm_loss_weight} must be >= 0")
+
+    def _check_choices_and_ranges(self) -> None:
+        for name, choices in (
+            ("loss", LOSSES),
+            ("teacher_mixture", ("probs", "logits")),
+            ("precision", PRECISIONS),
+            ("method", METHODS),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name}={getattr(self, name)!r} is not one of {', '.join(choices)}"
+                )
+        for least, names in (
+            (1, ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "chunk_size")),
+            (1, ("keep_checkpoints",)),
+            (0, ("warmup_steps", "eval_every", "eval_batches", "save_every", "min_lr")),
+            (0, ("weight_decay", "grad_clip", "lm_loss_weight")),
+        ):
+            for name in names:
+                if getattr(self, name) < least:
+                    raise ValueError(f"{name}={getattr(self, name)} must be >= {least}")
+        if not all(0.0 <= x <= 1.0 for x in (self.alpha, self.beta, self.skew_alpha)):
+            raise ValueError("alpha, beta and skew_alpha must lie in [0, 1]")
+        if self.lr <= 0 or self.temperature <= 0:
+            raise ValueError("lr and temperature must be > 0")
+        if not (
+            0.0 <= self.lmbda <= 1.0
+            and 0.0 <= self.teacher_mix_alpha <= 1.0
+            and 0.0 <= self.ppo_clip < 1.0
+        ):
+            raise ValueError(
+                f"lmbda={self.lmbda} and teacher_mix_alpha={self.teacher_mix_alpha} must lie in "
+                f"[0, 1], ppo_clip={self.ppo_clip} in [0, 1)"
+            )
+
+    def _check_on_policy(self) -> None:
+        if len(self.teacher) > 1:
+            raise ValueError(
+                f"method={self.method} takes one teacher; give one 'teacher' or use "
+                "method=offpolicy"
+            )
+        if self.teacher_cache:  # the teacher must score the student's fresh samples
+            raise ValueError(
+                f"method={self.method} needs the live teacher to score samples; set "
+                'teacher_cache = ""'
+            )
+        if self.max_new_tokens < 1 or self.rollout_top_k < 0 or self.rollout_temperature <= 0:
+            raise ValueError(
+                f"max_new_tokens={self.max_new_tokens} must be >= 1, "
+                f"rollout_top_k={self.rollout_top_k} >= 0 and "
+                f"rollout_temperature={self.rollout_temperature} > 0"
+            )
+        if not 0.0 < self.rollout_top_p <= 1.0:
+            raise ValueError(f"rollout_top_p={self.rollout_top_p} must lie in (0, 1]; 1.0 = off")
 
     def to_toml(self) -> str:
-        """The resolved config as TOML, loadable again with `--config` (saved as OUT/train_config.toml)."""
+        """The resolved config as TOML, loadable again with `--config` (OUT/train_config.toml)."""
 
         def value(v: object) -> str:
             if isinstance(v, bool):
@@ -238,13 +221,21 @@ class TrainConfig:
 
 
 def _setting_help() -> dict[str, str]:
-    """{name: comment} from this dataclass's source, so --help and the code never disagree."""
-    pattern = re.compile(r"^\s+(\w+): [^=]+ = .*?  # (.*)$")
-    return {
-        m[1]: m[2]
-        for line in inspect.getsource(TrainConfig).splitlines()
-        if (m := pattern.match(line))
-    }
+    """{name: its comment} from this dataclass's source: the comment after the setting, else the
+    comment lines right above it. So --help and the code never disagree."""
+    lines = inspect.getsource(TrainConfig).splitlines()
+    setting = re.compile(r"^    (\w+): [^=]+ = .+?(?:  # (.*))?$")
+    helps = {}
+    for i, line in enumerate(lines):
+        if (m := setting.match(line)) is None:
+            continue
+        above = []
+        for prev in reversed(lines[:i]):
+            if not prev.strip().startswith("# ") or prev.strip().startswith("# ---"):
+                break
+            above.insert(0, prev.strip()[2:])
+        helps[m[1]] = m[2] or " ".join(above)
+    return helps
 
 
 def help_text() -> str:
@@ -262,7 +253,7 @@ def help_text() -> str:
             if isinstance(default, bool)
             else default
         )
-        lines.append(f"  --{f.name}={shown}".ljust(34) + f"{helps.get(f.name, '')}")
+        lines.append(f"  --{f.name}={shown}".ljust(33) + f" {helps[f.name]}")
     return "\n".join(lines)
 
 

@@ -461,7 +461,7 @@ class Batches:
         return sum(e.num_targets for e in self.global_batch_examples(step))
 
     def epochs(self, step: int) -> list[float]:
-        """How many passes over each source the steps before `step` made (for logging)."""
+        """How many passes over each source the steps up to `step` made (logged)."""
         return [self._consumed(k, step) / len(src) for k, src in enumerate(self.sources)]
 
     def state_dict(self) -> dict:

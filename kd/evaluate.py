@@ -25,6 +25,7 @@ Used by scripts/demo.py, scripts/evaluate.py (any student from the command line)
 scripts/compare_methods.py. Tests: `.venv/bin/python -m pytest -q tests/test_evaluate.py`.
 """
 
+import json
 import os
 import platform
 import time
@@ -35,6 +36,7 @@ from pathlib import Path
 import torch
 
 from kd.data import Example, load_examples, load_prompts, read_jsonl
+from kd.hf import load_model
 from kd.metrics import teacher_forced_metrics
 from kd.model import Transformer
 from kd.pipeline import write_json
@@ -213,33 +215,69 @@ def for_eval(model: Transformer, device: torch.device, dtype: torch.dtype) -> Tr
     return model.to(device=device, dtype=dtype).decode_layout().eval().requires_grad_(False)
 
 
-def evaluate_to_file(
-    path: Path,
-    name: str,
-    model: Transformer,
-    tokenizer: Tokenizer,
-    eval_set: EvalSet,
-    *,
-    teacher: Transformer,
-    max_new_tokens: int,
-    batch_size: int,
-    answers: list[str] | None = None,
-) -> dict:
-    """`evaluate`, its table row printed as `name`, the metrics written to `path` as JSON
-    (atomically: a stage of a run is done exactly when its file exists)."""
-    metrics = evaluate(
-        model,
-        tokenizer,
-        eval_set,
-        teacher=teacher,
-        max_new_tokens=max_new_tokens,
-        batch_size=batch_size,
-        answers=answers,
-        log=lambda s: print(s, flush=True),
-    )
-    print(f"  {name}: " + format_table({name: metrics}).splitlines()[-1])
-    write_json(path, metrics)
-    return metrics
+class Rows:
+    """The rows of a results table, one `evaluate` each, written to out/<name>.json: a stage
+    of a run, skipped when its file exists, so an interrupted run resumes where it stopped.
+    The teacher is loaded once, and only if a row still has to be computed."""
+
+    def __init__(
+        self,
+        out: Path,
+        teacher: str | Path,
+        tokenizer: Tokenizer,
+        eval_set: EvalSet,
+        *,
+        device: torch.device,
+        dtype: torch.dtype,
+        max_new_tokens: int,
+        batch_size: int,
+    ) -> None:
+        self.out, self.teacher_dir, self.tokenizer, self.eval_set = (
+            out,
+            teacher,
+            tokenizer,
+            eval_set,
+        )
+        self.device, self.dtype, self._teacher = device, dtype, None
+        self.max_new_tokens, self.batch_size = max_new_tokens, batch_size
+
+    def load(self, path: str | Path) -> Transformer:
+        """A model directory, ready to evaluate in this table's device and dtype."""
+        return for_eval(load_model(path, dtype=self.dtype), self.device, self.dtype)
+
+    @property
+    def teacher(self) -> Transformer:
+        if self._teacher is None:
+            self._teacher = self.load(self.teacher_dir)
+        return self._teacher
+
+    def path(self, name: str) -> Path:
+        return self.out / f"{name.replace(' ', '_')}.json"
+
+    def row(
+        self, name: str, model: Callable[[], Transformer], answers: list[str] | None = None
+    ) -> dict:
+        """The metrics of `model()` (built only when needed), from its file when that exists;
+        answers: as `evaluate` (the teacher's own answers are the references)."""
+        path = self.path(name)
+        if not path.exists():
+            metrics = evaluate(
+                model(),
+                self.tokenizer,
+                self.eval_set,
+                teacher=self.teacher,
+                max_new_tokens=self.max_new_tokens,
+                batch_size=self.batch_size,
+                answers=answers,
+                log=lambda s: print(s, flush=True),
+            )
+            print(f"  {name}: " + format_table({name: metrics}).splitlines()[-1])
+            write_json(path, metrics)
+        return self.read(name)
+
+    def read(self, name: str) -> dict:
+        """A row computed earlier."""
+        return json.loads(self.path(name).read_text(encoding="utf-8"))
 
 
 def metrics_note(n_prompts: int) -> str:

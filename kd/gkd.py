@@ -20,28 +20,20 @@ Tests: `.venv/bin/python -m pytest -q tests/test_onpolicy.py`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import numpy as np
-import torch
 from torch import Tensor
 
-from kd import parallel
 from kd.data import Batches, Example, collate
-from kd.losses import LossOptions
 from kd.model import Transformer
-from kd.offpolicy import kd_loss
+from kd.offpolicy import KDLoss
 from kd.onpolicy import (
     COIN_KEY,
     Rollout,
-    RolloutConfig,
     RolloutLog,
-    rollout,
+    Sampler,
     rollout_batch,
-    sample_seed,
     with_global_count,
 )
-from kd.sampling import this_rank_only
 
 
 def on_policy(*, seed: int, step: int, micro_batch: int, lmbda: float) -> bool:
@@ -51,18 +43,7 @@ def on_policy(*, seed: int, step: int, micro_batch: int, lmbda: float) -> bool:
 
 
 def gkd_micro_batches(
-    student: Transformer,
-    teacher: Transformer,
-    micro_examples: list[list[Example]],
-    config: RolloutConfig,
-    *,
-    step: int,
-    seed: int,
-    rank: int,
-    lmbda: float,
-    seq_kd: bool,
-    all_done: Callable[[bool], bool] = this_rank_only,
-    cache_dtype: torch.dtype | None = None,
+    sampler: Sampler, micro_examples: list[list[Example]], *, step: int, lmbda: float, seq_kd: bool
 ) -> tuple[list[dict[str, Tensor]], list[Rollout]]:
     """This rank's micro-batches of one GKD step, and the rollouts behind the on-policy ones.
 
@@ -71,84 +52,51 @@ def gkd_micro_batches(
     own samples. Each batch is in kd/data.py's `collate` layout.
     """
     batches, rollouts = [], []
+    pad_id = sampler.config.pad_id
     for m, examples in enumerate(micro_examples):
         prompts = [e.prompt_ids for e in examples]
-        seeded = dict(
-            seed=sample_seed(seed=seed, step=step, micro_batch=m, rank=rank),
-            all_done=all_done,
-            cache_dtype=cache_dtype,
-        )
-        if on_policy(seed=seed, step=step, micro_batch=m, lmbda=lmbda):
-            r = rollout(student, teacher, prompts, config, teacher_mix_alpha=0.0, **seeded)
+        if on_policy(seed=sampler.seed, step=step, micro_batch=m, lmbda=lmbda):
+            r = sampler.sample(prompts, step=step, micro_batch=m, teacher_mix_alpha=0.0)
             rollouts.append(r)
         elif seq_kd:
-            r = rollout(None, teacher, prompts, config, teacher_mix_alpha=1.0, **seeded)
+            r = sampler.sample(
+                prompts, step=step, micro_batch=m, teacher_mix_alpha=1.0, with_student=False
+            )
         else:
-            batches.append(collate(examples, pad_id=config.pad_id))
+            batches.append(collate(examples, pad_id=pad_id))
             continue
-        batches.append(rollout_batch(r, pad_id=config.pad_id))
+        batches.append(rollout_batch(r, pad_id=pad_id))
     return batches, rollouts
 
 
 class GKD:
-    """The method train.py runs for `method = "gkd"` (the four members of kd/offpolicy.py's)."""
+    """The method train.py runs for `method = "gkd"` (the members kd/offpolicy.py describes):
+    the step's micro-batches from `gkd_micro_batches`, each scored by `kd` (any divergence)."""
 
     def __init__(
-        self,
-        data: Batches,
-        *,
-        student: Transformer,
-        teacher: Transformer,
-        teachers: list[Transformer],
-        rollout: RolloutConfig,
-        lmbda: float,
-        seq_kd: bool,
-        seed: int,
-        rank: int,
-        gathered: bool,
-        cache_dtype: torch.dtype | None,
-        options: LossOptions,
-        vocab: int,
-        chunk_size: int,
+        self, data: Batches, sampler: Sampler, kd: KDLoss, *, lmbda: float, seq_kd: bool
     ) -> None:
-        # teacher scores the samples; teachers are the loss's ([] for SFT on the samples)
-        self.data, self.student, self.teacher, self.teachers = data, student, teacher, teachers
-        self.rollout, self.lmbda, self.seq_kd = rollout, lmbda, seq_kd
-        self.seed, self.rank, self.gathered, self.cache_dtype = seed, rank, gathered, cache_dtype
-        self.options, self.vocab, self.chunk_size = options, vocab, chunk_size
+        self.data, self.sampler, self.kd = data, sampler, kd
+        self.lmbda, self.seq_kd = lmbda, seq_kd
+        self.teachers = kd.teachers  # the loss's ([] for SFT on the samples)
         self.log = RolloutLog()
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
-        """Sample now where the coin says so. Every rank decodes until all ranks' rows are
-        done (parallel.all_ranks), so FSDP's collectives line up; `gathered` keeps the weights
-        all-gathered for the whole rollout instead of once per token."""
-        models = (self.student, self.teacher) if self.gathered else ()
-        with parallel.gathered(*models):
+        """Sample now where the coin says so; every rank decodes until all ranks' rows are
+        done (the sampler's all_done), so FSDP's collectives line up."""
+        with self.sampler.gathered():
             batches, rollouts = gkd_micro_batches(
-                self.student,
-                self.teacher,
+                self.sampler,
                 self.data.examples(step),
-                self.rollout,
                 step=step,
-                seed=self.seed,
-                rank=self.rank,
                 lmbda=self.lmbda,
                 seq_kd=self.seq_kd,
-                all_done=parallel.all_ranks,
-                cache_dtype=self.cache_dtype,
             )
         self.log.add(rollouts, micro_batches=len(batches))
         return with_global_count(batches)
 
     def loss(self, student: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        return kd_loss(
-            student,
-            batch,
-            teachers=self.teachers,
-            options=self.options,
-            vocab=self.vocab,
-            chunk_size=self.chunk_size,
-        )
+        return self.kd(student, batch)
 
     def log_fields(self) -> dict[str, float]:
         return self.log.fields()

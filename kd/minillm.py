@@ -42,17 +42,7 @@ from kd.data import IGNORE, Batches, Example
 from kd.losses import LossOptions, token_count
 from kd.model import Transformer
 from kd.offpolicy import OffPolicy
-from kd.onpolicy import (
-    Rollout,
-    RolloutConfig,
-    RolloutLog,
-    align,
-    rollout,
-    rollout_batch,
-    sample_seed,
-    with_global_count,
-)
-from kd.sampling import this_rank_only
+from kd.onpolicy import Rollout, RolloutLog, Sampler, align, rollout_batch, with_global_count
 
 
 def importance_weights(student_logprobs: Tensor, behaviour_logprobs: Tensor) -> Tensor:
@@ -216,92 +206,68 @@ def minillm_loss(
 
 
 def minillm_micro_batches(
-    student: Transformer,
-    teacher: Transformer,
+    sampler: Sampler,
     micro_examples: list[list[Example]],
-    config: RolloutConfig,
     *,
     step: int,
-    seed: int,
-    rank: int,
     teacher_mix_alpha: float = 0.2,
     length_norm: bool = True,
-    all_done: Callable[[bool], bool] = this_rank_only,
     all_reduce_sum: Callable[[Tensor], Tensor] | None = None,
-    cache_dtype: torch.dtype | None = None,
 ) -> tuple[list[dict[str, Tensor]], list[Rollout]]:
     """This rank's micro-batches of one MiniLLM step (`minillm_batch` of a teacher-mixed rollout
     of each micro-batch's prompts), and the rollouts."""
     rollouts = [
-        rollout(
-            student,
-            teacher,
+        sampler.sample(
             [e.prompt_ids for e in examples],
-            config,
+            step=step,
+            micro_batch=m,
             teacher_mix_alpha=teacher_mix_alpha,
-            seed=sample_seed(seed=seed, step=step, micro_batch=m, rank=rank),
-            all_done=all_done,
-            cache_dtype=cache_dtype,
         )
         for m, examples in enumerate(micro_examples)
     ]
+    pad_id = sampler.config.pad_id
     batches = [
-        minillm_batch(
-            r, pad_id=config.pad_id, length_norm=length_norm, all_reduce_sum=all_reduce_sum
-        )
+        minillm_batch(r, pad_id=pad_id, length_norm=length_norm, all_reduce_sum=all_reduce_sum)
         for r in rollouts
     ]
     return batches, rollouts
 
 
 class MiniLLM:
-    """The method train.py runs for `method = "minillm"` (the four members of kd/offpolicy.py's)."""
+    """The method train.py runs for `method = "minillm"` (the members kd/offpolicy.py
+    describes): the step's rollouts (`minillm_micro_batches`) scored by `minillm_loss`, then
+    the step's lm_data batches, if any, scored by `lm` (off-policy KD)."""
 
     def __init__(
         self,
         data: Batches,
+        sampler: Sampler,
         *,
-        student: Transformer,
-        teacher: Transformer,
-        rollout: RolloutConfig,
         teacher_mix_alpha: float,
         length_norm: bool,
         clip: float,
-        seed: int,
-        rank: int,
-        gathered: bool,
-        cache_dtype: torch.dtype | None,
         vocab: int,
         chunk_size: int,
         lm: OffPolicy | None = None,
         lm_loss_weight: float = 1.0,
     ) -> None:
-        self.data, self.student, self.teacher, self.teachers = data, student, teacher, [teacher]
-        self.rollout, self.teacher_mix_alpha = rollout, teacher_mix_alpha
-        self.length_norm, self.clip, self.seed, self.rank = length_norm, clip, seed, rank
-        self.gathered, self.cache_dtype = gathered, cache_dtype
+        self.data, self.sampler, self.teachers = data, sampler, [sampler.teacher]
+        self.teacher_mix_alpha, self.length_norm, self.clip = teacher_mix_alpha, length_norm, clip
         self.vocab, self.chunk_size = vocab, chunk_size
         self.lm, self.lm_loss_weight = lm, lm_loss_weight
         self.log = RolloutLog()
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
-        """The step's rollouts (every rank decodes until all ranks' rows are done, with the
-        weights gathered once per rollout where `gathered`), then the step's lm_data batches."""
-        models = (self.student, self.teacher) if self.gathered else ()
-        with parallel.gathered(*models):
+        """The step's rollouts (every rank decodes until all ranks' rows are done), then the
+        step's lm_data batches."""
+        with self.sampler.gathered():
             batches, rollouts = minillm_micro_batches(
-                self.student,
-                self.teacher,
+                self.sampler,
                 self.data.examples(step),
-                self.rollout,
                 step=step,
-                seed=self.seed,
-                rank=self.rank,
                 teacher_mix_alpha=self.teacher_mix_alpha,
                 length_norm=self.length_norm,
-                all_done=parallel.all_ranks,
                 all_reduce_sum=parallel.all_reduce_sum,
-                cache_dtype=self.cache_dtype,
             )
         self.log.add(rollouts, micro_batches=len(batches))
         lm = self.lm.micro_batches(step) if self.lm is not None else []
@@ -316,7 +282,7 @@ class MiniLLM:
             return self.lm_loss_weight * loss, {}
         loss, metrics = minillm_loss(
             student,
-            self.teacher,
+            self.sampler.teacher,
             batch,
             num_tokens=batch["num_tokens"],
             vocab=self.vocab,

@@ -26,6 +26,8 @@ Tests: `.venv/bin/python -m pytest -q tests/test_train.py tests/test_teacher_cac
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -36,71 +38,64 @@ from kd.model import Transformer
 from kd.teacher_cache import TeacherCache
 
 
-def kd_loss(
-    student: Transformer,
-    batch: dict[str, Tensor],
-    *,
-    teachers: list[Transformer],
-    options: LossOptions,
-    vocab: int,
-    chunk_size: int,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """This micro-batch's share of the step's loss (its valid-token sum / batch["num_tokens"])
-    and its log sums {"tokens", "ce", "divergence"} (no divergence without a teacher).
+@dataclass(frozen=True)
+class KDLoss:
+    """The loss of one micro-batch: the teacher(s) it compares with, and how.
 
-    The teacher: top-k log-probs in the batch ("teacher_ids", "teacher_logprobs", from a cache),
-    else the forward of `teachers`, else none (SFT). The student's forward computes the chunked
-    loss inside it (output_fn), so the (tokens x vocab) logits never exist whole.
+    Called on a batch, it returns the micro-batch's share of the step's loss (its valid-token
+    sum / batch["num_tokens"]) and its log sums {"tokens", "ce", "divergence"} (no divergence
+    without a teacher). The teacher: top-k log-probs in the batch ("teacher_ids",
+    "teacher_logprobs", from a cache), else the forward of `teachers`, else none (SFT). The
+    student's forward computes the chunked loss inside it (output_fn), so the (tokens x vocab)
+    logits never exist whole.
     """
-    input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T) each
-    t_hidden = t_head = cached = None
-    if "teacher_ids" in batch:  # cached: the teacher's top-k at T, aligned with the labels
-        cached = TopK(ids=batch["teacher_ids"], logprobs=batch["teacher_logprobs"])
-    elif teachers:
-        with torch.no_grad():
-            t_hidden = [t(input_ids, output_fn=lambda h, w: h) for t in teachers]  # (B, T, H_t)
-        t_head = [t.head_weight for t in teachers]  # replicated (V_t, H_t): see kd/parallel.py
-        if len(teachers) == 1:
-            t_hidden, t_head = t_hidden[0], t_head[0]
 
-    def loss_fn(hidden: Tensor, head_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
-        # Runs inside the student's root forward: FSDP2 has gathered the (compute-dtype) head
-        # weight, and the gradient of the loss reaches it and `hidden` through autograd.
-        return chunked_distillation_loss(
-            hidden,
-            head_weight[:vocab],
-            t_hidden,
-            t_head,
-            labels,
-            options,
-            chunk_size=chunk_size,
-            teacher_logits=cached,
-            num_tokens=batch["num_tokens"],
-        )
+    teachers: list[Transformer]  # whose forward runs on every micro-batch; [] for SFT, a cache
+    options: LossOptions  # divergence, temperature, alpha, ...
+    vocab: int  # the vocabulary rows the loss compares (padding rows past it dropped)
+    chunk_size: int  # tokens per chunk of the loss
 
-    loss, metrics = student(input_ids, output_fn=loss_fn)
-    n = metrics["valid_tokens"].float()
-    sums = {"tokens": n, "ce": metrics["ce"] * n}
-    if t_hidden is not None or cached is not None:
-        sums["divergence"] = metrics["divergence"] * n
-    return loss, sums
+    def __call__(self, student: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T) each
+        t_hidden = t_head = cached = None
+        if "teacher_ids" in batch:  # cached: the teacher's top-k at T, aligned with the labels
+            cached = TopK(ids=batch["teacher_ids"], logprobs=batch["teacher_logprobs"])
+        elif self.teachers:
+            with torch.no_grad():  # (B, T, H_t) each
+                t_hidden = [t(input_ids, output_fn=lambda h, w: h) for t in self.teachers]
+            t_head = [t.head_weight for t in self.teachers]  # replicated (V_t, H_t): parallel.py
+            if len(self.teachers) == 1:
+                t_hidden, t_head = t_hidden[0], t_head[0]
+
+        def loss_fn(hidden: Tensor, head_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+            # Runs inside the student's root forward: FSDP2 has gathered the (compute-dtype)
+            # head weight, and the gradient of the loss reaches it and `hidden` by autograd.
+            return chunked_distillation_loss(
+                hidden,
+                head_weight[: self.vocab],
+                t_hidden,
+                t_head,
+                labels,
+                self.options,
+                chunk_size=self.chunk_size,
+                teacher_logits=cached,
+                num_tokens=batch["num_tokens"],
+            )
+
+        loss, metrics = student(input_ids, output_fn=loss_fn)
+        n = metrics["valid_tokens"].float()
+        sums = {"tokens": n, "ce": metrics["ce"] * n}
+        if t_hidden is not None or cached is not None:
+            sums["divergence"] = metrics["divergence"] * n
+        return loss, sums
 
 
 class OffPolicy:
-    """KD (or SFT) on the data: micro-batches from `data`, the loss of `kd_loss`."""
+    """KD (or SFT) on the data: micro-batches from `data`, each scored by `kd`."""
 
-    def __init__(
-        self,
-        data: Batches,
-        *,
-        teachers: list[Transformer],
-        options: LossOptions,
-        vocab: int,
-        chunk_size: int,
-        cache: TeacherCache | None = None,
-    ) -> None:
-        self.data, self.teachers, self.cache = data, teachers, cache
-        self.options, self.vocab, self.chunk_size = options, vocab, chunk_size
+    def __init__(self, data: Batches, kd: KDLoss, *, cache: TeacherCache | None = None) -> None:
+        self.data, self.kd, self.cache = data, kd, cache
+        self.teachers = kd.teachers
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
         """This rank's micro-batches of `step`. N, the trained tokens of the global batch, is
@@ -111,20 +106,13 @@ class OffPolicy:
             index = batch.pop("index")  # (B,) the examples' rows in the data file
             if self.cache is not None:  # read on the CPU; train_step moves it with the batch
                 batch["teacher_ids"], batch["teacher_logprobs"] = self.cache.topk_for(
-                    index, batch["labels"], temperature=self.options.temperature
+                    index, batch["labels"], temperature=self.kd.options.temperature
                 )
             batches.append({**batch, "num_tokens": num_tokens})
         return batches
 
     def loss(self, student: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-        return kd_loss(
-            student,
-            batch,
-            teachers=self.teachers,
-            options=self.options,
-            vocab=self.vocab,
-            chunk_size=self.chunk_size,
-        )
+        return self.kd(student, batch)
 
     def log_fields(self) -> dict[str, float]:
         return {}  # loss, divergence and CE are the loop's

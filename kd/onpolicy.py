@@ -25,6 +25,7 @@ Tests: `.venv/bin/python -m pytest -q tests/test_onpolicy.py`.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -174,6 +175,49 @@ def rollout(
         student_logprobs=values.get("student"),
         teacher_logprobs=values.get("teacher"),
     )
+
+
+@dataclass
+class Sampler:
+    """What every rollout of a run shares: both models, the sampler settings, the seeds and
+    how ranks agree. `sample` draws one micro-batch's responses; `gathered()` keeps the FSDP
+    weights all-gathered around a step's rollouts when `gather` is set (once per rollout,
+    instead of once per token, at the cost of one whole copy of each model per rank)."""
+
+    student: Transformer
+    teacher: Transformer
+    config: RolloutConfig
+    seed: int = 0  # with (step, micro-batch, rank): the sampling seed of each rollout
+    rank: int = 0
+    all_done: Callable[[bool], bool] = this_rank_only  # parallel.all_ranks under torchrun
+    cache_dtype: torch.dtype | None = None  # KV cache; the compute dtype for fp32 masters
+    gather: bool = False
+
+    def sample(
+        self,
+        prompts: list[list[int]],
+        *,
+        step: int,
+        micro_batch: int,
+        teacher_mix_alpha: float,
+        with_student: bool = True,
+    ) -> Rollout:
+        """`rollout` of the prompts, seeded by (seed, step, micro-batch, rank); with_student
+        False: the teacher samples and scores alone (teacher_mix_alpha 1)."""
+        seed = sample_seed(seed=self.seed, step=step, micro_batch=micro_batch, rank=self.rank)
+        return rollout(
+            self.student if with_student else None,
+            self.teacher,
+            prompts,
+            self.config,
+            teacher_mix_alpha=teacher_mix_alpha,
+            seed=seed,
+            all_done=self.all_done,
+            cache_dtype=self.cache_dtype,
+        )
+
+    def gathered(self) -> contextlib.AbstractContextManager:
+        return parallel.gathered(*((self.student, self.teacher) if self.gather else ()))
 
 
 # ----------------------------------------------------------------------------- rollouts as batches

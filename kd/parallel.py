@@ -102,7 +102,8 @@ def barrier() -> None:
 def shard_student(
     model: nn.Module, *, precision: str, activation_checkpointing: bool, compile: bool
 ) -> None:
-    """FSDP2 on each block, then the root (embeddings, final norm, head); sums, never averages, grads."""
+    """FSDP2 on each block, then the root (embeddings, final norm, head); gradients are summed
+    over ranks, never averaged."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     layers = model.model.layers
     for i, block in enumerate(layers):
@@ -122,7 +123,8 @@ def shard_student(
 
 
 def shard_teacher(model: nn.Module, *, compile: bool) -> None:
-    """Frozen, eval mode, blocks sharded; parameters keep their dtype (the teacher is built in bf16)."""
+    """Frozen, eval mode, blocks sharded; parameters keep their dtype (the teacher is built in
+    the compute dtype)."""
     model.requires_grad_(False)
     model.eval()
     layers = model.model.layers
@@ -156,7 +158,7 @@ def full_state_dict(model: nn.Module) -> dict[str, Tensor]:
 
 @contextlib.contextmanager
 def gathered(*models: nn.Module) -> Iterator[None]:
-    """Keep the models' FSDP2 parameters all-gathered from their first forward to the end of the block.
+    """Keep the models' FSDP2 parameters all-gathered from their first forward to the block's end.
 
     By default every block all-gathers its parameters before each forward and frees them
     after: right for training, one forward per micro-batch. An on-policy rollout makes one
@@ -180,7 +182,8 @@ def gathered(*models: nn.Module) -> Iterator[None]:
 
 
 def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Off for all micro-batches but the last: gradients accumulate unreduced, then one reduce-scatter."""
+    """Off for all micro-batches but the last: gradients accumulate unreduced, then one
+    reduce-scatter."""
     model.set_requires_gradient_sync(enabled)
 
 
@@ -222,8 +225,9 @@ def agree(values: list[float]) -> list[float]:
 
 
 def all_ranks(flag: bool) -> bool:
-    """True only when `flag` is True on every rank (a CPU all-reduce): the done flag of on-policy
-    rollouts, so that every rank keeps decoding, and calling FSDP's collectives, until all are done."""
+    """True only when `flag` is True on every rank (a CPU all-reduce): the done flag of
+    on-policy rollouts, so that every rank keeps decoding, and calling FSDP's collectives,
+    until all are done."""
     return agree([float(flag)])[0] == dist.get_world_size()
 
 

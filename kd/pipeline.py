@@ -11,11 +11,26 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from kd import checkpoint
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def run_script(main: Callable[[list[str]], None], argv: list[str]) -> int:
+    """A script's exit status: user errors are one `error: ...` line (status 1), Ctrl-C says
+    how to resume (status 130: the stages done so far are kept)."""
+    try:
+        main(argv)
+    except (ValueError, FileNotFoundError, ChildFailed) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted: run it again to resume where it stopped", file=sys.stderr)
+        return 130
+    return 0
 
 
 class ChildFailed(Exception):

@@ -49,6 +49,7 @@ def format_step(r: dict, max_steps: int, extra: list[str]) -> str:
         loss += f" (div {r['divergence']:.4f}, ce {r['ce']:.4f})"
     parts = [
         f"step {r['step']}/{max_steps}",
+        "epoch " + "/".join(f"{e:.2f}" for e in r["epochs"]),  # per data file
         loss,
         f"lr {r['lr']:.2e}",
         f"grad {r['grad_norm']:.3f}",

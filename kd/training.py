@@ -27,7 +27,7 @@ from kd.gkd import GKD
 from kd.losses import LossOptions
 from kd.minillm import MiniLLM
 from kd.model import ModelConfig, Transformer
-from kd.offpolicy import OffPolicy
+from kd.offpolicy import KDLoss, OffPolicy
 from kd.parallel import World
 from kd.student import layer_subset_config, layer_subset_state_dict
 from kd.teacher_cache import TeacherCache
@@ -230,9 +230,12 @@ def build_method(
     """The method `cfg.method` names, on `streams` (`training_data`): what each step trains
     on and its loss. off-policy KD, SFT (`loss = "sft"`: no teacher forward) and KD from a
     teacher cache are kd/offpolicy.py; gkd and minillm sample the student's answers."""
-    options = loss_options(cfg, vocab)
-    common = dict(options=options, vocab=vocab, chunk_size=cfg.chunk_size)
-    kd_teachers = [] if cfg.loss == "sft" else teachers
+    kd = KDLoss(
+        teachers=[] if cfg.loss == "sft" else teachers,
+        options=loss_options(cfg, vocab),
+        vocab=vocab,
+        chunk_size=cfg.chunk_size,
+    )
     if cfg.method == "offpolicy":
         cache = None
         if cfg.teacher_cache:  # refuses a cache made for another tokenizer, data file or seq_len
@@ -248,7 +251,7 @@ def build_method(
                     f"{cfg.teacher_cache} was made by a teacher with {cache.spec.vocab_size} "
                     f"logits, the student has {vocab}"
                 )
-        return OffPolicy(streams["data"], teachers=kd_teachers, cache=cache, **common)
+        return OffPolicy(streams["data"], kd, cache=cache)
     rollout = onpolicy.RolloutConfig(
         max_new_tokens=cfg.max_new_tokens,
         eos_token_ids=frozenset(tokenizer.eos_token_ids),
@@ -258,37 +261,31 @@ def build_method(
         top_k=cfg.rollout_top_k,
         top_p=cfg.rollout_top_p,
     )
-    sampling = dict(
-        student=student,
-        teacher=teachers[0],
-        rollout=rollout,
+    sampler = onpolicy.Sampler(
+        student,
+        teachers[0],
+        rollout,
         seed=cfg.seed,
         rank=world.rank,
-        gathered=cfg.rollout_gathered,
+        all_done=parallel.all_ranks,
         cache_dtype=DTYPES[cfg.precision],
+        gather=cfg.rollout_gathered,
     )
     if cfg.method == "gkd":
-        return GKD(
-            streams["data"],
-            teachers=kd_teachers,
-            lmbda=cfg.lmbda,
-            seq_kd=cfg.seq_kd,
-            **sampling,
-            **common,
-        )
+        return GKD(streams["data"], sampler, kd, lmbda=cfg.lmbda, seq_kd=cfg.seq_kd)
     lm = None
     if "lm_data" in streams:  # the language-modelling loss: off-policy KD on lm_data
-        lm = OffPolicy(streams["lm_data"], teachers=kd_teachers, **common)
+        lm = OffPolicy(streams["lm_data"], kd)
     return MiniLLM(
         streams["data"],
+        sampler,
         teacher_mix_alpha=cfg.teacher_mix_alpha,
         length_norm=cfg.length_norm,
         clip=cfg.ppo_clip,
-        lm=lm,
-        lm_loss_weight=cfg.lm_loss_weight,
         vocab=vocab,
         chunk_size=cfg.chunk_size,
-        **sampling,
+        lm=lm,
+        lm_loss_weight=cfg.lm_loss_weight,
     )
 
 

@@ -164,7 +164,7 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
     kd.training.train_step on it."""
     from kd import parallel
     from kd.data import Batches
-    from kd.offpolicy import OffPolicy
+    from kd.offpolicy import KDLoss, OffPolicy
     from kd.optim import build_optimizer
     from kd.tokenizer import load_tokenizer
     from kd.training import (
@@ -208,14 +208,10 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
             seed=0,
             pad_id=0,
         )
-        method = OffPolicy(
-            data,
-            teachers=[] if case == "sft" else teachers,
-            options=loss_options(cfg, vocab),
-            vocab=vocab,
-            chunk_size=cfg.chunk_size,
-            cache=open_batch_cache(cfg, tokenizer, cpu_batch) if case == "cached" else None,
-        )
+        teacher = [] if case == "sft" else teachers
+        kd = KDLoss(teacher, loss_options(cfg, vocab), vocab, cfg.chunk_size)
+        cache = open_batch_cache(cfg, tokenizer, cpu_batch) if case == "cached" else None
+        method = OffPolicy(data, kd, cache=cache)
         optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=0.1)
 
         def step() -> None:

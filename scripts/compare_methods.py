@@ -24,27 +24,24 @@ import argparse
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT.parent))
-from kd import hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
 from kd.dtypes import DTYPES, fast_precision  # noqa: E402
 from kd.evaluate import (  # noqa: E402
+    Rows,
     describe_machine,
-    evaluate_to_file,
     for_eval,
     format_table,
     load_eval_set,
     metrics_note,
     verdict,
 )
-from kd.model import Transformer  # noqa: E402
-from kd.pipeline import ChildFailed, run_train, train_args  # noqa: E402
+from kd.pipeline import run_script, run_train, train_args  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 from kd.training import initial_student  # noqa: E402
 
@@ -166,22 +163,16 @@ def run_methods(
     dtype = DTYPES[precision]
     tokenizer = load_tokenizer(args.teacher)
     eval_set = load_eval_set(args.demo / "data" / "heldout.jsonl", tokenizer)
-    teacher = for_eval(hf.load_model(args.teacher, dtype=dtype), device, dtype)
-
-    def evaluate_once(name: str, model: Callable[[], Transformer], answers=None) -> None:
-        if not (args.out / f"{name}.json").exists():
-            evaluate_to_file(
-                args.out / f"{name}.json",
-                name,
-                for_eval(model(), device, dtype),
-                tokenizer,
-                eval_set,
-                teacher=teacher,
-                answers=answers,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-            )
-
+    rows = Rows(
+        args.out,
+        args.teacher,
+        tokenizer,
+        eval_set,
+        device=device,
+        dtype=dtype,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
     seconds = {}
     for method in configs:
         print(f"\n=== {method}", flush=True)
@@ -190,14 +181,15 @@ def run_methods(
             t0 = time.perf_counter()
             run_train(method_args(args, method, overrides, precision), run)
             seconds[method] = time.perf_counter() - t0
-        evaluate_once(method, lambda: hf.load_model(run / "final", dtype=dtype))
-    evaluate_once("student_before", lambda: initial_student(next(iter(configs.values()))))
-    evaluate_once("teacher", lambda: teacher, answers=eval_set.references)
-    rows = {
-        "teacher": read(args.out / "teacher.json"),
-        "student before": read(args.out / "student_before.json"),
+        rows.row(method, lambda: rows.load(run / "final"))
+    first = next(iter(configs.values()))
+    table = {
+        "teacher": rows.row("teacher", lambda: rows.teacher, answers=eval_set.references),
+        "student before": rows.row(
+            "student before", lambda: for_eval(initial_student(first), device, dtype)
+        ),
     }
-    return rows | {m: read(args.out / f"{m}.json") for m in configs}, seconds
+    return table | {m: rows.read(m) for m in configs}, seconds
 
 
 def main(argv: list[str]) -> None:
@@ -273,11 +265,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, ChildFailed) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: run it again to resume where it stopped", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_script(main, sys.argv[1:]))

@@ -32,22 +32,20 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from kd import hf  # noqa: E402
 from kd.config import TrainConfig, load_config  # noqa: E402
 from kd.dtypes import DTYPES, fast_precision  # noqa: E402
 from kd.evaluate import (  # noqa: E402
     EvalSet,
+    Rows,
     describe_machine,
-    evaluate_to_file,
     for_eval,
     format_table,
     load_eval_set,
     metrics_note,
     verdict,
 )
-from kd.model import Transformer  # noqa: E402
-from kd.pipeline import ChildFailed, run_child, run_train, train_args  # noqa: E402
-from kd.tokenizer import Tokenizer, load_tokenizer  # noqa: E402
+from kd.pipeline import run_child, run_script, run_train, train_args  # noqa: E402
+from kd.tokenizer import load_tokenizer  # noqa: E402
 from kd.training import initial_student  # noqa: E402
 
 GPU_STEP_FACTOR = 3  # a GPU does the CPU budget in seconds; spend some of the saving on more steps
@@ -133,10 +131,6 @@ class Clock:
             for name, wall in self.rows
         ]
         return "\n".join(lines)
-
-
-def slug(name: str) -> str:
-    return name.replace(" ", "_")
 
 
 # ----------------------------------------------------------------------------- the report
@@ -249,52 +243,6 @@ def teacher_answers(args: argparse.Namespace, precision: str, prompts: Path, out
     return lambda: run_child(command)
 
 
-class Evaluations:
-    """Stages 3 and 5: each model's row of the table, written to OUT/eval/<name>.json; the
-    teacher is loaded once, and only if an evaluation still has to run."""
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        tokenizer: Tokenizer,
-        eval_set: EvalSet,
-        device: torch.device,
-        dtype: torch.dtype,
-    ) -> None:
-        self.args, self.tokenizer, self.eval_set = args, tokenizer, eval_set
-        self.device, self.dtype, self._teacher = device, dtype, None
-
-    def load(self, path: Path | str) -> Transformer:
-        return for_eval(hf.load_model(path, dtype=self.dtype), self.device, self.dtype)
-
-    @property
-    def teacher(self) -> Transformer:
-        if self._teacher is None:
-            self._teacher = self.load(self.args.teacher)
-        return self._teacher
-
-    def run(self, name: str, model: Transformer, answers: list[str] | None = None) -> None:
-        path = self.args.out / "eval" / f"{slug(name)}.json"
-        evaluate_to_file(
-            path,
-            name,
-            model,
-            self.tokenizer,
-            self.eval_set,
-            teacher=self.teacher,
-            max_new_tokens=self.args.max_new_tokens,
-            batch_size=self.args.batch_size,
-            answers=answers,
-        )
-
-    def after(self) -> None:
-        """The distilled student (unless an interrupted run got that far), then the teacher,
-        whose greedy answers are the references (stage 2): not generated a second time."""
-        if not (self.args.out / "eval" / "student_after.json").exists():
-            self.run("student after", self.load(self.args.out / "train" / "final"))
-        self.run("teacher", self.teacher, answers=self.eval_set.references)
-
-
 # ----------------------------------------------------------------------------- main
 
 
@@ -324,10 +272,23 @@ def main(argv: list[str]) -> None:
     tokenizer = load_tokenizer(args.teacher)
     eval_set = load_eval_set(data / "heldout.jsonl", tokenizer)
     dtype = DTYPES[precision]
-    evaluations = Evaluations(args, tokenizer, eval_set, device, dtype)
+    rows = Rows(
+        evals,
+        args.teacher,
+        tokenizer,
+        eval_set,
+        device=device,
+        dtype=dtype,
+        max_new_tokens=args.max_new_tokens,
+        batch_size=args.batch_size,
+    )
 
     def evaluate_before() -> None:
-        evaluations.run("student before", for_eval(initial_student(cfg), device, dtype))
+        rows.row("student before", lambda: for_eval(initial_student(cfg), device, dtype))
+
+    def evaluate_after() -> None:  # the teacher's greedy answers are the references (stage 2)
+        rows.row("student after", lambda: rows.load(args.out / "train" / "final"))
+        rows.row("teacher", lambda: rows.teacher, answers=eval_set.references)
 
     clock.stage(
         3,
@@ -346,17 +307,14 @@ def main(argv: list[str]) -> None:
         5,
         "evaluate the distilled student and the teacher",
         evals / "teacher.json",
-        evaluations.after,
+        evaluate_after,
     )
 
     print("\n[6/6] report")
     curves = args.out / "curves.png"
     plot = [sys.executable, str(ROOT / "scripts/plot_metrics.py"), str(args.out / "train")]
     run_child([*plot, "--out", str(curves)])
-    results = {
-        name: json.loads((evals / f"{slug(name)}.json").read_text(encoding="utf-8"))
-        for name in ("teacher", "student before", "student after")
-    }
+    results = {name: rows.read(name) for name in ("teacher", "student before", "student after")}
     print_examples(eval_set, results)
     text = report_text(args, cfg, eval_set, results, clock, device, curves.is_file())
     report = write_report(args, text, results)
@@ -365,11 +323,4 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main(sys.argv[1:])
-    except (ValueError, FileNotFoundError, ChildFailed) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        sys.exit(1)
-    except KeyboardInterrupt:
-        print("interrupted: run the demo again to resume where it stopped", file=sys.stderr)
-        sys.exit(130)
+    sys.exit(run_script(main, sys.argv[1:]))

@@ -36,6 +36,8 @@ def test_every_setting_has_a_command_line_form_and_help():
     text = help_text()
     for f in fields(TrainConfig):
         assert f"--{f.name}=" in text, f.name
+        line = next(line for line in text.splitlines() if line.startswith(f"  --{f.name}="))
+        assert len(line.split(maxsplit=1)) == 2, f"{f.name} has no help: {line!r}"
     cfg = load_config(
         [
             "--teacher=t",

@@ -42,6 +42,7 @@ from kd.minillm import (
 from kd.model import ModelConfig, Transformer
 from kd.onpolicy import (
     RolloutConfig,
+    Sampler,
     align,
     load_prompt_examples,
     rollout,
@@ -68,7 +69,8 @@ EOS = 2
 
 
 def tiny_model(*, seed: int, head_std: float = 0.02, layers: int = 1) -> Transformer:
-    """A 1-layer untied model; head_std ~1 makes its next-token distributions peaky (logit std ~sqrt(H))."""
+    """A 1-layer untied model; head_std ~1 makes its next-token distributions peaky (logit std
+    ~sqrt(H))."""
     config = ModelConfig(
         vocab_size=V,
         hidden_size=32,
@@ -230,7 +232,8 @@ def test_ppo_clipped_surrogate_against_numpy() -> None:
 
 
 def test_minillm_loss_terms() -> None:
-    """The loss = PPO sum / N + mean token KL(q || p); at sampling time rho = w and the value is checked."""
+    """The loss = PPO sum / N + mean token KL(q || p); at sampling time rho = w and the value is
+    checked."""
     student, teacher = tiny_model(seed=0, head_std=0.5), tiny_model(seed=1, head_std=0.5)
     r = rollout(student, teacher, [[5, 7, 3], [9, 1]], config(5), teacher_mix_alpha=0.2, seed=2)
     batch = minillm_batch(r, pad_id=0)
@@ -329,26 +332,22 @@ def test_gkd_coin_is_deterministic_and_has_rate_lmbda() -> None:
 
 def test_gkd_micro_batches_mix_student_data_and_teacher_batches() -> None:
     student, teacher = tiny_model(seed=0, head_std=0.5), tiny_model(seed=1, head_std=0.5)
-    data = Example(
-        [5, 7, 3, 9, 9], [IGNORE, IGNORE, 9, 9, IGNORE], [5, 7, 3], 2
-    )  # prompt [5, 7, 3], response [9, 9]
+    # prompt [5, 7, 3], response [9, 9]
+    data = Example([5, 7, 3, 9, 9], [IGNORE, IGNORE, 9, 9, IGNORE], [5, 7, 3], 2)
     micro = [[data, data] for _ in range(6)]
     for seq_kd in (False, True):
-        batches, rollouts = gkd_micro_batches(
-            student, teacher, micro, config(4), step=3, seed=0, rank=0, lmbda=0.5, seq_kd=seq_kd
-        )
+        sampler = Sampler(student, teacher, config(4), seed=0, rank=0)
+        batches, rollouts = gkd_micro_batches(sampler, micro, step=3, lmbda=0.5, seq_kd=seq_kd)
         flips = [on_policy(seed=0, step=3, micro_batch=m, lmbda=0.5) for m in range(6)]
-        assert (
-            len(batches) == 6 and len(rollouts) == sum(flips) and 0 < sum(flips) < 6
-        )  # both kinds occur
+        # both kinds occur
+        assert len(batches) == 6 and len(rollouts) == sum(flips) and 0 < sum(flips) < 6
         for batch, student_made in zip(batches, flips):
             from_data = (
                 batch["input_ids"][0, :5].tolist() == data.input_ids
                 and batch["labels"][0].tolist() == data.labels
             )
-            assert from_data == (
-                not student_made and not seq_kd
-            )  # seq_kd: sampled by the teacher instead
+            # seq_kd: sampled by the teacher instead
+            assert from_data == (not student_made and not seq_kd)
             assert batch["input_ids"][0, :3].tolist() == [5, 7, 3]
     assert all(r.student_logprobs is not None and r.teacher_logprobs is not None for r in rollouts)
 
@@ -409,7 +408,7 @@ def test_tokenizer_mismatch_is_an_error(tmp_path: Path) -> None:
 # ----------------------------------------------------------------------------- 2 ranks
 
 
-def _two_rank_worker(rank: int, port: int, results: dict) -> None:
+def _two_rank_worker(rank: int, port: int, results: dict, exit_together) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
@@ -417,12 +416,10 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
         WORLD_SIZE="2",
         LOCAL_RANK=str(rank),
     )
-    import torch.distributed as dist
-
     from kd import parallel
 
     torch.set_num_threads(1)  # as torchrun would: 2 ranks on 2 cores
-    world = parallel.init_distributed()
+    parallel.init_distributed()
     try:
         student, teacher = (
             tiny_model(seed=0, head_std=0.4, layers=2),
@@ -433,24 +430,15 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
         )
         parallel.shard_teacher(teacher, compile=False)
 
-        def all_done(done: bool) -> bool:  # what train.py gets from kd/parallel.py
-            flag = torch.tensor([float(done)])
-            dist.all_reduce(flag)
-            return int(flag) == world.world_size
-
         # Different prompt lengths and seeds per rank: the ranks' rows end at different steps.
         prompts = [[5, 7, 3], [9]] if rank == 0 else [[4, 4, 8, 1, 6, 2, 9]]
         examples = [[Example(p, [IGNORE] * len(p), p, 0) for p in prompts]]
+        eos = frozenset({EOS, 3})
+        sampler = Sampler(
+            student, teacher, config(24, eos), seed=10, rank=rank, all_done=parallel.all_ranks
+        )
         (batch,), (r,) = minillm_micro_batches(
-            student,
-            teacher,
-            examples,
-            config(24, eos=frozenset({EOS, 3})),
-            step=0,
-            seed=10,
-            rank=rank,
-            all_done=all_done,
-            all_reduce_sum=parallel.all_reduce_sum,
+            sampler, examples, step=0, all_reduce_sum=parallel.all_reduce_sum
         )
         n = parallel.agree([float((batch["labels"] != IGNORE).sum())])[0]
         loss, _ = minillm_loss(student, teacher, batch, num_tokens=int(n), vocab=V)
@@ -462,9 +450,13 @@ def _two_rank_worker(rank: int, port: int, results: dict) -> None:
                 torch.isfinite(p.grad.full_tensor()).all() for p in student.parameters()
             ),
         }
-        parallel.barrier()  # leave together: the group must not go away under a peer's last collective
+        # Leave together: the group must not go away under a peer's last collective.
+        parallel.barrier()
     finally:
         parallel.shutdown()
+        # Rank 0's process hosts the rendezvous store: no process exits before both have shut
+        # down (else rank 1 can abort, tests/test_parallel.py).
+        exit_together.wait(timeout=60)
 
 
 def test_two_ranks_with_different_lengths_complete() -> None:
@@ -472,7 +464,8 @@ def test_two_ranks_with_different_lengths_complete() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     results = mp.Manager().dict()
-    context = mp.spawn(_two_rank_worker, args=(port, results), nprocs=2, join=False)
+    exit_together = mp.get_context("spawn").Barrier(2)
+    context = mp.spawn(_two_rank_worker, args=(port, results, exit_together), nprocs=2, join=False)
     # A rank that stopped decoding early would leave the other blocked in an all-gather:
     # a timeout turns that deadlock into a failure.
     for process in context.processes:
@@ -487,7 +480,6 @@ def test_two_ranks_with_different_lengths_complete() -> None:
     assert r0["longest"] != r1["longest"], (
         f"ranks sampled equal lengths ({r0['longest']}): the test lost its point"
     )
-    assert (
-        r0["steps"] == r1["steps"] == max(r0["longest"], r1["longest"])
-    )  # both stepped until all were done
+    # both stepped until all were done
+    assert r0["steps"] == r1["steps"] == max(r0["longest"], r1["longest"])
     assert r0["grad_finite"] and r1["grad_finite"]

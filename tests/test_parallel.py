@@ -66,7 +66,7 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, n_global: int) -> to
     )
 
 
-def worker(rank: int, port: int) -> None:
+def worker(rank: int, port: int, exit_together) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -150,11 +150,13 @@ def worker(rank: int, port: int) -> None:
 
         with pytest.raises(ValueError, match="rank 0 could not read"):
             parallel.run_on_rank0(fail)  # rank 1 must raise too, not wait in a broadcast
-        # Leave together: rank 0 hosts the rendezvous store, and tearing the group down while
-        # rank 1 still reads the last broadcast aborts rank 1 ("terminate called ...").
         parallel.barrier()
     finally:
         parallel.shutdown()
+        # Rank 0's process hosts the rendezvous store: if it exits while rank 1 is still
+        # tearing its group down, rank 1 aborts ("terminate called without an active
+        # exception", about 1 run in 5). So no process exits before both have shut down.
+        exit_together.wait(timeout=60)
 
 
 def free_port() -> int:
@@ -164,7 +166,8 @@ def free_port() -> int:
 
 
 def test_two_gloo_ranks_match_one_plain_model():
-    mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
+    exit_together = mp.get_context("spawn").Barrier(WORLD)
+    mp.spawn(worker, args=(free_port(), exit_together), nprocs=WORLD, join=True)
 
 
 def test_fast_dtype_picks_the_faster_matmul():

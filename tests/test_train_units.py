@@ -1,4 +1,5 @@
-"""Pieces of the training loop on their own: LR schedule, AdamW groups, layer-subset students, FLOPs.
+"""Pieces of the training loop on their own: LR schedule, AdamW groups, layer-subset
+students, FLOPs.
 
 - `lr_at`: linear warmup to lr, cosine to min_lr at max_steps, checked at its landmarks.
 - `build_optimizer`: decay on matrices only.
