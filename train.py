@@ -108,17 +108,17 @@ def main(cfg: TrainConfig) -> None:
         student, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=scaler is None
     )
     run = Run(
-        cfg,
-        world,
-        tokenizer,
-        streams,
-        eval_examples,
-        student,
-        teachers,
-        vocab,
-        method,
-        optimizer,
-        scaler,
+        cfg=cfg,
+        world=world,
+        tokenizer=tokenizer,
+        streams=streams,
+        eval_examples=eval_examples,
+        student=student,
+        teachers=teachers,
+        vocab=vocab,
+        method=method,
+        optimizer=optimizer,
+        scaler=scaler,
     )
 
     # --- resume: model, optimizer, RNG, step (= data position), grad scaler; then train.
