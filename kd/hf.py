@@ -20,6 +20,7 @@ Tests: `.venv/bin/python -m pytest -q tests/test_hf.py tests/test_model.py`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -143,6 +144,58 @@ def check_state_dict(
                 f"config.json implies {tuple(expected[key].shape)}"
             )
     return sd
+
+
+def weight_files(path: str | Path) -> list[Path]:
+    """The safetensors files of a HF directory, in order."""
+    path = Path(path)
+    if (path / INDEX_FILE).is_file():
+        try:
+            files = set(json.loads((path / INDEX_FILE).read_text())["weight_map"].values())
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(
+                f"{path / INDEX_FILE} has no readable weight_map ({e!r}); re-export it"
+            ) from None
+        return [path / f for f in sorted(files)]
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise FileNotFoundError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {path}: not a safetensors HF checkpoint"
+    )
+
+
+# Bytes of tensor data a fingerprint reads per file: SAMPLES evenly spaced runs of SAMPLE_BYTES.
+SAMPLES, SAMPLE_BYTES = 16, 1 << 16
+
+
+def fingerprint(path: str | Path) -> str:
+    """A cheap identity of a HF model directory: sha256 over config.json (as canonical JSON)
+    and, per safetensors file, its name, size, header (every tensor's name, dtype, shape and
+    offsets) and 16 evenly spaced 64 KiB runs of its tensor data.
+
+    About 1 MiB read per file, so a 70B teacher takes seconds where a full hash would take
+    minutes. Two checkpoints differ here if they differ in any config key, tensor shape or
+    sampled byte: another model of the same architecture (a fine-tune changes every weight)
+    is told apart; a change confined to bytes between the samples is not.
+    """
+    path = Path(path)
+    h = hashlib.sha256()
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path / 'config.json'}: cannot read it ({e})") from None
+    h.update(json.dumps(config, sort_keys=True).encode())
+    for file in weight_files(path):
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            header_bytes = int.from_bytes(f.read(8), "little")
+            start = 8 + header_bytes
+            h.update(f"{file.name} {size}".encode() + f.read(header_bytes))
+            data = max(size - start, 0)
+            for i in range(SAMPLES):
+                f.seek(start + data * i // SAMPLES)
+                h.update(f.read(min(SAMPLE_BYTES, data)))
+    return h.hexdigest()
 
 
 def load_model(
