@@ -12,12 +12,19 @@ each output line is the same object plus "response". Records are answered in ord
 batches appended to OUT.partial; a rerun resumes after the last complete batch and the file
 is renamed to OUT only at the end, so OUT never exists half-written. Batch b is sampled with
 seed + index of its first record, so a resumed run writes what an uninterrupted one would.
+OUT.partial.json records what made the partial (model and tokenizer fingerprints, the prompts,
+every sampling setting): a rerun with anything else is refused, never mixed in. One process
+writes an output at a time (OUT.partial.lock); a second one is refused, naming the first.
 With --dtype bf16 and one row at a time (--prompt, or --batch-size 1) oneDNN is turned off
 for the process: its bf16 matrix-vector product is the slower one (see main).
 """
 
 import argparse
+import contextlib
+import errno
+import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -27,7 +34,8 @@ import torch
 
 from kd.data import read_jsonl
 from kd.dtypes import DTYPES
-from kd.hf import load_model
+from kd.hf import fingerprint, load_model
+from kd.lock import Lock
 from kd.model import Transformer
 from kd.sampling import generate
 from kd.tokenizer import Tokenizer, load_tokenizer
@@ -57,9 +65,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         raise ValueError("give exactly one of --prompt TEXT or --prompts-file FILE")
     if args.prompts_file is not None and args.output is None:
         raise ValueError("--prompts-file needs --output FILE")
-    if args.batch_size < 1 or args.max_new_tokens < 1:
-        raise ValueError("--batch-size and --max-new-tokens must be >= 1")
+    check_numbers(args)
     return args
+
+
+def check_numbers(args: argparse.Namespace) -> None:
+    """Every numeric flag in its range, or a one-line error naming it. argparse's float() takes
+    'nan' and 'inf', and NaN fails every comparison: so each check is written `not (ok)`."""
+    for flag, value in (
+        ("--batch-size", args.batch_size),
+        ("--max-new-tokens", args.max_new_tokens),
+    ):
+        if not value >= 1:
+            raise ValueError(f"{flag} {value} must be >= 1")
+    if not args.top_k >= 0:
+        raise ValueError(f"--top-k {args.top_k} must be >= 0 (0 turns top-k off)")
+    if not abs(args.seed) < 2**63:  # torch seeds are 64-bit
+        raise ValueError(f"--seed {args.seed} is too large: use a seed below 2**63")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(
+            f"--temperature {args.temperature} is not a finite number >= 0: "
+            "use 0 for greedy, or e.g. 0.7"
+        )
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(
+            f"--top-p {args.top_p} is outside (0, 1]: use 1 to turn nucleus sampling off"
+        )
 
 
 def prompt_ids(tokenizer: Tokenizer, record: dict, *, chat: bool, system: str | None) -> list[int]:
@@ -103,28 +134,260 @@ def _without_response(record: dict) -> dict:
     return {k: v for k, v in record.items() if k != "response"}
 
 
-def read_partial(partial: Path, records: list[dict]) -> int:
-    """How many records a previous run finished; drops a torn last line from a crash."""
+def read_partial(partial: Path, records: list[dict], *, batch_size: int) -> int:
+    """How many records a previous run finished, in whole batches: drops a torn last line from a
+    crash and the records of a batch it did not finish (a batch is sampled as a whole, from
+    seed + its first index, so resuming mid-batch would change the answers)."""
     if not partial.exists():
         return 0
     lines = partial.read_bytes().split(b"\n")
-    done, keep = 0, 0
+    ends = [0]  # ends[n]: bytes of the first n records
     for line in lines[:-1]:  # the part after the last newline is torn (or empty)
         try:
             record = json.loads(line)
         except json.JSONDecodeError:
             break
         # An input record may carry its own "response" (a reference answer); ours replaces it.
+        done = len(ends) - 1
         expected = records[done] if done < len(records) else None
         if expected is None or _without_response(record) != _without_response(expected):
             raise ValueError(
                 f"{partial}: record {done + 1} does not match the prompts file: "
                 "delete it to start over"
             )
-        done, keep = done + 1, keep + len(line) + 1
-    with open(partial, "r+b") as f:
-        f.truncate(keep)
+        ends.append(ends[-1] + len(line) + 1)
+    done = len(ends) - 1
+    if done < len(records):
+        done -= done % batch_size
+    if ends[done] < partial.stat().st_size:
+        with open(partial, "r+b") as f:
+            f.truncate(ends[done])
     return done
+
+
+def answer_settings(args: argparse.Namespace, tokenizer: Tokenizer, ids: list[list[int]]) -> dict:
+    """Everything that decides the answers, as OUT.partial.json records it: a partial output is
+    finished only by a run with all of these equal. The batch size is one: it decides which
+    records share a batch and so the seed each answer is sampled with."""
+    with open(args.prompts_file, "rb") as f:
+        prompts = hashlib.file_digest(f, "sha256").hexdigest()
+    return {
+        "model_fingerprint": fingerprint(args.model),  # config + sampled weights, kd/hf.py
+        "tokenizer_fingerprint": tokenizer.fingerprint(),
+        "prompts_sha256": prompts,
+        # The ids the model reads: they also change with the chat template, which neither
+        # fingerprint covers (it lives in tokenizer_config.json).
+        "prompt_ids_sha256": hashlib.sha256(json.dumps(ids).encode()).hexdigest(),
+        "chat": args.chat,
+        "system": args.system,
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+        "seed": args.seed,
+        "dtype": args.dtype,
+        "batch_size": args.batch_size,
+    }
+
+
+# Settings recorded as a hash: a change names what changed and the first 12 hex digits.
+HASHED = {
+    "model_fingerprint": ("--model", "fingerprint"),
+    "tokenizer_fingerprint": ("tokenizer", "fingerprint"),
+    "prompts_sha256": ("--prompts-file", "sha256"),
+    "prompt_ids_sha256": ("chat template or tokenizer config", "sha256 of the prompt ids"),
+}
+
+
+def describe_change(key: str, old: object, new: object) -> str:
+    """One changed setting, e.g. "--temperature 0.0 -> 1.0" or "another --model (...)"."""
+    if key in HASHED:
+        what, kind = HASHED[key]
+        return f"another {what} ({kind} {str(old)[:12]}, now {str(new)[:12]})"
+    return f"--{key.replace('_', '-')} {_show(old)} -> {_show(new)}"
+
+
+def _show(value: object) -> str:
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return repr(value) if isinstance(value, str) else str(value)  # None: a setting not given
+
+
+def check_settings(partial: Path, sidecar: Path, settings: dict) -> None:
+    """Refuse to finish `partial` unless its sidecar says it was written with `settings`."""
+    start_over = f"delete {partial} and {sidecar} to start over"
+    if not sidecar.exists():
+        raise ValueError(
+            f"{partial} has no {sidecar.name} saying which model and settings wrote it (left "
+            f"by an older kd, or deleted), so it cannot be resumed: delete {partial} to start over"
+        )
+    try:
+        recorded = json.loads(sidecar.read_text(encoding="utf-8"))["settings"]
+        changed = [k for k in {**recorded, **settings} if recorded.get(k) != settings.get(k)]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{sidecar}: not a settings record ({e!r}); {start_over}") from None
+    if len(changed) > 1 and "prompt_ids_sha256" in changed:
+        changed.remove("prompt_ids_sha256")  # follows from the others; name only the cause
+    if changed:
+        what = ", ".join(describe_change(k, recorded.get(k), settings.get(k)) for k in changed)
+        raise ValueError(
+            f"{partial} was written with other settings: {what}; rerun with the same settings "
+            f"(recorded in {sidecar}), or {start_over}"
+        )
+
+
+def write_json_atomically(path: Path, value: dict) -> None:
+    """Write to a temporary name, fsync, then rename: `path` holds the old or the new JSON,
+    never half of one."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def append_batch(f, data: bytes) -> None:
+    """Append one batch's lines to the partial and fsync them. A failed write (a full disk)
+    cuts the file back to the batches before it, so the partial holds whole batches only."""
+    size = os.fstat(f.fileno()).st_size
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked (a disk filling up)
+            view = view[os.write(f.fileno(), view) :]
+        os.fsync(f.fileno())
+    except OSError as e:
+        with contextlib.suppress(OSError):  # if this fails too, read_partial drops the rest
+            os.ftruncate(f.fileno(), size)
+        raise OSError(e.errno, e.strerror, f.name) from None  # os.write's error names no file
+
+
+def output_error(e: OSError, partial: Path) -> str:
+    """An OS error on the output files as one line: the path, the reason, what to do."""
+    if e.strerror is None:  # raised by us, with its own message
+        return str(e)
+    if e.errno == errno.ENOSPC:
+        todo = "free some space, then rerun with the same settings"
+    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        todo = "make the folder writable, or choose another --output"
+    else:
+        todo = "fix that and rerun with the same settings, or choose another --output"
+    if partial.is_file() and partial.stat().st_size > 0:
+        todo += f" (the finished batches are kept in {partial}; a rerun resumes after them)"
+    where = e.filename or partial.parent  # a write to an open file names none: the folder
+    return f"{where}: {e.strerror}; {todo}"
+
+
+def output_files(out: Path) -> tuple[Path, Path, Path]:
+    """OUT.partial (the answers so far), OUT.partial.json (what made them), OUT.partial.lock."""
+    partial = out.with_name(out.name + ".partial")
+    return partial, Path(f"{partial}.json"), Path(f"{partial}.lock")
+
+
+def claim_output(args: argparse.Namespace, settings: dict, records: list[dict]) -> tuple[Lock, int]:
+    """Lock the output for this process and check that it may write there: returns the lock and
+    how many records a previous run with the same settings finished (0 for a fresh start)."""
+    out = args.output
+    partial, sidecar, lock_path = output_files(out)
+    if out.is_dir():
+        raise ValueError(f"{out}: is a directory; give --output a file, e.g. {out / 'out.jsonl'}")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: output directory not found")
+    if out.exists():  # checked before the lock file is made, so none is left beside a result
+        raise ValueError(f"{out} exists: delete it or choose another --output")
+    # The lock is a file of its own, OUT.partial.lock: not OUT.partial, which is truncated and
+    # renamed to OUT while we hold it (a process arriving after the rename would lock a new
+    # OUT.partial), nor the folder, whose other outputs are other runs; named OUT.partial.* so
+    # that everything of an unfinished output lists together. It must be in place before
+    # anything is read or written: a refused second process leaves the first's files alone.
+    lock = Lock(lock_path, what=f"--output {out}")
+    try:
+        if lock.previous:
+            print(
+                f"{out}: took over the lock of {lock.previous}, no longer running", file=sys.stderr
+            )
+        if out.exists():  # again, under the lock: the holder before us may have finished it
+            raise ValueError(f"{out} exists: delete it or choose another --output")
+        if partial.exists():
+            check_settings(partial, sidecar, settings)
+        else:  # the record first: a partial without one could never be resumed
+            write_json_atomically(sidecar, {"model_dir": str(args.model), "settings": settings})
+        return lock, read_partial(partial, records, batch_size=args.batch_size)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def finish_output(out: Path) -> None:
+    """Rename the complete partial to OUT and remove its record and lock (under the lock)."""
+    partial, sidecar, lock_path = output_files(out)
+    os.replace(partial, out)  # first: a crash after it leaves OUT whole, and reruns refused
+    sidecar.unlink(missing_ok=True)
+    # Removing a lock file is safe here, though not in general (kd/lock.py): whoever locks it
+    # after us, the old file or a new one, finds OUT and stops before writing anything.
+    lock_path.unlink(missing_ok=True)
+
+
+def run_file(
+    model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int
+) -> None:
+    records, places = read_records(args.prompts_file)
+    ids = [prompt_ids(tokenizer, r, chat=args.chat, system=args.system) for r in records]
+    for where, prompt in zip(places, ids):
+        if not prompt:
+            raise ValueError(f"{where}: the prompt is empty")
+    settings = answer_settings(args, tokenizer, ids)
+    partial = output_files(args.output)[0]
+    try:
+        lock, start = claim_output(args, settings, records)
+        try:
+            write_batches(model, tokenizer, args, sampling(args, eos, pad_id), records, ids, start)
+            finish_output(args.output)
+        finally:
+            lock.release()
+    except OSError as e:  # a read-only or full folder, ...: one line, finished batches kept
+        raise ValueError(output_error(e, partial)) from None
+
+
+def write_batches(
+    model: Transformer,
+    tokenizer: Tokenizer,
+    args: argparse.Namespace,
+    options: dict,
+    records: list[dict],
+    ids: list[list[int]],
+    start: int,
+) -> None:
+    """Answer records[start:] a batch at a time (`options`: generate's sampling keywords),
+    appending each finished batch to OUT.partial, with progress on stderr."""
+    partial = output_files(args.output)[0]
+    t0, new_tokens, done = time.perf_counter(), 0, start
+    try:
+        with open(partial, "ab", buffering=0) as f:
+            for first in range(start, len(records), args.batch_size):
+                batch = range(first, min(first + args.batch_size, len(records)))
+                prompts = [ids[i] for i in batch]
+                out = generate(model, prompts, **options, seed=args.seed + first)
+                lines = []
+                for i, tokens in zip(batch, out):
+                    response = tokenizer.decode(tokens, skip_special_tokens=True)
+                    record = {**records[i], "response": response}
+                    lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+                append_batch(f, "".join(lines).encode("utf-8"))
+                done, new_tokens = batch.stop, new_tokens + sum(len(t) for t in out)
+                elapsed = time.perf_counter() - t0
+                eta = elapsed / (done - start) * (len(records) - done)
+                rate = f"{new_tokens / elapsed:.1f} tokens/s"
+                line = f"\r{done}/{len(records)} records, {rate}, ETA {eta:.0f} s"
+                print(line, end="", file=sys.stderr, flush=True)
+    finally:
+        if done > start:  # end the progress line, so that an error is a line of its own
+            print(file=sys.stderr)
 
 
 def sampling(args: argparse.Namespace, eos: set[int], pad_id: int) -> dict:
@@ -137,41 +400,6 @@ def sampling(args: argparse.Namespace, eos: set[int], pad_id: int) -> dict:
         eos_token_ids=eos,
         pad_id=pad_id,
     )
-
-
-def run_file(
-    model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int
-) -> None:
-    records, places = read_records(args.prompts_file)
-    if args.output.exists():
-        raise ValueError(f"{args.output} exists: delete it or choose another --output")
-    if not args.output.parent.is_dir():
-        raise FileNotFoundError(f"{args.output.parent}: output directory not found")
-    ids = [prompt_ids(tokenizer, r, chat=args.chat, system=args.system) for r in records]
-    for where, prompt in zip(places, ids):
-        if not prompt:
-            raise ValueError(f"{where}: the prompt is empty")
-    partial = args.output.with_name(args.output.name + ".partial")
-    done = start = read_partial(partial, records)
-    t0, new_tokens = time.perf_counter(), 0
-    with open(partial, "a", encoding="utf-8") as f:
-        for first in range(start, len(records), args.batch_size):
-            batch = range(first, min(first + args.batch_size, len(records)))
-            prompts = [ids[i] for i in batch]
-            out = generate(model, prompts, **sampling(args, eos, pad_id), seed=args.seed + first)
-            for i, tokens in zip(batch, out):
-                response = tokenizer.decode(tokens, skip_special_tokens=True)
-                f.write(json.dumps({**records[i], "response": response}, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-            done, new_tokens = batch.stop, new_tokens + sum(len(t) for t in out)
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / (done - start) * (len(records) - done)
-            rate = f"{new_tokens / elapsed:.1f} tokens/s"
-            line = f"\r{done}/{len(records)} records, {rate}, ETA {eta:.0f} s"
-            print(line, end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    os.replace(partial, args.output)
 
 
 def run_one(
