@@ -17,12 +17,22 @@ with a label (labels != -100, the only positions the loss reads), examples one a
 
 Bytes per token with 16-bit ids and log-probs: 4 k + 2 (k = 8: 34, 32: 130, 128: 514); with
 int32 ids (V > 65536): 6 k + 2. The manifest also records what the cache is only valid for
-(tokenizer fingerprint, data file sha256, seq_len, teacher config sha256, vocab size, k,
-dtype, T_c, number of examples); `TeacherCache.open` refuses a cache made for other ones,
-naming the field. Shards are written to a temporary name and renamed, and the manifest is
-rewritten (atomically) after each shard, so an interrupted run resumes after its last whole
-shard and produces the same bytes as an uninterrupted one. Under torchrun the N ranks write
-the shards in rounds of N, one each, and rank 0 the manifest (`write_cache`): same bytes.
+(tokenizer fingerprint, data file sha256, seq_len, teacher config sha256 and
+`kd.hf.fingerprint`, vocab size, k, dtype, T_c, number of examples); `TeacherCache.open`
+refuses a cache made for other ones, naming the field, and `check_teacher(teacher_dir)` one
+made by another teacher. Shards are written to a temporary name and renamed, and the manifest
+is rewritten (atomically) after each shard, so an interrupted run resumes after its last whole
+shard and produces the same bytes as an uninterrupted one; a listed shard that is missing (or
+of the wrong size) is written again. Under torchrun the N ranks write the shards in rounds of
+N, one each, and rank 0 the manifest (`write_cache`): same bytes.
+
+Integrity. The manifest records each shard's size and sha256. `open` compares the sizes (one
+stat per shard: a truncated shard fails at once); the first read of a shard (`topk_for`)
+hashes it whole, once per process: one extra sequential read of the cache, spread over the
+first epoch (sha256 runs at ~1.5 GB/s on one core: ~0.2 s per default shard of up to ~270 MB,
+a minute or two per 100 GB; `verify()` pays it all up front instead). A damaged shard is a
+ValueError naming it: delete it and rerun scripts/cache_teacher.py with the same arguments,
+which rewrites it. Caches written before checksums (no sha256 in the manifest) open unchecked.
 
 Temperature. Cached log-probs are at T_c (1 by default), the loss wants them at T. Since
 p_T(v) is proportional to p_Tc(v)^a with a = T_c / T, the top-k part is exact up to the
@@ -41,6 +51,7 @@ inequality each is a lower bound of its full-vocabulary value, and equal to it a
 
     cache = TeacherCache.open("cache/", tokenizer=tok, data_path="data.jsonl", seq_len=512,
                               examples=examples)
+    cache.check_teacher("models/teacher")   # the teacher training was given wrote the cache
     teacher = cache.topk_for(indices, batch["labels"], temperature=2.0)   # a kd.losses.TopK
 
 Written by scripts/cache_teacher.py.
@@ -49,6 +60,7 @@ Tests: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -60,11 +72,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 
 from kd import parallel
 from kd.data import IGNORE, Example, collate
+from kd.hf import fingerprint
 from kd.losses import TopK
 from kd.model import Transformer
 from kd.tokenizer import Tokenizer
@@ -79,6 +92,7 @@ LAYOUT = (
     "rows = positions with labels != -100 of the shard's examples, in order; "
     "log-probs at the cache temperature, ids sorted by decreasing probability"
 )
+REWRITE = "delete it and run scripts/cache_teacher.py again with the same arguments to rewrite it"
 
 
 @dataclass(frozen=True)
@@ -95,6 +109,9 @@ class CacheSpec:
     dtype: str  # storage dtype of logprobs and log_tail: float16, bfloat16 or float32
     temperature: float  # T_c the log-probs were computed at
     examples_per_shard: int  # E: shard i holds examples [i E, (i + 1) E)
+    # kd.hf.fingerprint of the teacher's directory (config + sampled weights); None where not
+    # known: caches written before it was recorded, which are checked on the config alone.
+    teacher_fingerprint: str | None = None
 
 
 def ids_dtype(vocab_size: int) -> torch.dtype:
@@ -152,15 +169,34 @@ def teacher_topk(
     return torch.cat(ids), torch.cat(logprobs), torch.cat(log_tail)
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """write(tmp) then rename over `path`: readers see the old file or the new one, never half."""
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to a temporary name, then rename it over `path`: readers see the old file or
+    the new one, never half. A failed write (a full disk) removes the temporary file and raises
+    an OSError naming it."""
     tmp = path.with_name(path.name + ".tmp")
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):  # give a full disk its space back; may fail (read-only)
+            tmp.unlink(missing_ok=True)
+        if e.filename is None:  # write() on a full disk names no file
+            raise OSError(e.errno, e.strerror, str(tmp)) from None
+        raise
 
 
 def _write_manifest(out: Path, manifest: dict) -> None:
-    _atomic_write(out / MANIFEST, lambda p: p.write_text(json.dumps(manifest, indent=1) + "\n"))
+    _atomic_write(out / MANIFEST, (json.dumps(manifest, indent=1) + "\n").encode())
+
+
+def make_cache_dir(out: str | Path) -> Path:
+    """`out` as a directory, created if missing; a file there is a ValueError (cheap: call it
+    before loading a teacher)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a cache directory: choose another output directory")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _read_manifest(path: Path) -> tuple[CacheSpec, dict]:
@@ -173,7 +209,8 @@ def _read_manifest(path: Path) -> tuple[CacheSpec, dict]:
         )
     try:
         manifest = json.loads(file.read_text())
-        spec = CacheSpec(**{f.name: manifest[f.name] for f in dataclasses.fields(CacheSpec)})
+        values = {"teacher_fingerprint": None, **manifest}  # absent from older caches' manifests
+        spec = CacheSpec(**{f.name: values[f.name] for f in dataclasses.fields(CacheSpec)})
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ValueError(
             f"{file} is not a readable cache manifest ({e!r}); make the cache again"
@@ -208,19 +245,64 @@ def write_cache(
     """Write (or continue) the cache of `examples` in `out`; return True once it is complete.
 
     Resumes after the last shard the manifest lists, if the existing manifest has the same
-    spec (else ValueError: another run's cache is there). `max_shards` stops after writing that
-    many shards (a long job split into pieces; the next call continues). `info` goes into the
+    spec (else ValueError: another run's cache is there), first writing again any listed shard
+    that is missing or not of its recorded size. `max_shards` stops after writing that many
+    shards (a long job split into pieces; the next call continues). `info` goes into the
     manifest as is (e.g. teacher and data paths). `on_batch(examples_done)` reports progress,
     once at the start, then per batch. Examples are batched only within a shard, so a resumed
-    cache is byte-identical.
+    cache is byte-identical. A failed write (a full or read-only disk) is an OSError naming
+    the file; the shards the manifest lists stay whole, so a later call continues.
 
     Several ranks (torchrun; every rank calls this with the same arguments, `out` on a
     filesystem all of them see): the shards are dealt out in rounds of `world_size`, rank r
-    computing and writing shard (round's first + r); after each round rank 0 alone lists the
-    round's shards in the manifest. The manifest thus lists a prefix of the shards, as with
-    one process, so the bytes and the resume point do not depend on the number of ranks.
+    computing and writing the round's r-th shard; after each round rank 0 alone lists the
+    round's shards in the manifest, with their checksums (its own from memory, the others'
+    read back from disk). The manifest thus lists a prefix of the shards, as with one process,
+    so the bytes and the resume point do not depend on the number of ranks.
     """
-    out = Path(out)
+    _check_spec(spec, examples, batch_size)
+    out = make_cache_dir(out)
+    manifest = _start_manifest(out, spec, info)
+    listed = manifest["shards"]
+    todo = _todo(out, listed, math.ceil(len(examples) / spec.examples_per_shard), world_size)
+    run = todo if max_shards is None else todo[:max_shards]
+    device = teacher.head_weight.device  # a plain tensor on every rank (see kd/parallel.py)
+    pending = set(todo)
+    done = sum(e["end"] - e["first"] for i, e in enumerate(listed) if i not in pending)
+    if on_batch is not None:
+        on_batch(done)
+    manifest["complete"] = not todo
+
+    for r in range(0, len(run), world_size):
+        shards = run[r : r + world_size]  # one per rank; the last round may leave ranks idle
+        mine = shards[rank] if rank < len(shards) else None
+        parts = _run_round(
+            teacher, examples, spec, shards, mine, batch_size, device, on_batch=on_batch, done=done
+        )
+        written = None  # (bytes, sha256) of this rank's shard
+        if mine is not None:
+            first, end = _shard_bounds(mine, spec)
+            written = _write_shard(out / _shard_file(mine), parts, examples[first:end], spec)
+        if world_size > 1:
+            parallel.barrier()  # every shard of the round is renamed into place before it is listed
+        for shard in shards:
+            first, end = _shard_bounds(shard, spec)
+            tokens = sum(e.num_targets for e in examples[first:end])
+            entry = dict(file=_shard_file(shard), first=first, end=end, tokens=tokens)
+            if rank == 0:  # the manifest's writer records the checksums
+                size, sha256 = written if shard == mine else _checksum(out / entry["file"])
+                entry.update(bytes=size, sha256=sha256)
+            listed[shard : shard + 1] = [entry]  # replaces a rewritten shard's entry, or appends
+            done += end - first
+        manifest["complete"] = r + len(shards) == len(todo)
+        if rank == 0:
+            # After the shards' renames: a shard the manifest lists is always whole.
+            _write_manifest(out, manifest)
+    return manifest["complete"]
+
+
+def _check_spec(spec: CacheSpec, examples: list[Example], batch_size: int) -> None:
+    """ValueError for a spec that does not fit the examples or cannot be written."""
     if spec.num_examples != len(examples):
         raise ValueError(
             f"spec.num_examples={spec.num_examples} but {len(examples)} examples were given"
@@ -231,47 +313,32 @@ def write_cache(
         raise ValueError(
             f"examples_per_shard={spec.examples_per_shard} and batch_size={batch_size} must be >= 1"
         )
-    out.mkdir(parents=True, exist_ok=True)
-    manifest = _start_manifest(out, spec, info)
-    n_shards = math.ceil(len(examples) / spec.examples_per_shard)
-    start = len(manifest["shards"])
-    stop = n_shards if max_shards is None else min(n_shards, start + max_shards)
-    device = teacher.head_weight.device  # a plain tensor on every rank (see kd/parallel.py)
-    if on_batch is not None:
-        on_batch(manifest["shards"][-1]["end"] if manifest["shards"] else 0)
 
-    for first_shard in range(start, stop, world_size):
-        shards = range(first_shard, min(first_shard + world_size, stop))  # one per rank
-        mine = first_shard + rank
-        parts = _run_round(
-            teacher, examples, spec, shards, mine, batch_size, device=device, on_batch=on_batch
-        )
-        if mine in shards:
-            first, end = _shard_bounds(mine, spec)
-            _write_shard(out / _shard_file(mine), parts, examples[first:end], spec)
-        if world_size > 1:
-            parallel.barrier()  # every shard of the round is renamed into place before it is listed
-        for shard in shards:
-            first, end = _shard_bounds(shard, spec)
-            manifest["shards"].append(
-                {
-                    "file": _shard_file(shard),
-                    "first": first,
-                    "end": end,
-                    "tokens": sum(e.num_targets for e in examples[first:end]),
-                }
-            )
-        manifest["complete"] = shards.stop == n_shards
-        if rank == 0:
-            # After the shards' renames: a shard the manifest lists is always whole.
-            _write_manifest(out, manifest)
-    return manifest["complete"]
+
+def _todo(out: Path, listed: list[dict], n_shards: int, world_size: int) -> list[int]:
+    """The shards to write, in order: listed ones that are missing or not of their recorded
+    size (any size passes in older caches), then the unlisted ones."""
+
+    def whole(entry: dict) -> bool:
+        file = out / entry["file"]
+        return file.is_file() and entry.get("bytes", file.stat().st_size) == file.stat().st_size
+
+    broken = [float(not whole(entry)) for entry in listed]
+    if world_size > 1 and broken:  # one answer for all: ranks stat the files at different times
+        broken = parallel.agree(broken)  # a shard broken on any rank's view is written again
+    return [*(i for i, b in enumerate(broken) if b), *range(len(listed), n_shards)]
+
+
+def _checksum(file: Path) -> tuple[int, str]:
+    """(bytes, sha256) of a shard another rank wrote (rank 0 reads it back once)."""
+    return file.stat().st_size, file_sha256(file)
 
 
 def _start_manifest(out: Path, spec: CacheSpec, info: dict | None) -> dict:
     """The manifest of the cache in `out` if there is one made for `spec`, else a fresh one.
 
-    Every rank reads it: rank 0 rewrites it only after the first round's barrier.
+    Every rank reads it: rank 0 rewrites it only after the first round's barrier. A teacher
+    fingerprint missing on either side (an older cache, a caller without one) is not compared.
     """
     if not (out / MANIFEST).exists():
         return {
@@ -283,16 +350,13 @@ def _start_manifest(out: Path, spec: CacheSpec, info: dict | None) -> dict:
             "complete": False,
         }
     existing, manifest = _read_manifest(out)
-    if existing != spec:
-        field = next(
-            f.name
-            for f in dataclasses.fields(CacheSpec)
-            if getattr(existing, f.name) != getattr(spec, f.name)
-        )
-        raise ValueError(
-            f"{out} holds a cache with {field}={getattr(existing, field)!r}, this run has "
-            f"{getattr(spec, field)!r}; use another output directory or delete it"
-        )
+    for f in dataclasses.fields(CacheSpec):
+        old, new = getattr(existing, f.name), getattr(spec, f.name)
+        if old != new and not (f.name == "teacher_fingerprint" and None in (old, new)):
+            raise ValueError(
+                f"{out} holds a cache with {f.name}={old!r}, this run has {new!r}; use another "
+                "output directory or delete it"
+            )
     return manifest
 
 
@@ -310,17 +374,18 @@ def _run_round(
     teacher: Transformer,
     examples: list[Example],
     spec: CacheSpec,
-    shards: range,
-    mine: int,
+    shards: list[int],
+    mine: int | None,
     batch_size: int,
-    *,
     device: torch.device,
+    *,
     on_batch: Callable[[int], None] | None,
+    done: int,
 ) -> list[tuple[Tensor, Tensor, Tensor]]:
     """This rank's part of one round: the teacher's top-k of shard `mine`, batch by batch, as
-    host tensors (no batches when `mine` is past the round's last shard)."""
-    # (0, 0): no shard left for this rank.
-    first, end = _shard_bounds(mine, spec) if mine in shards else (0, 0)
+    host tensors (no batches when `mine` is None: no shard left for this rank). `done`:
+    examples finished before the round, for `on_batch`."""
+    first, end = _shard_bounds(mine, spec) if mine is not None else (0, 0)
     # Lock-step: a sharded teacher's every forward all-gathers each block's weights, a
     # collective all ranks must join, so all run as many forwards as the round's biggest
     # shard needs; a rank out of batches (the last, shorter shard, or none) runs idle ones.
@@ -342,8 +407,7 @@ def _run_round(
         else:
             _idle_forward(teacher, device)
         if on_batch is not None:  # every rank is at this step too (lock-step)
-            done_in_round = sum(min((step + 1) * batch_size, n) for n in sizes)
-            on_batch(_shard_bounds(shards.start, spec)[0] + done_in_round)
+            on_batch(done + sum(min((step + 1) * batch_size, n) for n in sizes))
     return parts
 
 
@@ -352,8 +416,10 @@ def _write_shard(
     parts: list[tuple[Tensor, Tensor, Tensor]],
     examples: list[Example],
     spec: CacheSpec,
-) -> None:
-    """One shard file from its batches' (ids, logprobs, log_tail) rows and its examples."""
+) -> tuple[int, str]:
+    """One shard file from its batches' (ids, logprobs, log_tail) rows and its examples; returns
+    its (size in bytes, sha256). Serialized in memory (a second copy of the shard, ~270 MB at
+    the defaults) so the checksum is of exactly the bytes written."""
     storage = STORAGE_DTYPES[spec.dtype]
     tensors = {
         "ids": torch.cat([p[0] for p in parts]).to(ids_dtype(spec.vocab_size)),
@@ -362,7 +428,9 @@ def _write_shard(
         # (E + 1,): the rows of the shard's j-th example are offsets[j] .. offsets[j + 1].
         "offsets": torch.tensor([0] + [e.num_targets for e in examples]).cumsum(0),
     }
-    _atomic_write(path, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    data = save(tensors, metadata={"format": "pt"})
+    _atomic_write(path, data)
+    return len(data), hashlib.sha256(data).hexdigest()
 
 
 # ----------------------------------------------------------------------------- the student side
@@ -388,17 +456,72 @@ class TeacherCache:
     """A finished cache, opened for reading: `topk_for(indices, labels)` per micro-batch.
 
     Shards are memory-mapped (safetensors), so a cache larger than RAM reads only the rows used.
+    Each shard's size is checked at `open`, its sha256 at its first read (module docstring).
     """
 
     def __init__(self, path: Path, spec: CacheSpec, manifest: dict) -> None:
         self.path = path
         self.spec = spec
+        self.manifest = manifest
         self.shards = manifest["shards"]
-        self._files = [safe_open(path / s["file"], framework="pt") for s in self.shards]
-        self._offsets = [f.get_tensor("offsets") for f in self._files]  # (E + 1,) each, small
+        self._verified: set[int] = set()  # shards whose sha256 matched, in this process
+        self._files = [self._open_shard(i) for i in range(len(self.shards))]
+        self._offsets = [self._tensor(i, "offsets") for i in range(len(self.shards))]  # (E + 1,)
 
     def __len__(self) -> int:
         return self.spec.num_examples
+
+    def _damaged(self, shard: int, what: str) -> ValueError:
+        return ValueError(f"{self.path / self.shards[shard]['file']} {what}; {REWRITE}")
+
+    def _open_shard(self, shard: int) -> safe_open:
+        """The shard's safe_open handle, after checking it is there with its recorded size."""
+        file = self.path / self.shards[shard]["file"]
+        if not file.is_file():
+            raise self._damaged(shard, "is missing")
+        size, expected = file.stat().st_size, self.shards[shard].get("bytes")
+        if expected is not None and size != expected:
+            raise self._damaged(shard, f"has {size} bytes, not {expected}: truncated or damaged")
+        try:
+            return safe_open(file, framework="pt")
+        except (SafetensorError, OSError) as e:  # a cut or damaged header (older caches: no size)
+            raise self._damaged(shard, f"is not a readable safetensors file ({e})") from None
+
+    def _tensor(self, shard: int, name: str, rows: slice = slice(None)) -> Tensor:
+        """Rows of one of the shard's tensors; an unreadable one is a ValueError naming it."""
+        try:
+            return self._files[shard].get_slice(name)[rows]
+        except (SafetensorError, OSError) as e:
+            raise self._damaged(shard, f"has no readable {name!r} ({e})") from None
+
+    def verify(self, shards: Sequence[int] | None = None) -> None:
+        """Hash the shards (default: all) not yet checked against the manifest's sha256: a full
+        read of each, once per process. A mismatch is a ValueError naming the shard. Shards of
+        caches written before checksums pass unchecked."""
+        for shard in range(len(self.shards)) if shards is None else shards:
+            if shard in self._verified:
+                continue
+            entry = self.shards[shard]
+            if "sha256" in entry and file_sha256(self.path / entry["file"]) != entry["sha256"]:
+                raise self._damaged(shard, "does not match its sha256 in the manifest: corrupted")
+            self._verified.add(shard)
+
+    def check_teacher(self, teacher_dir: str | Path) -> None:
+        """Raise ValueError unless `teacher_dir` (an HF directory) is the teacher that wrote the
+        cache: the same config.json (canonical sha256) and the same `kd.hf.fingerprint` (config,
+        tensor headers, sampled weight bytes). A cache written before fingerprints were
+        recorded is checked on the config alone: a fine-tune of the same architecture passes."""
+        wrote = f"{self.path} was written by teacher {self.manifest.get('teacher', '(unknown)')}"
+        remake = "; train with that teacher, or cache this one with scripts/cache_teacher.py"
+        if config_sha256(teacher_dir) != self.spec.teacher_config_sha256:
+            raise ValueError(f"{wrote}, whose config.json differs from {teacher_dir}'s{remake}")
+        if self.spec.teacher_fingerprint is None:  # older cache: nothing more to compare
+            return
+        if fingerprint(teacher_dir) != self.spec.teacher_fingerprint:
+            raise ValueError(
+                f"{wrote}: same config.json as {teacher_dir} but other weights "
+                f"(kd.hf.fingerprint differs){remake}"
+            )
 
     @classmethod
     def open(
@@ -439,6 +562,7 @@ class TeacherCache:
         counts = torch.cat([o.diff() for o in cache._offsets])  # (N,) rows per example
         targets = torch.tensor([e.num_targets for e in examples])
         if counts.shape != targets.shape or not torch.equal(counts, targets):
+            cache.verify()  # damaged offsets would look like a change of tokenization
             raise ValueError(
                 f"{path}: num_examples / trained tokens per example differ from the data "
                 f"({len(counts)} vs {len(targets)} examples): the tokenization changed{remake}"
@@ -450,10 +574,12 @@ class TeacherCache:
         if not 0 <= index < len(self):
             raise ValueError(f"example index {index} is outside the cache's 0..{len(self) - 1}")
         shard = index // self.spec.examples_per_shard
+        self.verify([shard])  # the first read of a shard hashes it whole (once per process)
         j = index - self.shards[shard]["first"]
         a, b = self._offsets[shard][j : j + 2].tolist()
-        f = self._files[shard]
-        return f.get_slice("ids")[a:b], f.get_slice("logprobs")[a:b], f.get_slice("log_tail")[a:b]
+        return tuple(
+            self._tensor(shard, name, slice(a, b)) for name in ("ids", "logprobs", "log_tail")
+        )
 
     def topk_for(
         self,

@@ -12,7 +12,10 @@ no teacher in memory (the cache's format: kd/teacher_cache.py). The examples are
 else fp32 (`--teacher-dtype`); log-probs are stored in bf16 (`--dtype`) at temperature 1
 (`--temperature`: set it to the training temperature when that is not 1; see
 kd/teacher_cache.py for the error of re-tempering). Run again with the same arguments to
-resume an interrupted run; `--max-shards N` stops after N new shards (to split a long job).
+resume an interrupted run (it also writes again a shard that is missing, e.g. one deleted
+after training reported it damaged); `--max-shards N` stops after N shards (to split a long
+job). A read-only or full --out ends in one `error:` line naming the file, and the shards
+finished before stay valid: free space and run again with the same arguments.
 
 Under torchrun the teacher is sharded with FSDP2 over the ranks (kd/parallel.py), so a teacher
 too big for one device fits on N, and the ranks take the cache's shards in rounds of N, one each
@@ -26,7 +29,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -36,39 +38,59 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from kd import parallel  # noqa: E402
 from kd.data import load_examples  # noqa: E402
 from kd.dtypes import DTYPES  # noqa: E402
-from kd.hf import check_state_dict, load_config, load_state_dict  # noqa: E402
+from kd.hf import check_state_dict, fingerprint, load_config, load_state_dict  # noqa: E402
 from kd.model import ModelConfig, Transformer  # noqa: E402
 from kd.teacher_cache import (  # noqa: E402
     STORAGE_DTYPES,
     CacheSpec,
     config_sha256,
     file_sha256,
+    make_cache_dir,
     write_cache,
 )
 from kd.tokenizer import load_tokenizer  # noqa: E402
 
 
-def _progress(total: int, tokens_per_example: float) -> Callable[[int], None]:
+class Progress:
     """A one-line progress bar on stderr: examples done, rate of this run and time left."""
-    start = time.perf_counter()
-    resumed_at: list[int] = []  # examples done before this run, from the first call
 
-    def show(done: int) -> None:
-        if not resumed_at:
-            resumed_at.append(done)
-        elapsed = time.perf_counter() - start
-        rate = (done - resumed_at[0]) / elapsed if elapsed > 0 else 0.0
-        eta = (total - done) / rate if rate > 0 else float("nan")
-        bar = "#" * int(30 * done / total)
+    def __init__(self, total: int, tokens_per_example: float) -> None:
+        self.total, self.tokens_per_example = total, tokens_per_example
+        self.start = time.perf_counter()
+        self.resumed_at: int | None = None  # examples done before this run, from the first call
+
+    def __call__(self, done: int) -> None:
+        if self.resumed_at is None:
+            self.resumed_at = done
+        elapsed = time.perf_counter() - self.start
+        rate = (done - self.resumed_at) / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - done) / rate if rate > 0 else float("nan")
+        bar = "#" * int(30 * done / self.total)
         print(
-            f"\r[{bar:<30}] {done}/{total} examples, {rate * tokens_per_example:.0f} tokens/s, "
-            f"{eta:.0f} s left",
+            f"\r[{bar:<30}] {done}/{self.total} examples, "
+            f"{rate * self.tokens_per_example:.0f} tokens/s, {eta:.0f} s left",
             end="",
             file=sys.stderr,
             flush=True,
         )
 
-    return show
+    def end_line(self) -> None:
+        """Close the bar's line (if drawn), so that what follows starts a line of its own."""
+        if self.resumed_at is not None:
+            print(file=sys.stderr)
+
+
+def _os_error(e: OSError, out: str) -> str:
+    """One line for an OSError: ours carry a message; the system's name a file and a cause."""
+    if e.errno is None:
+        return str(e)
+    where = Path(e.filename or out)
+    if not where.resolve().is_relative_to(Path(out).resolve()):
+        return f"{where}: {e.strerror}"
+    return (
+        f"cannot write {where}: {e.strerror}; free space or make {out} writable (or choose "
+        "another --out), then run again with the same arguments: finished shards are kept"
+    )
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -132,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     world = parallel.init_distributed()
     say = print if world.is_main else lambda *args, **kwargs: None  # rank 0 speaks for all
+    progress = None
     try:
         if not args.temperature > 0:
             raise ValueError(f"--temperature {args.temperature} must be > 0")
@@ -150,16 +173,19 @@ def main(argv: list[str] | None = None) -> None:
             dtype=args.dtype,
             temperature=args.temperature,
             examples_per_shard=args.examples_per_shard,
+            teacher_fingerprint=fingerprint(args.teacher),
         )
         if not 1 <= args.top_k <= config.vocab_size:
             raise ValueError(
                 f"--top-k {args.top_k} must be in 1..{config.vocab_size} (the teacher's vocabulary)"
             )
+        make_cache_dir(args.out)  # a file there, or a read-only disk: fail before the teacher loads
         # The same dtype on all ranks.
         dtype = DTYPES[parallel.resolve_precision(args.teacher_dtype, world.device)]
         teacher = load_sharded_teacher(args.teacher, config, dtype, world.device)
         info = {"teacher": str(args.teacher), "data": str(args.data)}
-        progress = _progress(len(examples), stats.tokens / len(examples)) if world.is_main else None
+        if world.is_main:
+            progress = Progress(len(examples), stats.tokens / len(examples))
         complete = write_cache(
             args.out,
             teacher,
@@ -172,11 +198,14 @@ def main(argv: list[str] | None = None) -> None:
             rank=world.rank,
             world_size=world.world_size,
         )
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"error: {e}")
+    except (ValueError, OSError) as e:  # OSError: FileNotFoundError, a read-only or full disk
+        if progress is not None:
+            progress.end_line()
+        sys.exit(f"error: {e if isinstance(e, ValueError) else _os_error(e, args.out)}")
     finally:
         parallel.shutdown()
-    say(file=sys.stderr)
+    if progress is not None:
+        progress.end_line()
     say(
         f"{args.out}: {'complete' if complete else 'partial: run again to continue'}",
         file=sys.stderr,

@@ -22,7 +22,9 @@ What it undoes (GGUF format: github.com/ggml-org/ggml/blob/master/docs/gguf.md):
   pre-tokenizer llama.cpp names in tokenizer.ggml.pre; control tokens (token_type 3) become
   special added tokens, user-defined ones (4) plain added tokens.
 The directory is written beside OUT_DIR under a temporary name and renamed into place, so an
-interrupted import never leaves a half-written OUT_DIR.
+interrupted import never leaves a half-written OUT_DIR. A truncated GGUF, a directory given as
+the GGUF, or a read-only or full output folder ends in one `error:` line naming the path (exit
+status 1), with nothing left behind.
 """
 
 import argparse
@@ -38,6 +40,7 @@ from typing import Any
 import gguf
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import (
     AddedToken,
@@ -85,7 +88,13 @@ BLOCK_NAMES = {
 
 
 def read_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
-    """Open a GGUF file; return the reader and its metadata as plain Python values."""
+    """Open a GGUF file; return the reader and its metadata as plain Python values.
+
+    A file cut short (an interrupted download) is a ValueError naming it: gguf's reader fails
+    inside numpy (reshape, view) on it, with messages that name no file.
+    """
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory, not a GGUF file: give the path of the .gguf file")
     if not path.is_file():
         raise FileNotFoundError(
             f"{path}: no such file (run `make teacher` to download the default teacher)"
@@ -95,7 +104,14 @@ def read_gguf(path: Path) -> tuple[gguf.GGUFReader, dict[str, Any]]:
             raise ValueError(
                 f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)"
             )
-    reader = gguf.GGUFReader(path)
+    damaged = f"{path} is truncated or damaged ({{}}): download or convert it again"
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, OverflowError) as e:  # numpy's, on short arrays
+        raise ValueError(damaged.format(e)) from None
+    size = path.stat().st_size
+    if reader.tensors and (end := max(t.data_offset + t.n_bytes for t in reader.tensors)) > size:
+        raise ValueError(damaged.format(f"{size} bytes, its tensors end at byte {end}"))
     meta = {
         key: field.contents() for key, field in reader.fields.items() if not key.startswith("GGUF.")
     }
@@ -310,6 +326,48 @@ def tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any
     return tokenizer_config, generation_config
 
 
+def write_hf_dir(
+    out_dir: Path, state: dict[str, torch.Tensor], tokenizer: Tokenizer, jsons: dict[str, Any]
+) -> None:
+    """Write the directory beside `out_dir` under a temporary name, then rename it into place.
+
+    On any failure (a read-only or full disk included) the temporary directory is removed, so
+    `out_dir` is either whole or absent; a write error is one OSError naming `out_dir`.
+    """
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise _cannot_write(out_dir, e) from None
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        # to_str + write_text, not tokenizer.save: its errors are bare Exceptions.
+        (tmp / "tokenizer.json").write_text(tokenizer.to_str(pretty=True), encoding="utf-8")
+        for name, content in jsons.items():
+            (tmp / name).write_text(
+                json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+            )
+        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
+        for f in tmp.iterdir():
+            f.chmod(0o644)
+        tmp.rename(out_dir)
+    except (OSError, SafetensorError) as e:  # safetensors reports I/O errors as its own type
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _cannot_write(out_dir, e) from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _cannot_write(out_dir: Path, e: Exception) -> OSError:
+    """One line naming the output folder and the cause, for main's `error:` line."""
+    reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+    return OSError(
+        f"cannot write {out_dir}: {reason}; give an output folder that is writable and has room "
+        "(nothing was left behind)"
+    )
+
+
 def import_gguf(
     gguf_path: str | Path, out_dir: str | Path, *, dtype: torch.dtype = torch.bfloat16
 ) -> Path:
@@ -328,26 +386,16 @@ def import_gguf(
     config = hf_config(meta, state, dtype=dtype)
     tokenizer_config, generation_config = tokenizer_files(meta)
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        for name, content in (
-            ("config.json", config),
-            ("tokenizer_config.json", tokenizer_config),
-            ("generation_config.json", generation_config),
-        ):
-            (tmp / name).write_text(
-                json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-            )
-        tmp.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary directory
-        for f in tmp.iterdir():
-            f.chmod(0o644)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    write_hf_dir(
+        out_dir,
+        state,
+        tokenizer,
+        {
+            "config.json": config,
+            "tokenizer_config.json": tokenizer_config,
+            "generation_config.json": generation_config,
+        },
+    )
     size_mb = sum(f.stat().st_size for f in out_dir.iterdir()) / 2**20
     seconds = time.perf_counter() - start
     print(
@@ -366,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         import_gguf(args.gguf, args.out_dir, dtype=getattr(torch, args.dtype))
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (ValueError, OSError) as e:  # FileNotFoundError, FileExistsError, a full disk...
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

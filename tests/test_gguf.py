@@ -6,7 +6,8 @@ rows permuted for llama only, the tiny test tokenizer as tokenizer.ggml.* metada
 and loaded back by transformers and by kd/hf.py: logits must equal the original's. That proves
 the inverse permutation, the name mapping, the config and the tokenizer rebuild. Also the
 error paths: non-GGUF file (CLI, one line, exit 1), missing file, unsupported architecture or
-pre-tokenizer, existing output directory.
+pre-tokenizer, existing output directory, a truncated GGUF, a directory given as the GGUF, and
+a read-only or full output folder (tests/fs_faults.py): one line, exit 1, no output directory.
 With the imported teacher (`teacher` mark): perplexity on plain English ~7 (a permutation
 mistake gives > 40), greedy chat answer about France's capital mentions Paris.
 
@@ -23,6 +24,7 @@ from types import ModuleType
 import gguf
 import pytest
 import torch
+from fs_faults import run_on_tmpfs
 from tiny_tokenizer import CHATML, TINY_VOCAB_SIZE, make_tiny_tokenizer
 from transformers import (
     AutoModelForCausalLM,
@@ -262,6 +264,72 @@ def test_errors_are_one_line(
     with pytest.raises(FileExistsError, match="already exists"):
         importer.import_gguf(tmp_path / "gpt2.gguf", tmp_path / "exists")
     assert not (tmp_path / "out").exists()
+
+
+def _one_error_line(stderr: str) -> str:
+    assert stderr.startswith("error: ") and stderr.count("\n") == 1, stderr
+    assert "Traceback" not in stderr, stderr
+    return stderr.strip()
+
+
+def test_truncated_gguf_and_directory_are_one_line(
+    importer: ModuleType, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """A GGUF cut short anywhere (header, metadata, tensor infos, tensor data, last byte) and a
+    directory given as the GGUF: exit 1, one line naming the path; no output directory."""
+    tok_dir = make_tiny_tokenizer(tmp_path / "tok")
+    write_gguf(tiny_model("llama"), tok_dir, tmp_path / "tiny.gguf", arch="llama")
+    data = (tmp_path / "tiny.gguf").read_bytes()
+    cut = tmp_path / "cut.gguf"
+    for size in (6, 200, len(data) // 40, len(data) // 2, len(data) - 1):
+        cut.write_bytes(data[:size])
+        assert importer.main([str(cut), str(tmp_path / "out")]) == 1
+        err = _one_error_line(capsys.readouterr().err)
+        assert err.startswith(f"error: {cut} is truncated or damaged") and "again" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf", "tiny.gguf", "tok"]
+
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), str(tok_dir), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    err = _one_error_line(result.stderr)
+    assert (
+        err == f"error: {tok_dir} is a directory, not a GGUF file: give the path of the .gguf file"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+def test_read_only_and_full_output_folders(tmp_path: Path) -> None:
+    """A real read-only and a real full filesystem (tmpfs in a private mount namespace) as the
+    output's folder: exit 1, one line naming the output directory, no traceback, and nothing
+    left there (the temporary directory is removed)."""
+    tok_dir = make_tiny_tokenizer(tmp_path / "tok")
+    gguf_file = tmp_path / "tiny.gguf"
+    write_gguf(tiny_model("llama"), tok_dir, gguf_file, arch="llama")  # ~290 KB of bf16 out
+    read_only = tmp_path / "ro"
+    result = run_on_tmpfs(
+        [sys.executable, str(SCRIPT), str(gguf_file), str(read_only / "hf")],
+        read_only,
+        readonly=True,
+    )
+    assert result.returncode == 1, result.stderr
+    err = _one_error_line(result.stderr)
+    assert err.startswith(f"error: cannot write {read_only / 'hf'}: Read-only file system"), err
+
+    full, after = tmp_path / "full", tmp_path / "after"
+    result = run_on_tmpfs(
+        [sys.executable, str(SCRIPT), str(gguf_file), str(full / "hf")],
+        full,
+        size_kb=64,
+        keep=after,
+    )
+    assert result.returncode == 1, result.stderr
+    err = _one_error_line(result.stderr)
+    assert err.startswith(f"error: cannot write {full / 'hf'}: ") and "No space left" in err, err
+    assert list(after.iterdir()) == [], "a half-written directory was left behind"
 
 
 @pytest.fixture(scope="module")

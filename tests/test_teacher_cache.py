@@ -12,11 +12,20 @@ Checks, on a tiny random llama teacher (vocab 512) and the tiny BPE tokenizer:
   refused with the field named; a batch not from the cached data is refused;
 - an interrupted caching run (scripts/cache_teacher.py --max-shards 1, plus leftovers of a
   crash mid-shard) resumes and yields byte-identical files to an uninterrupted run;
+- check_teacher: the teacher that wrote a cache passes, another seed of the same architecture
+  (same config.json, other weights) or another config is refused in one line; a manifest
+  without the teacher's fingerprint (an older cache) is checked on the config alone;
+- a shard with a flipped byte (at its first read), a truncated one (at open) and a missing one
+  are one-line errors naming the shard; a rerun of scripts/cache_teacher.py rewrites them to
+  the same bytes; a manifest without checksums still opens;
+- scripts/cache_teacher.py with --out a file, a read-only folder or one that fills up (a real
+  tmpfs, tests/fs_faults.py): exit 1, one `error:` line naming the path; the shards finished
+  before stay whole, and a rerun elsewhere finishes the cache an uninterrupted run writes;
 - scripts/cache_teacher.py under torchrun (2 gloo ranks, an odd number of shards, so one rank
   idles in the last round) finishes a cache begun by one process with the one-process bytes;
 - (slow) train.py from a k = V cache equals online KD.
 
-Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~25 s of CPU time, ~10 s of
+Run: `.venv/bin/python -m pytest -q tests/test_teacher_cache.py` (~35 s of CPU time, ~10 s of
 it the torchrun test); `-m slow` for the train.py run.
 """
 
@@ -34,6 +43,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from fs_faults import run_on_tmpfs
 from safetensors.torch import load_file
 from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
@@ -505,3 +515,213 @@ def test_train_py_from_cache_equals_online(setup, tmp_path):
     w_diff = max((wa[k] - wb[k]).abs().max().item() for k in wa)
     # 1e-4: those differences pass through 6 Adam steps of lr 1e-2 (weights move by ~5e-2).
     assert w_diff < 1e-4, f"final weights: max |diff| {w_diff:.3g}"
+
+
+# ----------------------------------------------------------------------------- integrity
+# A cache written by scripts/cache_teacher.py (so with the teacher's fingerprint and the shards'
+# checksums): 7 examples in 4 shards of 2, k = 32 in fp32, ~9 KB per shard (several tmpfs pages).
+
+
+def _script_args(s: dict, out: Path) -> list[str]:
+    return [
+        f"--teacher={s['teacher_dir']}",
+        f"--data={s['data']}",
+        f"--out={out}",
+        "--top-k=32",
+        f"--seq-len={SEQ_LEN}",
+        "--dtype=float32",
+        "--teacher-dtype=fp32",
+        "--batch-size=2",
+        "--examples-per-shard=2",
+    ]
+
+
+@pytest.fixture(scope="module")
+def script_cache(setup) -> Path:
+    """The uninterrupted run's cache, on one thread (the fp32 summation order of the
+    OMP_NUM_THREADS=1 subprocesses it is compared with)."""
+    out = setup["root"] / "script-k32"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_script(_script_args(setup, out))
+    finally:
+        torch.set_num_threads(threads)
+    return out
+
+
+def _open(s: dict, path: Path) -> TeacherCache:
+    return TeacherCache.open(
+        path, tokenizer=s["tokenizer"], data_path=s["data"], seq_len=SEQ_LEN, examples=s["examples"]
+    )
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+def _one_line_error(excinfo: pytest.ExceptionInfo, *parts: str) -> str:
+    message = str(excinfo.value)
+    assert "\n" not in message and all(p in message for p in parts), message
+    return message
+
+
+def _tensor_bytes(file: Path, name: str) -> tuple[int, int]:
+    """[begin, end) of a tensor's data in a safetensors file (8-byte header length, JSON
+    header, then the data the header's offsets count from)."""
+    data = file.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    begin, end = json.loads(data[8 : 8 + n])[name]["data_offsets"]
+    return 8 + n + begin, 8 + n + end
+
+
+def test_training_refuses_another_teacher(setup, script_cache, tmp_path):
+    """check_teacher: the teacher that wrote the cache passes; another seed of the same
+    architecture and vocabulary (same config.json, other weights) and another config are
+    refused in one line; a cache without the fingerprint (older) is checked on the config."""
+    s = setup
+    cache = _open(s, script_cache)
+    cache.check_teacher(s["teacher_dir"])
+    other = make_tiny_checkpoint(tmp_path / "b", "llama", seed=1, vocab_size=TINY_VOCAB_SIZE)
+    assert config_sha256(other) == config_sha256(s["teacher_dir"]), "B must differ in weights only"
+    with pytest.raises(ValueError) as e:
+        cache.check_teacher(other)
+    _one_line_error(e, str(script_cache), str(other), "other weights", "scripts/cache_teacher.py")
+    deeper = make_tiny_checkpoint(
+        tmp_path / "c", "llama", seed=0, vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=3
+    )
+    with pytest.raises(ValueError) as e:
+        cache.check_teacher(deeper)
+    _one_line_error(e, "config.json differs", str(deeper))
+
+    old = tmp_path / "old"
+    shutil.copytree(script_cache, old)
+    manifest = json.loads((old / "manifest.json").read_text())
+    del manifest["teacher_fingerprint"]
+    (old / "manifest.json").write_text(json.dumps(manifest))
+    _open(s, old).check_teacher(other)  # config alone: the same
+    with pytest.raises(ValueError, match="config.json differs"):
+        _open(s, old).check_teacher(deeper)
+
+
+def test_damaged_shards_are_refused_in_one_line(setup, script_cache, tmp_path):
+    """One flipped byte: refused at the shard's first read, naming it; deleting it and rerunning
+    scripts/cache_teacher.py (as the message says) restores the same bytes. A truncated shard:
+    refused at open; a rerun writes it again. A manifest without checksums (an older cache)
+    still opens and reads."""
+    s = setup
+    path = tmp_path / "cache"
+    shutil.copytree(script_cache, path)
+    shard = path / "shard-00001.safetensors"
+    begin, end = _tensor_bytes(shard, "logprobs")
+    data = bytearray(shard.read_bytes())
+    data[(begin + end) // 2] ^= 0x10
+    shard.write_bytes(bytes(data))
+    cache = _open(s, path)  # sizes match: the flip is found when the shard is first read
+    cache.topk_for([0, 1], _batch(s, [0, 1])["labels"])  # shard 0 is fine
+    with pytest.raises(ValueError) as e:
+        cache.topk_for([2], _batch(s, [2])["labels"])
+    _one_line_error(e, str(shard), "sha256", "delete it and run scripts/cache_teacher.py again")
+    with pytest.raises(ValueError, match="shard-00001.safetensors does not match its sha256"):
+        cache.verify()
+    shard.unlink()
+    with pytest.raises(ValueError, match="shard-00001.safetensors is missing"):
+        _open(s, path)
+    _run_script(_script_args(s, path))  # rewrites the missing shard
+    assert _files(path) == _files(script_cache)
+    _open(s, path).verify()
+
+    shard = path / "shard-00000.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(ValueError) as e:
+        _open(s, path)
+    _one_line_error(
+        e, str(shard), "truncated or damaged", "delete it and run scripts/cache_teacher.py again"
+    )
+    _run_script(_script_args(s, path))  # a shard not of its recorded size is written again
+    assert _files(path) == _files(script_cache)
+    shard.write_bytes(shard.read_bytes()[:-100])
+
+    # Without checksums (as written before them): opens and reads; a truncated shard is still
+    # one line naming it (safetensors finds its header's offsets past the end).
+    manifest = json.loads((path / "manifest.json").read_text())
+    for entry in manifest["shards"]:
+        del entry["bytes"], entry["sha256"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError) as e:
+        _open(s, path)
+    _one_line_error(e, str(shard), "not a readable safetensors file")
+    shutil.copy(script_cache / shard.name, shard)
+    cache = _open(s, path)
+    cache.verify()
+    expected = _open(s, script_cache).topk_for([0, 2, 6], _batch(s, [0, 2, 6])["labels"])
+    got = cache.topk_for([0, 2, 6], _batch(s, [0, 2, 6])["labels"])
+    assert torch.equal(got.ids, expected.ids) and torch.equal(got.logprobs, expected.logprobs)
+
+
+def test_out_naming_a_file_is_one_line(setup, tmp_path):
+    file = tmp_path / "cache"
+    file.write_text("not a directory")
+    with pytest.raises(SystemExit) as e:
+        _run_script(_script_args(setup, file))
+    assert (
+        str(e.value)
+        == f"error: {file} is a file, not a cache directory: choose another output directory"
+    )
+    assert file.read_text() == "not a directory"
+
+
+def _error_line(stderr: str) -> str:
+    """The one `error:` line of a failed run (other lines: the data's statistics)."""
+    lines = stderr.splitlines()
+    assert "Traceback" not in stderr and lines[-1].startswith("error: "), stderr
+    assert sum(line.startswith("error:") for line in lines) == 1, stderr
+    return lines[-1]
+
+
+def test_read_only_and_full_output_folders(setup, script_cache, tmp_path):
+    """A real read-only and a real full filesystem (tmpfs in a private mount namespace): exit
+    1, one error line naming the path, no traceback; the shards finished before the disk
+    filled stay whole and listed, no temporary file is left, and a rerun on a normal folder
+    finishes a cache byte-identical to an uninterrupted run."""
+    s = setup
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # script_cache's fp32 summation order
+    command = [sys.executable, str(SCRIPT)]
+    read_only = tmp_path / "ro"
+    result = run_on_tmpfs(
+        [*command, *_script_args(s, read_only / "cache")], read_only, readonly=True, env=env
+    )
+    assert result.returncode == 1, result.stderr
+    line = _error_line(result.stderr)
+    assert f"cannot write {read_only / 'cache'}: Read-only file system" in line, line
+
+    # Room for shards 0 and 1 and two copies of the manifest (the new one is written beside the
+    # old before the rename): shard 2 (several pages) no longer fits.
+    page = os.sysconf("SC_PAGE_SIZE")
+    pages = {n: -(-len(b) // page) for n, b in _files(script_cache).items()}
+    size = page * (pages["shard-00000.safetensors"] + pages["shard-00001.safetensors"])
+    size += 2 * page * pages["manifest.json"]
+    full, after = tmp_path / "full", tmp_path / "after"
+    result = run_on_tmpfs(
+        [*command, *_script_args(s, full)], full, size_kb=size // 1024, keep=after, env=env
+    )
+    assert result.returncode == 1, result.stderr
+    line = _error_line(result.stderr)
+    assert line.startswith(f"error: cannot write {full}/") and "No space left on device" in line
+    assert "run again with the same arguments" in line, line
+    kept = _files(after)
+    assert not [n for n in kept if n.endswith(".tmp")], sorted(kept)
+    listed = [e["file"] for e in json.loads(kept["manifest.json"])["shards"]]
+    assert len(listed) >= 1, listed
+    for name in listed:  # whole, and what an uninterrupted run wrote
+        assert kept[name] == (script_cache / name).read_bytes(), f"{name} differs"
+    with pytest.raises(ValueError, match="incomplete"):
+        _open(s, after)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _run_script(_script_args(s, after))
+    finally:
+        torch.set_num_threads(threads)
+    assert _files(after) == _files(script_cache)
