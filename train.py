@@ -25,12 +25,11 @@ two-stage (stage 2 `init_from` stage 1's OUT/final), KD from a top-k teacher cac
 (teacher_cache, scripts/cache_teacher.py), on-policy GKD and MiniLLM (method=gkd|minillm:
 each step first samples the student's own answers). See configs/.
 
-Outputs in `out`: train_config.toml (resolved settings), metrics.jsonl (per log step and
-eval; scripts/plot_metrics.py draws it), checkpoints/step_N/ (every `save_every` steps and on
-SIGTERM; `resume=true` continues exactly), final/ (the student, HF; to export step N:
---resume=true --max_steps=N). dtypes: master weights and AdamW state fp32; compute and
-teacher in `precision` (auto: bf16 or fp32, whichever this device runs faster); gradients
-reduced and every loss computed in fp32.
+`out` belongs to one run (locked; kd/rundir.py): train_config.toml, metrics.jsonl (per log
+step and eval), checkpoints/step_N/ (every `save_every` steps, at the last step, on SIGTERM
+and Ctrl-C; `resume=true` continues exactly, and only the same run), final/ (the student,
+HF). dtypes: master weights and AdamW state fp32; compute and teacher in `precision` (auto:
+bf16 or fp32, whichever this device runs faster); gradients reduced and losses in fp32.
 """
 
 import math
@@ -38,12 +37,12 @@ import os
 import signal
 import sys
 import threading
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from kd import checkpoint, hf, parallel, training
+from kd import checkpoint, parallel, rundir, training
 from kd.config import TrainConfig, help_text, load_config
 from kd.data import load_examples
 from kd.metrics import teacher_forced_metrics
@@ -55,7 +54,6 @@ from kd.runlog import (
     log_record,
     peak_memory_gb,
     step_values,
-    trim_metrics,
 )
 from kd.training import Run
 
@@ -77,14 +75,8 @@ def main(cfg: TrainConfig) -> None:
     cfg = replace(cfg, precision=parallel.resolve_precision(cfg.precision, world.device))
     torch.manual_seed(cfg.seed)
     out = Path(cfg.out)
-    if not cfg.resume and checkpoint.complete_checkpoints(out):
-        raise ValueError(
-            f"{out} already holds checkpoints; pass --resume=true to continue that run, "
-            "or choose another --out"
-        )
-    if world.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "train_config.toml").write_text(cfg.to_toml())
+    # OUT is this run's: locked (on rank 0, released at exit) and refused if it holds another.
+    parallel.run_on_rank0(lambda: rundir.claim(out, resume=cfg.resume, overwrite=cfg.overwrite))
     say(f"world: {world.world_size} process(es) on {world.device}\n{cfg.to_toml()}", end="")
 
     # --- build the data: one tokenizer for every model; each rank's slice of every step.
@@ -119,50 +111,17 @@ def main(cfg: TrainConfig) -> None:
         method=method,
         optimizer=optimizer,
         scaler=scaler,
+        identity=parallel.run_on_rank0(lambda: rundir.identity(cfg, student.config)),
     )
 
-    # --- resume: model, optimizer, RNG, step (= data position), grad scaler; then train.
-    step = resume(run) if cfg.resume else 0
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop_requested.set())
-    if train(run, step):
-        # --- export the student as an HF directory (transformers and generate.py load it).
-        state_dict = parallel.full_state_dict(student)  # all ranks take part; rank 0 gets it
-        if world.is_main:
-            hf.save_state_dict(
-                state_dict, student.config, out / "final", tokenizer_from=cfg.teacher[0]
-            )
-        say(f"exported the student to {out / 'final'}")
+    # --- resume (only this run's checkpoints); then the settings go on record, and train.
+    step = rundir.resume(run) if cfg.resume else 0
+    if world.is_main:
+        (out / "train_config.toml").write_text(cfg.to_toml())
+    step = train(run, step)
+    if step is not None:  # not stopped early: checkpoint the last step, export the student
+        say(f"exported the student to {rundir.export(run, step)}")
     parallel.barrier()
-
-
-def resume(run: Run) -> int:
-    """Load the newest complete checkpoint into the run; its step (= the data position)."""
-    path = checkpoint.latest_checkpoint(run.out)
-    meta = checkpoint.load_checkpoint(
-        path, model=run.student, optimizer=run.optimizer, world=run.world
-    )
-    for name, stream in run.streams.items():  # refuses other data, seed or global batch
-        stream.load_state_dict(meta.get(name) or {})
-    if run.scaler is not None:
-        run.scaler.load_state_dict(meta["scaler"])
-    trim_metrics(run.out, meta["step"], run.world)
-    run.say(f"resumed from {path} at step {meta['step']}")
-    return meta["step"]
-
-
-def save(run: Run, step: int) -> Path:
-    """Checkpoint the run at `step` (atomically; all ranks call this)."""
-    meta = {name: stream.state_dict() for name, stream in run.streams.items()}
-    meta |= {"scaler": run.scaler.state_dict() if run.scaler else None, "config": asdict(run.cfg)}
-    return checkpoint.save_checkpoint(
-        run.out,
-        step=step,
-        model=run.student,
-        optimizer=run.optimizer,
-        meta=meta,
-        world=run.world,
-        keep=run.cfg.keep_checkpoints,
-    )
 
 
 def evaluate(run: Run, step: int) -> None:
@@ -191,20 +150,22 @@ def evaluate(run: Run, step: int) -> None:
 # ----------------------------------------------------------------------------- the loop
 
 
-def train(run: Run, step: int) -> bool:
-    """Optimizer steps from `step` to max_steps; False if a SIGTERM stopped the run first."""
+def train(run: Run, step: int) -> int | None:
+    """Optimizer steps from `step` to max_steps: the last step, or None if a SIGTERM or Ctrl-C
+    stopped the run first (with a checkpoint). fp16 steps whose gradients overflow are skipped
+    by the loss scaler: counted, and a run that skipped them all fails."""
     cfg = run.cfg
     if run.eval_examples and cfg.eval_every and step == 0:
         evaluate(run, step)
-    meter = Meter(step, cfg.max_steps)
+    meter, skipped, first = Meter(step, cfg.max_steps), 0, step
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
     while step < cfg.max_steps:
-        if parallel.agree([float(stop_requested.is_set())])[0]:  # a SIGTERM on any rank
+        if parallel.agree([float(stop_requested.is_set())])[0]:  # a signal on any rank
             done = (checkpoint.checkpoint_root(run.out) / f"step_{step:06d}").exists()
-            saved = "already saved" if done else save(run, step)
-            run.say(
-                f"SIGTERM: stopped at step {step}; checkpoint {saved}; continue with --resume=true"
-            )
-            return False
+            saved = "already saved" if done else rundir.save(run, step)
+            run.say(f"stopped at step {step}; checkpoint {saved}; continue with --resume=true")
+            return None
         micro_batches = run.method.micro_batches(step)  # each with the step's token count
         step += 1
         lr = lr_at(
@@ -216,7 +177,7 @@ def train(run: Run, step: int) -> bool:
         )
         for group in run.optimizer.param_groups:
             group["lr"] = lr
-        sums, grad_norm = training.train_step(
+        sums, grad_norm, was_skipped = training.train_step(
             run.student,
             run.method,
             micro_batches,
@@ -225,6 +186,7 @@ def train(run: Run, step: int) -> bool:
             grad_clip=cfg.grad_clip,
         )
         meter.add(sum(b["input_ids"].numel() for b in micro_batches))
+        skipped += was_skipped
 
         # --- log, check, evaluate, save. Reading values back is a device sync: these steps only.
         save_now = cfg.save_every > 0 and step % cfg.save_every == 0
@@ -233,23 +195,52 @@ def train(run: Run, step: int) -> bool:
             (cfg.eval_every and step % cfg.eval_every == 0) or last
         )
         if step % cfg.log_every == 0 or save_now or eval_now or last:
-            log_step(run, step, sums, grad_norm, lr=lr, meter=meter)
+            log_step(run, step, sums, grad_norm, lr=lr, meter=meter, skipped=skipped)
         if eval_now:
             evaluate(run, step)
         if save_now:
-            save(run, step)
+            rundir.save(run, step)
         if eval_now or save_now:
             meter.skip()  # tokens/s measures training only
-    return True
+    if skipped:
+        run.say(f"{skipped} of {step - first} steps were skipped: fp16 gradients overflowed")
+        if skipped == step - first:
+            raise NonFiniteLoss(
+                "every step was skipped (fp16 overflow): the student did not "
+                "train; use bf16, or a lower lr"
+            )
+    return step
+
+
+def on_signal(signum: int, frame: object) -> None:
+    """SIGTERM and Ctrl-C: checkpoint at the next step boundary, then exit. A second Ctrl-C
+    exits at once (the steps since the last checkpoint are lost)."""
+    if signum == signal.SIGINT and stop_requested.is_set():
+        raise KeyboardInterrupt
+    stop_requested.set()
+    if signum == signal.SIGINT:
+        print(
+            "Ctrl-C: stopping at the next step, with a checkpoint (Ctrl-C again: at once)",
+            file=sys.stderr,
+        )
 
 
 def log_step(
-    run: Run, step: int, sums: dict, grad_norm: torch.Tensor, *, lr: float, meter: Meter
+    run: Run,
+    step: int,
+    sums: dict,
+    grad_norm: torch.Tensor,
+    *,
+    lr: float,
+    meter: Meter,
+    skipped: int,
 ) -> None:
     """One record in metrics.jsonl and one console line; stops a run whose loss or gradient
     norm is not finite (its last checkpoint stays the last good one)."""
     record = {"step": step, "epochs": run.streams["data"].epochs(step), **step_values(sums)}
     record |= {"lr": lr, "grad_norm": grad_norm.item()}
+    if run.scaler is not None:
+        record["skipped_steps"] = skipped
     norm_checked = run.scaler is None  # with fp16 loss scaling an inf norm skips the step
     if not math.isfinite(record["loss"]) or (
         norm_checked and not math.isfinite(record["grad_norm"])
@@ -276,6 +267,13 @@ def log_step(
     run.say(format_step(record, run.cfg.max_steps, list(extra)))
 
 
+def describe(e: Exception) -> str:
+    """A user-facing error as one line; an OS error names its file and what to check."""
+    if isinstance(e, OSError) and not isinstance(e, FileNotFoundError) and e.strerror:
+        return f"{e.filename or ''}: {e.strerror}; check that it is writable and has free space"
+    return " ".join(str(e).split())
+
+
 def cli(argv: list[str]) -> int:
     """Entry point: user errors become one `error: ...` line on stderr and exit status 1."""
     if "--help" in argv or "-h" in argv:
@@ -283,11 +281,15 @@ def cli(argv: list[str]) -> int:
         return 0
     try:
         main(load_config(argv))
-    except (ValueError, FileNotFoundError, NonFiniteLoss) as e:
+    except (ValueError, OSError, NonFiniteLoss) as e:
         if os.environ.get("RANK", "0") == "0":
-            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            print(f"error: {describe(e)}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; the last checkpoint is kept (--resume=true)", file=sys.stderr)
+        return 130
     finally:
+        rundir.release_all()
         parallel.shutdown()
     return 0
 

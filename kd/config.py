@@ -12,6 +12,7 @@ type or a bad value is a `ValueError` naming the setting, which `train.py` print
 
 import inspect
 import json
+import math
 import re
 import tomllib
 import typing
@@ -23,6 +24,21 @@ from kd.losses import DIVERGENCES
 LOSSES = ("sft", *DIVERGENCES)  # sft: cross-entropy on the data alone, no teacher
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("offpolicy", "gkd", "minillm")
+# Settings a resume may change when the user lists them in `resume_changes`: how long the run
+# goes (max_steps also stretches the cosine) and what it logs, evaluates, keeps or compiles;
+# not what a step computes.
+SAFE_TO_CHANGE = (
+    "max_steps",
+    "log_every",
+    "eval_every",
+    "eval_batches",
+    "eval_data",
+    "save_every",
+    "keep_checkpoints",
+    "compile",
+    "activation_checkpointing",
+    "rollout_gathered",
+)
 
 
 @dataclass
@@ -106,7 +122,11 @@ class TrainConfig:
     eval_batches: int = 0  # micro-batches per rank per evaluation; 0 = the whole eval set
     save_every: int = 0  # checkpoint every this many steps; 0 = only on SIGTERM
     keep_checkpoints: int = 2  # keep the newest K checkpoints
-    resume: bool = False  # continue from the newest checkpoint in out/checkpoints (error if none)
+    # continue the run in out from its newest checkpoint that verifies (error if none)
+    resume: bool = False
+    # resume: settings the run may change (max_steps, log_every, ...); others are refused
+    resume_changes: tuple[str, ...] = ()
+    overwrite: bool = False  # start anew in an out that holds a run, deleting that run
 
     def __post_init__(self) -> None:
         """Check every value once, so a bad setting fails before any model is loaded."""
@@ -148,12 +168,25 @@ class TrainConfig:
                 'teacher_cache: set eval_data = "" (evaluation needs the teacher) and a loss '
                 "other than sft, logit_mse"
             )
+        unsafe = [name for name in self.resume_changes if name not in SAFE_TO_CHANGE]
+        if unsafe:
+            raise ValueError(
+                f"resume_changes={','.join(unsafe)}: a resume may change only "
+                f"{', '.join(SAFE_TO_CHANGE)}; the others change what a step computes"
+            )
+        if self.resume and self.overwrite:
+            raise ValueError("resume=true and overwrite=true contradict each other; pick one")
         if self.lm_data and self.method != "minillm":
             raise ValueError(
                 "lm_data is MiniLLM's language-modelling data; set method=minillm or add it to data"
             )
 
     def _check_choices_and_ranges(self) -> None:
+        for f in fields(self):  # NaN passes every range check below (all comparisons are False)
+            values = getattr(self, f.name)
+            for x in values if isinstance(values, tuple) else (values,):
+                if isinstance(x, float) and not math.isfinite(x):
+                    raise ValueError(f"{f.name}={x} is not a finite number")
         for name, choices in (
             ("loss", LOSSES),
             ("teacher_mixture", ("probs", "logits")),
@@ -277,13 +310,14 @@ def _convert(name: str, raw: object, kind: object, *, source: str) -> object:
             if isinstance(raw, float) and not raw.is_integer():
                 raise ValueError
             return int(raw)
-        if kind is float and not isinstance(raw, bool):
+        if kind is float and not isinstance(raw, bool) and math.isfinite(float(raw)):
             return float(raw)
         if kind is str and isinstance(raw, (str, int, float)):
             return str(raw)
-    except ValueError:
+    except (ValueError, TypeError, OverflowError):  # a list or table where a number belongs, ...
         pass
-    kind_name = kind.__name__ if isinstance(kind, type) else str(kind)
+    kind_name = {float: "finite number", int: "whole number", bool: "true or false"}.get(kind, kind)
+    kind_name = kind_name.__name__ if isinstance(kind_name, type) else kind_name
     raise ValueError(f"setting '{name}' ({source}) = {raw!r} is not a valid {kind_name}")
 
 

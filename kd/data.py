@@ -108,6 +108,13 @@ def read_jsonl(path: str | Path, *, what: str = "data file") -> Iterator[tuple[s
                 ) from None
             if not isinstance(record, dict):
                 raise ValueError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            try:  # JSON's "\ud800" escape decodes to a lone surrogate, which is not text
+                json.dumps(record, ensure_ascii=False).encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(
+                    f'{where}: holds a lone UTF-16 surrogate (an escape like "\\ud800" '
+                    "without its pair), which is not text; fix or remove the line"
+                ) from None
             yield where, record
 
 

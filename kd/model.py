@@ -56,10 +56,8 @@ Run the parity tests: `.venv/bin/python -m pytest -q tests/test_model.py`.
 
 from __future__ import annotations
 
-import json
 import math
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -69,11 +67,6 @@ from torch import Tensor, nn
 from kd.linear import Linear, linear
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
 LLAMA3_ROPE_KEYS = (
     "factor",
     "low_freq_factor",
@@ -185,67 +178,6 @@ class ModelConfig:
             ]
             return self.sliding_window if types[layer] == "sliding_attention" else None
         return None
-
-    @classmethod
-    def from_hf(cls, config: dict | str | Path) -> ModelConfig:
-        """Read a HF config (a dict, or the path of config.json or of its directory).
-
-        Accepts both spellings of RoPE: checkpoints on disk have `rope_theta` + `rope_scaling`;
-        transformers 5 writes `rope_parameters` = {rope_type, rope_theta, <scaling keys>}.
-        Keys this model does not use (initializer_range, use_cache, ...) are ignored.
-        """
-        if not isinstance(config, dict):
-            path = Path(config)
-            path = path / "config.json" if path.is_dir() else path
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{path} not found: expected a HF model directory with config.json"
-                )
-            try:
-                config = json.loads(path.read_text())
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path} is not valid JSON ({e})") from None
-        d = dict(config)
-        if "model_type" not in d:
-            raise ValueError(
-                f"config has no key model_type; use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if "rope_parameters" in d:
-            rope = dict(d.pop("rope_parameters") or {})
-            d["rope_theta"] = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-            d["rope_scaling"] = (
-                rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-            )
-        if d.get("torch_dtype") is None and d.get("dtype") is not None:
-            d["torch_dtype"] = d["dtype"]
-        if d.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(
-                f"config key partial_rotary_factor={d['partial_rotary_factor']} is not supported"
-            )
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-    def to_hf(self) -> dict[str, Any]:
-        """A config.json dict that transformers (4.x and 5.x) loads: classic keys plus
-        rope_parameters."""
-        d = {k: v for k, v in asdict(self).items() if v is not None}
-        if self.model_type != "qwen2":  # these three keys exist only in Qwen2's config
-            for k in ("use_sliding_window", "max_window_layers", "layer_types"):
-                d.pop(k, None)
-        if self.model_type != "llama":
-            d.pop("mlp_bias")
-            d.pop("attention_bias")
-        if self.model_type == "mistral":
-            d["sliding_window"] = self.sliding_window  # null means "no window" and must be explicit
-        if self.torch_dtype is not None:
-            d["dtype"] = self.torch_dtype
-        d["rope_parameters"] = {
-            "rope_type": "default",
-            "rope_theta": self.rope_theta,
-            **(self.rope_scaling or {}),
-        }
-        d["architectures"] = [ARCHITECTURES[self.model_type]]
-        return d
 
 
 # ---------------------------------------------------------------------------- RoPE

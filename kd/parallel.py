@@ -21,6 +21,7 @@ Tested by tests/test_parallel.py (2 gloo processes vs 1) and the train tests.
 import contextlib
 import functools
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, TypeVar
@@ -29,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -48,7 +50,15 @@ T = TypeVar("T")
 
 def resolve_precision(precision: str, device: torch.device) -> str:
     """`precision = "auto"` -> "bf16" or "fp32" by `fast_dtype`, timed on rank 0 and broadcast so
-    that every rank computes in the same dtype; any other value is returned as it is."""
+    that every rank computes in the same dtype; any other value is returned as it is.
+
+    fp16 on a CPU is refused: CPUs have no fast fp16 matmul, and fp16's loss scaling skips the
+    first steps of every run while it finds its scale (a short run trains not at all)."""
+    if precision == "fp16" and device.type == "cpu":
+        raise ValueError(
+            "precision=fp16 on a CPU: no fast fp16 there, and its loss scaling skips "
+            "steps; use bf16 (where the CPU has it) or fp32, or auto"
+        )
     if precision != "auto":
         return precision
     box = [fast_precision(device) if dist.get_rank() == 0 else None]
@@ -88,8 +98,21 @@ def init_distributed() -> World:
 
 
 def shutdown() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, rank 0 last. Rank 0's process hosts the rendezvous store (the
+    TCP store at MASTER_ADDR), and a peer still tearing its group down when that process
+    exits aborts ("terminate called without an active exception": 2 of 12 two-rank MiniLLM
+    runs of train.py, 0 of 36 with this): every rank counts itself out in the store, and
+    rank 0 waits for all of them."""
+    if not dist.is_initialized():
+        return
+    store = dist.distributed_c10d._get_default_store()  # outlives the group
+    rank, size = dist.get_rank(), dist.get_world_size()
+    dist.destroy_process_group()
+    if size == 1:
+        return
+    store.add("kd_left", 1)
+    while rank == 0 and store.add("kd_left", 0) < size:
+        time.sleep(0.01)
 
 
 def barrier() -> None:
@@ -224,6 +247,22 @@ def agree(values: list[float]) -> list[float]:
     return all_reduce_sum(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
+def rank_and_size() -> tuple[int, int]:
+    """(this rank, number of ranks); (0, 1) without a process group."""
+    if not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def gather_objects(obj: T) -> list[T]:
+    """Every rank's `obj` (picklable), in rank order, on every rank; [obj] without a group."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def all_ranks(flag: bool) -> bool:
     """True only when `flag` is True on every rank (a CPU all-reduce): the done flag of
     on-policy rollouts, so that every rank keeps decoding, and calling FSDP's collectives,
@@ -237,7 +276,15 @@ def all_ranks(flag: bool) -> bool:
 def save_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Every rank writes its shards of the model and AdamW state into directory `path` (DCP)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    try:
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    except CheckpointException as e:  # raised on every rank, with each failed rank's error
+        reasons = sorted(
+            {str(error[0] if isinstance(error, tuple) else error) for error in e.failures.values()}
+        )
+        raise OSError(
+            f"{path}: the checkpoint could not be written ({'; '.join(reasons)})"
+        ) from None
 
 
 def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
@@ -255,12 +302,13 @@ def load_sharded(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer)
 
 def run_on_rank0(fn: Callable[[], T]) -> T | None:
     """fn() on rank 0 only (e.g. reading a checkpoint), None elsewhere; if it raises a user
-    error there, every rank raises it, instead of the others waiting forever in a broadcast."""
+    error or an OS error (a full disk) there, every rank raises it, instead of the others
+    waiting forever in a broadcast."""
     result, error = None, None
     if dist.get_rank() == 0:
         try:
             result = fn()
-        except (ValueError, FileNotFoundError) as e:
+        except (ValueError, OSError) as e:  # FileNotFoundError is an OSError
             error = e
     box = [error]
     dist.broadcast_object_list(box, src=0)

@@ -88,9 +88,12 @@ def train_args(
 
 def run_train(argv: list[str], out: Path) -> None:
     """train.py with `argv` (its --out is `out`) until out/final exists: resumed from the last
-    checkpoint when an earlier run stopped. ChildFailed when it stops early again (a SIGTERM,
-    on which it checkpoints)."""
-    resume = ["--resume=true"] if checkpoint.complete_checkpoints(out) else []
-    run_child([sys.executable, str(REPO / "train.py"), *argv, *resume])
+    checkpoint when an earlier run stopped (started anew if it stopped before any). ChildFailed
+    when it stops early again (a SIGTERM, on which it checkpoints)."""
+    if checkpoint.complete_checkpoints(out):
+        again = ["--resume=true"]
+    else:  # an earlier attempt that stopped before its first checkpoint leaves nothing to keep
+        again = ["--overwrite=true"] if out.exists() else []
+    run_child([sys.executable, str(REPO / "train.py"), *argv, *again])
     if not (out / "final").is_dir():
         raise ChildFailed(f"train.py stopped before its last step ({out}); run again to resume it")

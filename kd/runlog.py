@@ -6,6 +6,7 @@ FLOPs (kd/training.py's count) over the GPU's dense bf16 peak.
 """
 
 import json
+import os
 import resource
 import time
 from datetime import timedelta
@@ -69,11 +70,21 @@ def log_record(out: Path, record: dict, world: parallel.World) -> None:
 
 
 def trim_metrics(out: Path, step: int, world: parallel.World) -> None:
-    """On resume, drop records of steps after the checkpoint: they will be logged again."""
+    """On resume, drop records of steps after the checkpoint: they will be logged again. A
+    torn last line (the run was killed while appending it) goes too."""
     path = out / "metrics.jsonl"
     if world.is_main and path.is_file():
-        lines = path.read_text().splitlines(keepends=True)
-        path.write_text("".join(line for line in lines if json.loads(line)["step"] <= step))
+        kept = []
+        for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", step + 1) <= step:
+                kept.append(line + "\n")
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept), encoding="utf-8")
+        os.replace(tmp, path)
 
 
 class Meter:

@@ -19,6 +19,7 @@ on-policy rollouts (kd/onpolicy.py) are `decode` over student and teacher with a
 Tests: `.venv/bin/python -m pytest -q tests/test_sampling.py`.
 """
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -29,8 +30,9 @@ from kd.model import Transformer
 
 
 def _check_sampling_args(*, temperature: float, top_k: int, top_p: float) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} is negative: use 0 for greedy or a value > 0")
+    # `not x >= 0` rather than `x < 0`: NaN fails every comparison and must not pass.
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature} is not a number >= 0: use 0 for greedy or > 0")
     if top_k < 0:
         raise ValueError(f"top_k={top_k} is negative: use 0 to disable top-k or a value >= 1")
     if not 0.0 < top_p <= 1.0:

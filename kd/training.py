@@ -246,6 +246,7 @@ def build_method(
                 seq_len=cfg.seq_len,
                 examples=streams["data"].sources[0],
             )
+            cache.check_teacher(cfg.teacher[0])  # the cache's teacher is this run's teacher
             if cache.spec.vocab_size != vocab:
                 raise ValueError(
                     f"{cfg.teacher_cache} was made by a teacher with {cache.spec.vocab_size} "
@@ -307,6 +308,7 @@ class Run:
     method: Method  # what each step trains on, and its loss
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None  # fp16 only
+    identity: dict | None = None  # rank 0: what a resume must find unchanged (kd/rundir.py)
 
     @property
     def out(self) -> Path:
@@ -329,12 +331,12 @@ def train_step(
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     grad_clip: float,
-) -> tuple[dict[str, Tensor], Tensor]:
+) -> tuple[dict[str, Tensor], Tensor, bool]:
     """One optimizer step over this rank's micro-batches.
 
     Returns, as device tensors (no host sync): this rank's sums for the log, "loss" (of the
     micro-batches' losses) and the method's own (`loss`'s second value, added up), and the
-    global gradient norm before clipping.
+    global gradient norm before clipping; then whether fp16 loss scaling skipped the step.
     """
     device = student.head_weight.device
     sums: dict[str, Tensor] = {"loss": torch.zeros((), device=device)}
@@ -351,13 +353,16 @@ def train_step(
         scaler.unscale_(optimizer)
     trained = [p for p in student.parameters() if p.requires_grad]
     grad_norm = parallel.clip_grad_norm_(trained, grad_clip)
+    skipped = False
     if scaler is None:
         optimizer.step()
     else:
+        scale = scaler.get_scale()  # a host sync, with fp16 only
         scaler.step(optimizer)  # skipped when the unscaled gradients hold inf/NaN
         scaler.update()
+        skipped = scaler.get_scale() < scale  # update() lowers the scale after a skipped step
     optimizer.zero_grad(set_to_none=True)
-    return sums, grad_norm
+    return sums, grad_norm, skipped
 
 
 # ----------------------------------------------------------------------------- FLOPs

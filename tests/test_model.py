@@ -6,7 +6,7 @@ window shorter than the sequence) and, the other way, transformers loads what `s
 writes with the same logits; cached decoding (prefill, then one token at a time) equals the full
 forward; a left-padded batch decodes like each prompt alone; a mask of only the used cache
 slots equals the full-length one; bf16 weights get an fp32 cache on CPU;
-`ModelConfig.from_hf` reads both RoPE spellings; meta-device build + `init_weights` starts
+`kd.hf.config_from_dict` reads both RoPE spellings; meta-device build + `init_weights` starts
 at loss ~ln(V); `output_fn` sees the final hidden state and head weight.
 
 Run: `.venv/bin/python -m pytest -q tests/test_model.py -s` (-s prints the max differences).
@@ -21,6 +21,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
+from kd import hf
 from kd.hf import load_model, load_state_dict, save_model
 from kd.model import ModelConfig, Transformer
 from tests.tiny_models import ARCHS, make_tiny_checkpoint
@@ -243,14 +244,14 @@ def test_config_reads_both_rope_spellings(tmp_path):
     written = json.loads((path / "config.json").read_text())
     assert "rope_parameters" in written and "rope_scaling" not in written
     for d in (classic, legacy_type, written):
-        cfg = ModelConfig.from_hf(d)
+        cfg = hf.config_from_dict(d)
         assert cfg.rope_theta == 500000.0 and cfg.rope_scaling["rope_type"] == "llama3", d
         assert cfg.rope_scaling["original_max_position_embeddings"] == 32
-        assert ModelConfig.from_hf(cfg.to_hf()) == cfg  # round trip
-    plain = ModelConfig.from_hf({**classic, "rope_scaling": None})
+        assert hf.config_from_dict(hf.config_to_dict(cfg)) == cfg  # round trip
+    plain = hf.config_from_dict({**classic, "rope_scaling": None})
     assert plain.rope_scaling is None and plain.rope_theta == 500000.0
     assert (
-        ModelConfig.from_hf(
+        hf.config_from_dict(
             {
                 **classic,
                 "rope_scaling": None,
@@ -296,7 +297,7 @@ def test_meta_build_then_init_weights_starts_near_uniform():
 def test_meta_build_loads_with_assign(tiny):
     arch, path, model, _ = tiny
     with torch.device("meta"):
-        fresh = Transformer(ModelConfig.from_hf(path))
+        fresh = Transformer(hf.load_config(path))
     fresh.to_empty(device="cpu")
     fresh.load_state_dict(load_state_dict(path), strict=True, assign=True)
     ids = torch.randint(0, model.config.vocab_size, (1, 16))
@@ -308,7 +309,7 @@ def test_meta_build_loads_with_assign(tiny):
 
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="model_type='gpt2'.*llama, mistral, qwen2"):
-        ModelConfig.from_hf({"model_type": "gpt2"})
+        hf.config_from_dict({"model_type": "gpt2"})
     with pytest.raises(ValueError, match="rope_scaling.rope_type='yarn'"):
         ModelConfig(rope_scaling={"rope_type": "yarn", "factor": 4.0})
     with pytest.raises(ValueError, match="rope_scaling lacks low_freq_factor"):
@@ -330,7 +331,7 @@ def test_qwen2_sliding_window_layers_match_transformers(tmp_path):
     path = make_tiny_checkpoint(
         tmp_path / "m", "qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=1
     )
-    model = Transformer(ModelConfig.from_hf(path))
+    model = Transformer(hf.load_config(path))
     assert model.windows == [None, 4]
     model.load_state_dict(load_state_dict(path), strict=True)
     ids = torch.randint(

@@ -66,7 +66,7 @@ def summed_loss(logits: torch.Tensor, labels: torch.Tensor, n_global: int) -> to
     )
 
 
-def worker(rank: int, port: int, exit_together) -> None:
+def worker(rank: int, port: int) -> None:
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -143,7 +143,9 @@ def worker(rank: int, port: int, exit_together) -> None:
             precisions, parallel.resolve_precision("auto", world.device)
         )
         assert precisions[0] in ("bf16", "fp32") and len(set(precisions)) == 1, precisions
-        assert parallel.resolve_precision("fp16", world.device) == "fp16"
+        assert parallel.resolve_precision("fp32", world.device) == "fp32"
+        with pytest.raises(ValueError, match="precision=fp16 on a CPU"):
+            parallel.resolve_precision("fp16", world.device)
 
         def fail() -> None:
             raise ValueError("rank 0 could not read the weights")
@@ -152,11 +154,7 @@ def worker(rank: int, port: int, exit_together) -> None:
             parallel.run_on_rank0(fail)  # rank 1 must raise too, not wait in a broadcast
         parallel.barrier()
     finally:
-        parallel.shutdown()
-        # Rank 0's process hosts the rendezvous store: if it exits while rank 1 is still
-        # tearing its group down, rank 1 aborts ("terminate called without an active
-        # exception", about 1 run in 5). So no process exits before both have shut down.
-        exit_together.wait(timeout=60)
+        parallel.shutdown()  # rank 0 last: see its docstring
 
 
 def free_port() -> int:
@@ -166,8 +164,7 @@ def free_port() -> int:
 
 
 def test_two_gloo_ranks_match_one_plain_model():
-    exit_together = mp.get_context("spawn").Barrier(WORLD)
-    mp.spawn(worker, args=(free_port(), exit_together), nprocs=WORLD, join=True)
+    mp.spawn(worker, args=(free_port(),), nprocs=WORLD, join=True)
 
 
 def test_fast_dtype_picks_the_faster_matmul():
