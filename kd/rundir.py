@@ -32,6 +32,7 @@ from kd.config import SAFE_TO_CHANGE, TrainConfig
 from kd.lock import Lock
 from kd.model import ModelConfig
 from kd.runlog import log_record, trim_metrics
+from kd.teacher_cache import read_manifest
 from kd.training import Run
 
 LOCK_FILE = ".lock"
@@ -90,10 +91,9 @@ def identity(cfg: TrainConfig, student_config: ModelConfig) -> dict:
         return hf.fingerprint(path) if path else None
 
     cache = None
-    if cfg.teacher_cache:  # the manifest says what the cache holds (teacher, k, T, data)
-        manifest = json.loads((Path(cfg.teacher_cache) / "manifest.json").read_text())
-        cache = hashlib.sha256(json.dumps(manifest.get("spec"), sort_keys=True).encode())
-        cache = cache.hexdigest()
+    if cfg.teacher_cache:  # its spec says what the cache holds (teacher, data, k, T)
+        spec = asdict(read_manifest(Path(cfg.teacher_cache))[0])
+        cache = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     settings = {k: v for k, v in asdict(cfg).items() if k not in PATHS + THIS_START}
     found = {
         "settings": settings,

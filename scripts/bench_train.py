@@ -17,7 +17,7 @@ first F of each row is a "prompt" without labels, as in chat data, where our los
                  TeacherCache.topk_for (timed: training from a cache pays it every step)
 The cache of (e) is made before it by another process (untimed; its own process because max RSS
 never drops, so a teacher freed in (e) would still count): the teacher in --precision runs over
-the random batch and kd.teacher_cache.write_cache stores its
+the random batch and kd.cache_writer.write_cache stores its
 top-k log-probs in bf16 at T = 1 (scripts/cache_teacher.py's defaults) in a temporary directory,
 with the batch's token ids as the cache's data file; (e) opens it with TeacherCache.open.
 All cases compute in one dtype, --precision (auto: bf16 on a GPU or a CPU with native bf16,
@@ -113,7 +113,8 @@ def write_batch_cache(args: argparse.Namespace) -> dict:
     teacher cache in args.cache_dir/cache, the batch's ids in args.cache_dir/batch.json as its
     data file."""
     from kd import hf
-    from kd.teacher_cache import CacheSpec, config_sha256, file_sha256, write_cache
+    from kd.cache_writer import write_cache
+    from kd.teacher_cache import CacheSpec, config_sha256, file_sha256
     from kd.tokenizer import load_tokenizer
 
     config = hf.load_config(args.teacher)

@@ -221,6 +221,17 @@ def test_resume_with_an_accepted_change_continues_and_logs_it(assets, finished, 
     assert "resume_changes=alpha" in fails(argv(assets, run, resume_changes="alpha"), capsys)
 
 
+def test_resume_under_an_accepted_change_is_exact(assets, finished, tmp_path, capsys):
+    """A safe change (log_every) accepted on resume: the run still ends bit for bit as the
+    uninterrupted one."""
+    run = tmp_path / "relogged"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "final")
+    shutil.rmtree(run / "checkpoints" / "step_000004")
+    trains(argv(assets, run, resume="true", log_every=2, resume_changes="log_every"), capsys)
+    assert same_weights(run, finished)
+
+
 # ----------------------------------------------------------------------------- checkpoints verified
 
 

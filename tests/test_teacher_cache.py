@@ -49,18 +49,12 @@ from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 from tokenizers import Tokenizer as Backend
 
+from kd.cache_writer import teacher_topk, write_cache
 from kd.chunked_loss import chunked_distillation_loss
 from kd.data import IGNORE, collate, load_examples
 from kd.hf import load_model
 from kd.losses import LossOptions, distillation_loss
-from kd.teacher_cache import (
-    CacheSpec,
-    TeacherCache,
-    config_sha256,
-    file_sha256,
-    teacher_topk,
-    write_cache,
-)
+from kd.teacher_cache import CacheSpec, TeacherCache, config_sha256, file_sha256
 from kd.tokenizer import load_tokenizer
 
 SEQ_LEN = 40
