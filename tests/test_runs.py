@@ -186,6 +186,17 @@ def test_a_second_process_is_refused_while_the_first_runs(assets, tmp_path):
     assert steps == list(range(1, len(steps) + 1)), "one writer: no interleaved metrics"
 
 
+def test_a_dead_holders_lock_is_taken_over_and_named(assets, finished, tmp_path, capsys):
+    """A run killed with SIGKILL cannot release its lock file: the kernel drops the flock, and
+    the next start names the dead holder it took over from."""
+    run = tmp_path / "killed"
+    shutil.copytree(finished, run)
+    (run / ".lock").write_text(f"pid 999999999 on {os.uname().nodename} since 2026-01-01\n")
+    log = trains(argv(assets, run, resume="true"), capsys)
+    assert "took over the lock of pid 999999999" in log and "no longer running" in log, log
+    assert (run / ".lock").read_text() == "", "released at exit: nobody holds it"
+
+
 # ----------------------------------------------------------------------------- resume verifies
 
 
