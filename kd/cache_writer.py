@@ -60,12 +60,13 @@ def teacher_topk(
     of the teacher's logits; only `chunk_size` rows of (rows x V) logits exist at a time.
     """
     valid = labels != IGNORE  # (B, T)
-    hidden, weight = teacher(input_ids, output_fn=lambda h, w: (h[valid], w))  # (n, H), (V, H)
-    if not 1 <= k <= weight.shape[0]:
-        raise ValueError(f"top-k k={k} must be in 1..{weight.shape[0]} (the teacher's vocabulary)")
+    hidden, head = teacher(input_ids, output_fn=lambda h, head: (h[valid], head))  # (n, H), Head
+    vocab = head.weight.shape[0]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"top-k k={k} must be in 1..{vocab} (the teacher's vocabulary)")
     ids, logprobs, log_tail = [], [], []
     for start in range(0, hidden.shape[0], chunk_size):
-        logits = hidden[start : start + chunk_size] @ weight.T  # (c, V) in the teacher's dtype
+        logits = head(hidden[start : start + chunk_size])  # (c, V) in the teacher's dtype
         log_p = F.log_softmax(logits.float() / temperature, dim=-1)  # (c, V) fp32
         top, top_ids = log_p.topk(k, dim=-1)  # (c, k), largest first
         ids.append(top_ids)
@@ -110,7 +111,7 @@ def make_cache_dir(out: str | Path) -> Path:
 @torch.no_grad()
 def _idle_forward(teacher: Transformer, device: torch.device) -> None:
     """A one-token forward whose result is dropped: it joins the teacher's FSDP all-gathers."""
-    teacher(torch.zeros(1, 1, dtype=torch.long, device=device), output_fn=lambda h, w: None)
+    teacher(torch.zeros(1, 1, dtype=torch.long, device=device), output_fn=lambda h, head: None)
 
 
 def write_cache(

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from kd.losses import (
     LossOptions,
@@ -61,8 +62,7 @@ from kd.losses import (
     token_count,
     topk_buckets,
 )
-
-Tensor = torch.Tensor
+from kd.model import Head
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -73,6 +73,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         ctx: Any,
         hidden: Tensor,  # (N, H)
         weight: Tensor,  # (V, H)
+        softcap: float | None,  # the head's logit cap c, or None
         labels: Tensor,  # (N,)
         denom: Tensor,  # 0-dim: the global token count
         teacher_chunk: Callable[[int, int], Teacher],
@@ -93,6 +94,9 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end]  # (n, H)
             logits = h @ weight.T  # (n, V) in the input dtype; forward() runs without autograd
+            if softcap is not None:  # z = c tanh(u / c), and dz/du = 1 - tanh(u / c)^2 below
+                tanh = torch.tanh(logits.to(compute_dtype(logits)) / softcap)  # (n, V) fp32
+                logits = (softcap * tanh).to(logits.dtype)
             # g: (n, V) = dL/dlogits in the logits' dtype, or None
             total, div_sum, ce_sum, g = _loss_and_logit_grad(
                 logits,
@@ -102,6 +106,10 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 options,
                 need_grad=grad_hidden or grad_weight,
             )
+            if softcap is not None:
+                if g is not None:
+                    g.mul_(tanh.square_().neg_().add_(1.0))  # dL/du = dL/dz (1 - tanh^2)
+                del tanh
             if grad_hidden:
                 d_hidden[start:end] = g @ weight
             if grad_weight:
@@ -126,7 +134,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for d in (d_hidden, d_weight):
             if d is not None:
                 d.mul_(grad_loss.to(d.dtype))  # chain rule through the scalar loss
-        return d_hidden, d_weight, None, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None, None
 
 
 # Divergences whose gradient wrt the student logits `_analytic_loss_and_grad` writes out.
@@ -326,9 +334,9 @@ def _topk_forward_kl_and_grad(
 
 def chunked_distillation_loss(
     student_hidden: Tensor,
-    student_head_weight: Tensor,
+    student_head: Head | Tensor,
     teacher_hidden: Tensor | Sequence[Tensor] | None,
-    teacher_head_weight: Tensor | Sequence[Tensor] | None,
+    teacher_head: Head | Tensor | Sequence[Head | Tensor] | None,
     labels: Tensor,
     options: LossOptions = LossOptions(),
     *,
@@ -336,14 +344,16 @@ def chunked_distillation_loss(
     teacher_logits: Teacher | None = None,
     num_tokens: int | Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """`distillation_loss` of (student_hidden @ W_s^T, teacher_hidden @ W_t^T), chunk by chunk.
+    """`distillation_loss` of (student_head(student_hidden), teacher_head(teacher_hidden)), chunk
+    by chunk.
 
-    student_hidden: (..., H) final hidden states (after the last norm); student_head_weight
-        (V, H). Leading dims are flattened; labels (...) align with them.
-    teacher_hidden, teacher_head_weight: (..., H_t) and (V_t, H_t), or lists of them for several
-        teachers (combined as in `distillation_loss`, by options.teacher_mixture and
-        options.teacher_weights). The teacher part runs without gradients. V_t > V only with
-        options.tokenizer_vocab_size (the padding rows are sliced off).
+    student_hidden: (..., H) final hidden states (after the last norm); student_head: the
+        model's `kd.model.Head` (weight (V, H) and the logit softcap, if any), or a bare (V, H)
+        weight. Leading dims are flattened; labels (...) align with them.
+    teacher_hidden, teacher_head: (..., H_t) and a Head or (V_t, H_t) weight, or lists of them
+        for several teachers (combined as in `distillation_loss`, by options.teacher_mixture
+        and options.teacher_weights). The teacher part runs without gradients. V_t > V only
+        with options.tokenizer_vocab_size (the padding rows are sliced off).
     options: the divergence, T, alpha and the rest, as in `distillation_loss` (`LossOptions`).
     chunk_size: tokens per chunk; peak extra memory is a few (chunk_size x V) fp32 buffers
         (measured ~0.4 GiB at 256 for V = 49152 and 128256) plus dL/dW in fp32, whatever the
@@ -372,13 +382,14 @@ def chunked_distillation_loss(
     # are prompt or padding, and the four head matmuls (student logits, dL/dh, dL/dW, teacher
     # logits) are about a third of a KD step's FLOPs. (On a GPU, nonzero() is a host sync.)
     rows = (flat_labels != options.ignore_index).nonzero().squeeze(-1)  # (N_valid,)
+    student_head = as_head(student_head)
     teacher_chunk = _teacher_chunks(
         teacher_hidden,
-        teacher_head_weight,
+        teacher_head,
         teacher_logits,
         rows=rows,
         n_tokens=hidden.shape[0],
-        student_vocab=student_head_weight.shape[0],
+        student_vocab=student_head.weight.shape[0],
         tokenizer_vocab_size=options.tokenizer_vocab_size,
     )
     # (N_valid, H) and (N_valid,); autograd scatters dL/dh back to the N rows
@@ -386,21 +397,27 @@ def chunked_distillation_loss(
     grad_on = torch.is_grad_enabled()
     loss, div_sum, ce_sum = _ChunkedHeadLoss.apply(
         hidden,
-        student_head_weight,
+        student_head.weight,
+        student_head.softcap,
         flat_labels,
         denom,
         teacher_chunk,
         chunk_size,
         options,
         grad_on and hidden.requires_grad,
-        grad_on and student_head_weight.requires_grad,
+        grad_on and student_head.weight.requires_grad,
     )
     return loss, metrics_from_sums(div_sum, ce_sum, valid_count)
 
 
+def as_head(head: Head | Tensor) -> Head:
+    """A bare (V, H) weight as the uncapped Head it is."""
+    return head if isinstance(head, Head) else Head(head)
+
+
 def _teacher_chunks(
     teacher_hidden: Tensor | Sequence[Tensor] | None,
-    teacher_head_weight: Tensor | Sequence[Tensor] | None,
+    teacher_head: Head | Tensor | Sequence[Head | Tensor] | None,
     teacher_logits: Teacher | None,
     *,
     rows: Tensor,
@@ -413,12 +430,12 @@ def _teacher_chunks(
     The teacher comes in the form `loss_sums` takes; rows are gathered per chunk, so no
     (N_valid x V) copy is made.
     """
-    if teacher_logits is None and teacher_hidden is None and teacher_head_weight is None:
+    if teacher_logits is None and teacher_hidden is None and teacher_head is None:
         return lambda s, e: None  # no teacher: plain SFT, allowed with alpha = 0 only
-    if (teacher_logits is None) == (teacher_hidden is None or teacher_head_weight is None):
+    if (teacher_logits is None) == (teacher_hidden is None or teacher_head is None):
         raise ValueError(
-            "pass either teacher_hidden and teacher_head_weight, or teacher_logits= (with None, "
-            "None for the teacher hidden states and head weight), not both and not neither"
+            "pass either teacher_hidden and teacher_head, or teacher_logits= (with None, None "
+            "for the teacher hidden states and head), not both and not neither"
         )
     if teacher_logits is not None:
         if isinstance(teacher_logits, TopK):
@@ -432,21 +449,20 @@ def _teacher_chunks(
 
     single = isinstance(teacher_hidden, Tensor)
     hiddens = [teacher_hidden] if single else list(teacher_hidden)
-    single_weight = isinstance(teacher_head_weight, Tensor)
-    weights = [teacher_head_weight] if single_weight else list(teacher_head_weight)
-    if len(hiddens) != len(weights):
+    one_head = isinstance(teacher_head, (Head, Tensor))
+    heads = [as_head(h) for h in ([teacher_head] if one_head else teacher_head)]
+    if len(hiddens) != len(heads):
         raise ValueError(
-            f"{len(hiddens)} teacher_hidden but {len(weights)} teacher_head_weight; pass one "
-            "per teacher"
+            f"{len(hiddens)} teacher_hidden but {len(heads)} teacher_head; pass one per teacher"
         )
-    for w in weights:
-        check_teacher_vocab(student_vocab, w.shape[0], tokenizer_vocab_size)
+    for head in heads:
+        check_teacher_vocab(student_vocab, head.weight.shape[0], tokenizer_vocab_size)
     hiddens = [h.reshape(n_tokens, h.shape[-1]) for h in hiddens]  # (N, H_t)
-    weights = [w[:student_vocab] for w in weights]  # padding rows beyond the student's vocab
+    heads = [head.rows(student_vocab) for head in heads]  # padding rows past the student's vocab
 
     def chunk(start: int, end: int) -> Teacher:
         with torch.no_grad():
-            logits = [h[rows[start:end]] @ w.T for h, w in zip(hiddens, weights)]  # (n, V) each
+            logits = [head(h[rows[start:end]]) for h, head in zip(hiddens, heads)]  # (n, V) each
         return logits[0] if single else logits
 
     return chunk

@@ -12,7 +12,8 @@ a strict key-for-key copy: no renaming, no permutation. A tied checkpoint has no
 
 Saving is atomic: everything goes into a temporary directory beside the target, which then
 takes the target's place, so an interrupted save never leaves a half-written model where a
-good one was. Tokenizers are loaded by kd/tokenizer.py; here they are only copied.
+good one was. config.json is read and written by kd/hf_config.py; tokenizers are loaded by
+kd/tokenizer.py, here they are only copied.
 
 Tests: `.venv/bin/python -m pytest -q tests/test_hf.py tests/test_model.py`.
 """
@@ -24,18 +25,17 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
-import typing
 from pathlib import Path
-from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
-from kd.model import SUPPORTED_MODEL_TYPES, ModelConfig, Transformer
+from kd.hf_config import config_to_dict, load_config
+from kd.model import Transformer
+from kd.model_config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -45,160 +45,6 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
-
-
-ARCHITECTURES = {
-    "llama": "LlamaForCausalLM",
-    "mistral": "MistralForCausalLM",
-    "qwen2": "Qwen2ForCausalLM",
-}
-# What transformers (5.x: LlamaConfig, MistralConfig, Qwen2Config) takes for a key that
-# config.json leaves out, where that differs from ModelConfig's own default (Llama's). Llama
-# without num_key_value_heads has one K/V head per query head, as ModelConfig's None does.
-FAMILY_DEFAULTS = {
-    "llama": {},
-    "mistral": {
-        "intermediate_size": 14336,
-        "num_key_value_heads": 8,
-        "sliding_window": 4096,
-        "max_position_embeddings": 131072,
-    },
-    "qwen2": {
-        "vocab_size": 151936,
-        "intermediate_size": 22016,
-        "num_key_value_heads": 32,
-        "max_position_embeddings": 32768,
-    },
-}
-# Keys that change the math: a config.json without one is named in a warning (it loads with
-# the family's default, as in transformers, but a checkpoint without it is suspect: the
-# SmolLM2 teacher without rope_theta loads and answers nonsense).
-MATH_KEYS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "rms_norm_eps",
-    "rope_theta",
-    "tie_word_embeddings",
-)
-
-
-def load_config(path: str | Path) -> ModelConfig:
-    """The ModelConfig of a HF model directory (from its config.json)."""
-    config_file = Path(path) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file} not found: {path} is not a HF model directory")
-    try:
-        config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{config_file} is not valid JSON ({e})") from None
-    if not isinstance(config, dict):
-        raise ValueError(f"{config_file} holds a {type(config).__name__}, not a JSON object")
-    return config_from_dict(config, where=str(config_file))
-
-
-def config_from_dict(config: dict, *, where: str = "config") -> ModelConfig:
-    """A HF config.json's dict as a ModelConfig; `where` names it in errors and warnings.
-
-    Accepts both spellings of RoPE: checkpoints on disk have `rope_theta` + `rope_scaling`;
-    transformers 5 writes `rope_parameters` = {rope_type, rope_theta, <scaling keys>}. Keys
-    this model does not use (initializer_range, use_cache, ...) are ignored; a key it uses
-    must have its type ("hidden_size": "576" is an error); a missing one takes the family's
-    default (FAMILY_DEFAULTS), with a warning for the MATH_KEYS.
-    """
-    d = dict(config)
-    if "model_type" not in d:
-        raise ValueError(
-            f"{where} has no key model_type; use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-        )
-    if "rope_parameters" in d:
-        rope = dict(d.pop("rope_parameters") or {})
-        if "rope_theta" in rope or "rope_theta" not in d:
-            d["rope_theta"] = rope.pop("rope_theta", None)
-        d["rope_scaling"] = (
-            rope if rope.get("rope_type", rope.get("type", "default")) != "default" else None
-        )
-        if d["rope_theta"] is None:
-            del d["rope_theta"]
-    if d.get("torch_dtype") is None and d.get("dtype") is not None:
-        d["torch_dtype"] = d["dtype"]
-    if d.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ValueError(
-            f"{where}: config key partial_rotary_factor={d['partial_rotary_factor']} is not "
-            "supported"
-        )
-    known = {f.name for f in dataclasses.fields(ModelConfig)}
-    d = {k: v for k, v in d.items() if k in known}
-    _check_types(d, where)
-    family = d["model_type"]
-    defaults = FAMILY_DEFAULTS.get(family, {})
-    missing = [k for k in MATH_KEYS if k not in d]
-    if family == "mistral" and "sliding_window" not in d:
-        missing.append("sliding_window")
-    for key in missing:
-        default = defaults.get(key, getattr(ModelConfig, key, None))
-        if key == "num_key_value_heads" and key not in defaults:
-            default = "num_attention_heads"
-        _warn(f"{where} has no {key}; using {family}'s default, {default}, as transformers does")
-    return ModelConfig(**{**{k: v for k, v in defaults.items()}, **d})
-
-
-_warned: set[str] = set()
-
-
-def _warn(message: str) -> None:
-    """One line on stderr, once per process."""
-    if message not in _warned:
-        _warned.add(message)
-        print(f"warning: {message}", file=sys.stderr)
-
-
-def _check_types(d: dict, where: str) -> None:
-    """Every value has its field's type: ints are ints (not "576", not true), floats numbers."""
-    hints = typing.get_type_hints(ModelConfig)
-    for key, value in d.items():
-        kinds = typing.get_args(hints[key]) or (hints[key],)
-        kinds = {typing.get_origin(k) or k for k in kinds}
-        if value is None and type(None) in kinds:
-            continue
-        ok = any(
-            (kind is int and isinstance(value, int) and not isinstance(value, bool))
-            or (kind is float and isinstance(value, (int, float)) and not isinstance(value, bool))
-            or (kind in (bool, str, dict, list) and isinstance(value, kind))
-            for kind in kinds
-        )
-        if not ok:
-            expected = " or ".join(sorted(k.__name__ for k in kinds if k is not type(None)))
-            raise ValueError(
-                f"{where}: config key {key} = {json.dumps(value)} has the wrong type (want "
-                f"{expected}); fix it"
-            )
-
-
-def config_to_dict(config: ModelConfig) -> dict[str, Any]:
-    """A config.json dict that transformers (4.x and 5.x) loads: classic keys plus
-    rope_parameters."""
-    d = {k: v for k, v in dataclasses.asdict(config).items() if v is not None}
-    if config.model_type != "qwen2":  # these three keys exist only in Qwen2's config
-        for k in ("use_sliding_window", "max_window_layers", "layer_types"):
-            d.pop(k, None)
-    if config.model_type != "llama":
-        d.pop("mlp_bias")
-        d.pop("attention_bias")
-    if config.model_type == "mistral":  # null means "no window" and must be explicit
-        d["sliding_window"] = config.sliding_window
-    if config.torch_dtype is not None:
-        d["dtype"] = config.torch_dtype
-    d["rope_parameters"] = {
-        "rope_type": "default",
-        "rope_theta": config.rope_theta,
-        **(config.rope_scaling or {}),
-    }
-    d["architectures"] = [ARCHITECTURES[config.model_type]]
-    return d
 
 
 def _read_safetensors(

@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
@@ -40,7 +39,7 @@ from kd import parallel
 from kd.chunked_loss import chunked_distillation_loss
 from kd.data import IGNORE, Batches, Example
 from kd.losses import LossOptions, token_count
-from kd.model import Transformer
+from kd.model import Head, Transformer
 from kd.offpolicy import OffPolicy
 from kd.onpolicy import Rollout, RolloutLog, Sampler, align, rollout_batch, with_global_count
 
@@ -104,10 +103,8 @@ def ppo_clipped_sum(
     return torch.where(mask, loss, 0.0).sum()
 
 
-def token_logprobs(
-    hidden: Tensor, head_weight: Tensor, labels: Tensor, *, chunk_size: int
-) -> Tensor:
-    """log q(labels) = log_softmax(hidden @ W^T)[labels] in fp32, (B, T), 0 where IGNORE.
+def token_logprobs(hidden: Tensor, head: Head, labels: Tensor, *, chunk_size: int) -> Tensor:
+    """log q(labels) = log_softmax(head(hidden))[labels] in fp32, (B, T), 0 where IGNORE.
 
     Chunks of tokens under activation checkpointing: only one (chunk x V) block of logits
     exists at a time, forward and backward (it is recomputed in backward).
@@ -118,13 +115,14 @@ def token_logprobs(
     targets = flat_y.masked_fill(~valid, 0)
 
     def chunk(h: Tensor, w: Tensor, y: Tensor) -> Tensor:
-        return F.linear(h, w).float().log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)  # (n,)
+        logits = Head(w, head.softcap)(h).float()  # (n, V)
+        return logits.log_softmax(-1).gather(-1, y[:, None]).squeeze(-1)  # (n,)
 
     parts = [
         checkpoint(
             chunk,
             flat_h[s : s + chunk_size],
-            head_weight,
+            head.weight,
             targets[s : s + chunk_size],
             use_reentrant=False,
         )
@@ -182,16 +180,16 @@ def minillm_loss(
     _, denom = token_count(labels, num_tokens, ignore_index=IGNORE)
     options = LossOptions(divergence="reverse_kl", alpha=1.0, tokenizer_vocab_size=vocab)
     with torch.no_grad():
-        t_hidden = teacher(input_ids, output_fn=lambda h, w: h)  # (B, T, H_t)
+        t_hidden = teacher(input_ids, output_fn=lambda h, head: h)  # (B, T, H_t)
 
-    def loss_fn(hidden: Tensor, head_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    def loss_fn(hidden: Tensor, head: Head) -> tuple[Tensor, dict[str, Tensor]]:
         # Inside the student's forward: FSDP2 has the root's head weight gathered here.
-        head = head_weight[:vocab]
+        head = head.rows(vocab)
         single, metrics = chunked_distillation_loss(
             hidden,
             head,
             t_hidden,
-            teacher.head_weight,
+            teacher.head,
             labels,
             options,
             chunk_size=chunk_size,

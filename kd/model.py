@@ -1,21 +1,28 @@
-"""The Llama-family decoder (Llama 2/3, SmolLM2, Mistral, Qwen2) in plain PyTorch.
+"""The decoder of every supported family (Llama 2/3, SmolLM2, Mistral, Qwen2/3, Gemma 2/3,
+Phi-3) in plain PyTorch: one Llama block with the features the config asks for.
 
-One file, read top to bottom: `ModelConfig` (fields mirror the keys of a Hugging Face
-`config.json`), RoPE, RMSNorm, attention with a static KV cache, the SwiGLU MLP, the block
-and the `Transformer`. Module names mirror `transformers` (`model.layers.{i}.self_attn.q_proj`,
-`mlp.gate_proj`, `input_layernorm`, `lm_head`), so a checkpoint loads key for key with no
-weight surgery (`kd/hf.py`); projections are `kd.linear.Linear` (CPU decoding on every core).
-The architecture follows Touvron et al., "LLaMA" (arXiv 2302.13971): pre-norm RMSNorm (arXiv
-1910.07467), rotary position embeddings in the rotate-half layout (RoFormer, arXiv 2104.09864),
-SwiGLU (arXiv 2002.05202), grouped-query attention (arXiv 2305.13245); Mistral adds a sliding
-window (arXiv 2310.06825), Qwen2 q/k/v biases. Norms, RoPE and softmax run in fp32 and cast
-back, as in Meta's reference.
+One file, read top to bottom: the output `Head`, RMSNorm, attention with a static KV cache,
+the gated MLP, the block and the `Transformer`. The architecture follows Touvron et al.,
+"LLaMA" (arXiv 2302.13971): pre-norm RMSNorm (arXiv 1910.07467), rotary position embeddings
+(kd/rope.py), SwiGLU (arXiv 2002.05202), grouped-query attention (arXiv 2305.13245). What the
+other families add is listed in kd/model_config.py and switched on by `ModelConfig`'s
+features: sliding windows per layer (Mistral, arXiv 2310.06825; Gemma's local layers), q/k/v
+biases (Qwen2), q/k norms per head (Qwen3, Gemma 3), Gemma's (1 + w) norms around both
+branches with GeGLU and embeddings scaled by sqrt(H) (arXiv 2403.08295), softcapped attention
+scores and logits (Gemma 2, arXiv 2408.00118), fused projections (Phi-3). Norms, RoPE and
+softmax run in fp32 and cast back, as in Meta's reference.
+
+Module names mirror `transformers` (`model.layers.{i}.self_attn.q_proj`, `mlp.gate_proj`,
+`input_layernorm`, `lm_head`; Phi-3's `qkv_proj` and `gate_up_proj`), so a checkpoint loads
+key for key with no weight surgery (`kd/hf.py`); projections are `kd.linear.Linear` (CPU
+decoding on every core).
 
 Tied embeddings: when `tie_word_embeddings` is true there is no `lm_head` module at all
 (`model.lm_head is None`) and the output weight is `model.embed_tokens.weight`; use the
-`head_weight` property. This way the state dict has exactly the checkpoint's keys and the tie
-cannot come undone (`to_empty`, `load_state_dict(assign=True)` and FSDP all replace
-parameters module by module, which silently splits a weight shared by two modules).
+`head_weight` property (or `head`, which adds the softcap). This way the state dict has
+exactly the checkpoint's keys and the tie cannot come undone (`to_empty`,
+`load_state_dict(assign=True)` and FSDP all replace parameters module by module, which
+silently splits a weight shared by two modules).
 
 Calling conventions of `Transformer.forward(input_ids, *, input_pos, attention_mask, output_fn)`:
 
@@ -39,24 +46,24 @@ Calling conventions of `Transformer.forward(input_ids, *, input_pos, attention_m
   `mask[:, :P + i + 1]` at decode step i (prefill: `mask[:, :P]`) and attention costs
   O(used slots) instead of O(S), with no host-device sync. Without a mask every call
   reads all S slots (unwritten ones are in the future, so causality hides them).
+  Sliding-window layers keep all S slots too and mask those out of their window.
   Cache dtype: see `setup_cache`. `model.clear_cache()` frees the cache; call `setup_cache`
   again to reuse it.
-* `output_fn(hidden, head_weight)`: instead of logits, return whatever the function returns,
-  given the final-normed hidden state (B, T, H) and the (V, H) output weight. The training
-  loop computes a chunked loss there, inside the forward, so FSDP2 still has the root's
-  parameters gathered and the (B, T, V) logits never exist.
+* `output_fn(hidden, head)`: instead of logits, return whatever the function returns,
+  given the final-normed hidden state (B, T, H) and the model's `Head` (`head(hidden)` are
+  the logits). The training loop computes a chunked loss there, inside the forward, so FSDP2
+  still has the root's parameters gathered and the (B, T, V) logits never exist.
 
 Meta-device build: `with torch.device("meta"): m = Transformer(cfg)`, then `m.to_empty(
 device=d)` and either `m.init_weights(seed=0)` or `m.load_state_dict(sd, assign=True)`.
 The RoPE frequencies are not stored at all: they are recomputed from the config on each
 forward (head_dim/2 numbers), so there is no buffer to forget after `to_empty`.
 
-Run the parity tests: `.venv/bin/python -m pytest -q tests/test_model.py`.
+Run the parity tests: `.venv/bin/python -m pytest -q tests/test_model.py tests/test_families.py`.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -65,180 +72,66 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kd.linear import Linear, linear
+from kd.model_config import ModelConfig
+from kd.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-LLAMA3_ROPE_KEYS = (
-    "factor",
-    "low_freq_factor",
-    "high_freq_factor",
-    "original_max_position_embeddings",
-)
+# ---------------------------------------------------------------------------- the output head
 
 
-@dataclass
-class ModelConfig:
-    """Architecture hyperparameters; every field is the HF `config.json` key of the same name."""
-
-    model_type: str = "llama"  # "llama" (also SmolLM2), "mistral" or "qwen2"
-    vocab_size: int = 32000  # number of token embeddings / output logits
-    hidden_size: int = 4096  # residual stream width H
-    intermediate_size: int = 11008  # SwiGLU inner width
-    num_hidden_layers: int = 32  # transformer blocks
-    num_attention_heads: int = 32  # query heads
-    num_key_value_heads: int | None = None  # K/V heads for GQA; None -> num_attention_heads
-    head_dim: int | None = None  # per-head width; None -> hidden_size // num_attention_heads
-    max_position_embeddings: int = 2048  # context length the model was trained for
-    rms_norm_eps: float = 1e-6  # epsilon inside RMSNorm's square root
-    rope_theta: float = 10000.0  # RoPE base; frequencies theta^(-2i/d)
-    rope_scaling: dict | None = None  # None (default RoPE) or {"rope_type": "llama3", ...}
-    attention_bias: bool = False  # llama only: bias on q, k, v and o projections
-    mlp_bias: bool = False  # llama only: bias on gate, up and down projections
-    tie_word_embeddings: bool = False  # output weight = input embedding weight
-    sliding_window: int | None = None  # mistral/qwen2: attend to the last N positions only
-    use_sliding_window: bool = False  # qwen2 only: sliding_window is ignored unless true
-    max_window_layers: int = 28  # qwen2 only: layers >= this use the window (if no layer_types)
-    # qwen2 only: "full_attention" or "sliding_attention", once per layer
-    layer_types: list[str] | None = None
-    hidden_act: str = "silu"  # only SiLU (SwiGLU) is supported
-    bos_token_id: int | None = 1
-    eos_token_id: int | list[int] | None = 2  # an id or a list of ids that end generation
-    pad_token_id: int | None = None
-    torch_dtype: str | None = None  # dtype the checkpoint was saved in, kept for the round trip
-
-    def __post_init__(self) -> None:
-        if self.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"config key model_type={self.model_type!r} is not supported; "
-                f"use one of {', '.join(SUPPORTED_MODEL_TYPES)}"
-            )
-        if self.hidden_act != "silu":
-            raise ValueError(
-                f"config key hidden_act={self.hidden_act!r} is not supported; only 'silu' is"
-            )
-        if self.num_key_value_heads is None:
-            self.num_key_value_heads = self.num_attention_heads
-        if self.head_dim is None:
-            self.head_dim = self.hidden_size // self.num_attention_heads
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
-                f"config key num_attention_heads={self.num_attention_heads} must be a multiple "
-                f"of num_key_value_heads={self.num_key_value_heads}"
-            )
-        if self.mlp_bias and self.model_type != "llama":
-            raise ValueError(
-                f"config key mlp_bias=true is only defined for llama, not {self.model_type}"
-            )
-        if self.rope_scaling is not None:
-            scaling = dict(self.rope_scaling)
-            legacy_type = scaling.pop("type", None)  # the pre-2024 spelling of rope_type
-            rope_type = scaling.pop("rope_type", None) or legacy_type or "default"
-            if rope_type == "default":
-                self.rope_scaling = None
-            elif rope_type == "llama3":
-                missing = [k for k in LLAMA3_ROPE_KEYS if k not in scaling]
-                if missing:
-                    raise ValueError(
-                        f"config key rope_scaling lacks {', '.join(missing)} for rope_type 'llama3'"
-                    )
-                self.rope_scaling = {"rope_type": "llama3", **scaling}
-            else:
-                raise ValueError(
-                    f"config key rope_scaling.rope_type={rope_type!r} is not supported; "
-                    "use 'default' or 'llama3'"
-                )
-        if self.layer_types is not None:
-            bad = set(self.layer_types) - {"full_attention", "sliding_attention"}
-            if bad or len(self.layer_types) != self.num_hidden_layers:
-                raise ValueError(
-                    f"config key layer_types={self.layer_types} must list 'full_attention' or "
-                    f"'sliding_attention' once per layer ({self.num_hidden_layers})"
-                )
-
-    @property
-    def qkv_bias(self) -> bool:
-        # Qwen2 always has q/k/v biases and never an o bias (transformers' Qwen2Attention).
-        return self.model_type == "qwen2" or (self.model_type == "llama" and self.attention_bias)
-
-    @property
-    def o_bias(self) -> bool:
-        return self.model_type == "llama" and self.attention_bias
-
-    def window(self, layer: int) -> int | None:
-        """Sliding-window length of `layer`, or None for full causal attention (as transformers)."""
-        if self.model_type == "mistral":
-            return self.sliding_window
-        if (
-            self.model_type == "qwen2"
-            and self.use_sliding_window
-            and self.sliding_window is not None
-        ):
-            types = self.layer_types or [
-                "sliding_attention" if i >= self.max_window_layers else "full_attention"
-                for i in range(self.num_hidden_layers)
-            ]
-            return self.sliding_window if types[layer] == "sliding_attention" else None
-        return None
+def softcap(x: Tensor, cap: float) -> Tensor:
+    """cap * tanh(x / cap) in fp32 (float64 stays float64), cast back: squashes x smoothly into
+    (-cap, cap) (Gemma 2)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    return (cap * torch.tanh(x.to(wide) / cap)).to(x.dtype)
 
 
-# ---------------------------------------------------------------------------- RoPE
+@dataclass(frozen=True)
+class Head:
+    """The output head: logits z = h W^T, then c tanh(z / c) where the family caps them (Gemma 2's
+    final_logit_softcapping, c = 30). The full forward, the chunked losses, sampling and the
+    teacher cache all apply this one head, so the logits a loss sees are the model's logits."""
 
+    weight: Tensor  # (V, H)
+    softcap: float | None = None
 
-def rope_inv_freq(config: ModelConfig, device: torch.device | None = None) -> Tensor:
-    """Inverse frequencies theta^(-2i/d), i = 0..d/2-1, in fp32, with Llama 3.1 scaling if
-    configured.
+    def __call__(self, hidden: Tensor) -> Tensor:
+        """Logits (..., V) of hidden states (..., H)."""
+        return self.cap(linear(hidden, self.weight))
 
-    Llama 3.1 (arXiv 2407.21783; transformers `_compute_llama3_parameters`): wavelengths
-    2*pi/f longer than L/low_freq_factor (L = original context) are divided by `factor`,
-    shorter than L/high_freq_factor are kept, and those in between interpolate smoothly
-    with s = (L/wavelen - low) / (high - low): f' = (1 - s) f / factor + s f.
-    """
-    d = config.head_dim
-    inv_freq = 1.0 / config.rope_theta ** (
-        torch.arange(0, d, 2, dtype=torch.int64, device=device).float() / d
-    )
-    if config.rope_scaling is None:
-        return inv_freq
-    s = config.rope_scaling
-    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
-    old_len = s["original_max_position_embeddings"]
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    is_medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return torch.where(is_medium, smoothed, scaled)
+    def cap(self, logits: Tensor) -> Tensor:
+        return logits if self.softcap is None else softcap(logits, self.softcap)
 
-
-def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
-    """cos and sin of angle p * f for positions (B, T): each (B, 1, T, head_dim), fp32."""
-    angles = positions[..., None].float() * inv_freq  # (B, T, head_dim/2)
-    angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, head_dim): rotate-half layout
-    return angles.cos(), angles.sin()
-
-
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x_i, x_{i+d/2}) by angle p*f_i, in fp32: x cos + rotate_half(x) sin."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rotated = torch.cat((-x2, x1), dim=-1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    def rows(self, n: int) -> Head:
+        """The head of the first n tokens (a vocabulary without its padding rows)."""
+        return Head(self.weight[:n], self.softcap)
 
 
 # ---------------------------------------------------------------------------- layers
 
 
 class RMSNorm(nn.Module):
-    """y = w * x / sqrt(mean(x^2) + eps), with the statistics in fp32 (arXiv 1910.07467)."""
+    """y = w * x / sqrt(mean(x^2) + eps), with the statistics in fp32 (arXiv 1910.07467).
 
-    def __init__(self, dim: int, eps: float) -> None:
+    unit_offset (Gemma): y = (1 + w) * x / sqrt(...), weight stored as w (initialized to 0) and
+    the product taken in fp32 before the cast back, as transformers' GemmaRMSNorm does."""
+
+    def __init__(self, dim: int, eps: float, *, unit_offset: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.unit_offset = eps, unit_offset
+        self.weight = nn.Parameter(torch.zeros(dim) if unit_offset else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.unit_offset:
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * xf.to(x.dtype)  # cast back before the weight, as transformers does
+
+
+def rms_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
+    """The family's RMSNorm over `dim` channels (default: the hidden size)."""
+    unit_offset = "gemma_norms" in config.features
+    return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, unit_offset=unit_offset)
 
 
 class KVCache(nn.Module):
@@ -274,6 +167,32 @@ class KVCache(nn.Module):
         return self.k[:, :, :length].to(dtype), self.v[:, :, :length].to(dtype)
 
 
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, *, scale: float, cap: float | None
+) -> Tensor:
+    """softmax(s + mask) v with scores s = scale * q k^T, or cap * tanh(s / cap) when capped.
+
+    q (B, n_heads, T, d), k and v (B, n_kv_heads, S, d); each K/V head serves n_heads /
+    n_kv_heads consecutive query heads. mask (B or 1, 1, T, S) bool, True = attend; None =
+    causal. The softmax accumulates in fp32 either way.
+    """
+    gqa = k.shape[1] != q.shape[1]
+    if cap is None:  # SDPA's fused kernels (flash on GPU); enable_gqa: no copy of K and V
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale, enable_gqa=gqa
+        )
+    # SDPA cannot cap the scores: Gemma 2's attention written out, as transformers' eager one.
+    rep = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, n_heads, S, d)
+    wide = torch.promote_types(q.dtype, torch.float32)  # fp32, or float64 for float64 models
+    scores = softcap((q @ k.transpose(-2, -1)).to(wide) * scale, cap)  # (B, n_heads, T, S)
+    if mask is None:
+        T, S = scores.shape[-2:]
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(-1).to(v.dtype) @ v
+
+
 class Attention(nn.Module):
     """Multi-head attention with grouped K/V heads, RoPE on q and k, and an optional KV cache."""
 
@@ -284,68 +203,101 @@ class Attention(nn.Module):
             config.num_key_value_heads,
             config.head_dim,
         )
-        h = config.hidden_size
-        self.q_proj = Linear(h, self.n_heads * self.head_dim, bias=config.qkv_bias)
-        self.k_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.v_proj = Linear(h, self.n_kv_heads * self.head_dim, bias=config.qkv_bias)
-        self.o_proj = Linear(self.n_heads * self.head_dim, h, bias=config.o_bias)
+        self.scale, self.cap = config.attention_scale, config.attn_logit_softcapping
+        h, q_width, kv_width = (
+            config.hidden_size,
+            self.n_heads * self.head_dim,
+            self.n_kv_heads * self.head_dim,
+        )
+        self.fused = "fused_projections" in config.features
+        if self.fused:  # Phi-3: one (q | k | v) projection
+            self.qkv_proj = Linear(h, q_width + 2 * kv_width, bias=False)
+        else:
+            self.q_proj = Linear(h, q_width, bias=config.qkv_bias)
+            self.k_proj = Linear(h, kv_width, bias=config.qkv_bias)
+            self.v_proj = Linear(h, kv_width, bias=config.qkv_bias)
+        self.o_proj = Linear(q_width, h, bias=config.o_bias)
+        if "qk_norm" in config.features:  # RMSNorm over each head's channels, before RoPE
+            self.q_norm = rms_norm(config, self.head_dim)
+            self.k_norm = rms_norm(config, self.head_dim)
         self.kv_cache: KVCache | None = None
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
     ) -> Tensor:
         B, T, _ = x.shape
-        # (B, T, heads * head_dim) -> (B, heads, T, head_dim); K and V have n_kv_heads heads.
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.fused:
+            kv_width = self.n_kv_heads * self.head_dim
+            q, k, v = self.qkv_proj(x).split([self.n_heads * self.head_dim, kv_width, kv_width], -1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, n_heads, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, n_kv_heads, head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, heads, T, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if self.kv_cache is not None:
             # With a cache the mask is never None and spans exactly the L slots this call reads.
             k, v = self.kv_cache.update(input_pos, k, v, mask.shape[-1])  # (B, n_kv, L, head_dim)
             q = q.to(k.dtype)
-        # softmax(q k^T / sqrt(head_dim)) v; SDPA's softmax accumulates in fp32. Each K/V head
-        # serves n_heads / n_kv_heads query heads (enable_gqa), with no copy of K and V.
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        ).to(x.dtype)  # (B, n_heads, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        y = attention(q, k, v, mask, scale=self.scale, cap=self.cap).to(x.dtype)
+        y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, n_heads * hd)
         return self.o_proj(y)  # (B, T, H)
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)) (Shazeer, arXiv 2002.05202)."""
+    """Gated MLP: down(act(gate(x)) * up(x)); act = SiLU (SwiGLU) or tanh-GELU (GeGLU), arXiv
+    2002.05202. Phi-3 stores gate and up as one (gate | up) projection."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = Linear(h, i, bias=bias)
-        self.up_proj = Linear(h, i, bias=bias)
+        self.fused = "fused_projections" in config.features
+        if self.fused:
+            self.gate_up_proj = Linear(h, 2 * i, bias=False)
+        else:
+            self.gate_proj = Linear(h, i, bias=bias)
+            self.up_proj = Linear(h, i, bias=bias)
         self.down_proj = Linear(i, h, bias=bias)
+        self.gelu = config.hidden_act == "gelu_pytorch_tanh"
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if self.fused:
+            gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        act = F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)
+        return self.down_proj(act * up)
 
 
 class Block(nn.Module):
-    """Pre-norm residual block: x += attn(norm(x)); x += mlp(norm(x))."""
+    """Pre-norm residual block: x += attn(norm(x)); x += mlp(norm(x)).
+
+    With Gemma norms each branch's output is normed too before it joins the residual stream:
+    x += norm(attn(norm(x))); x += norm(mlp(norm(x))). (Llama's post_attention_layernorm is
+    the MLP's input norm; Gemma's is the norm on the attention output.)"""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.input_layernorm = rms_norm(config)
         self.self_attn = Attention(config)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = rms_norm(config)
+        self.sandwich = "gemma_norms" in config.features
+        if self.sandwich:
+            self.pre_feedforward_layernorm = rms_norm(config)
+            self.post_feedforward_layernorm = rms_norm(config)
         self.mlp = MLP(config)
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
     ) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(attn)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        x = x + attn
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -356,7 +308,7 @@ class Decoder(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.norm = rms_norm(config)
 
 
 # ---------------------------------------------------------------------------- the model
@@ -375,18 +327,28 @@ class Transformer(nn.Module):
             else Linear(config.hidden_size, config.vocab_size, bias=False)
         )
         self.windows = [config.window(i) for i in range(config.num_hidden_layers)]
+        # (theta, scaling) of each kind of layer; only Gemma 3's kinds differ (kd/model_config.py)
+        self.rope_by_type = {t: config.rope(i) for i, t in enumerate(config.layer_types)}
+        # Gemma: the embeddings enter the residual stream times sqrt(H), in their own dtype
+        self.embed_scale = config.hidden_size**0.5 if "gemma_norms" in config.features else None
 
     @property
     def head_weight(self) -> Tensor:
         """The (V, H) output projection: lm_head.weight, or the embeddings when tied."""
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    @property
+    def head(self) -> Head:
+        """The output head: `head(hidden)` are the logits, softcapped where the family caps them."""
+        return Head(self.head_weight, self.config.final_logit_softcapping)
+
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
     @torch.no_grad()
     def init_weights(self, *, std: float = 0.02, seed: int | None = None) -> None:
-        """transformers' init: Linear and Embedding ~ N(0, std), biases 0, norm weights 1.
+        """transformers' init: Linear and Embedding ~ N(0, std), biases 0, norm weights 1 (0 for
+        Gemma's (1 + w) norms, so that every norm starts as the identity scale).
 
         torch's default N(0, 1) embedding makes a fresh tied model start at loss ~360
         instead of ~ln(V). With `seed`, the draw is reproducible and independent of the
@@ -401,7 +363,7 @@ class Transformer(nn.Module):
                 if getattr(module, "bias", None) is not None:
                     module.bias.zero_()
             elif isinstance(module, RMSNorm):
-                module.weight.fill_(1.0)
+                module.weight.fill_(0.0 if module.unit_offset else 1.0)
 
     def setup_cache(
         self,
@@ -462,7 +424,7 @@ class Transformer(nn.Module):
         *,
         input_pos: Tensor | None = None,
         attention_mask: Tensor | None = None,
-        output_fn: Callable[[Tensor, Tensor], Any] | None = None,
+        output_fn: Callable[[Tensor, Head], Any] | None = None,
     ) -> Any:
         B, T = input_ids.shape
         device = input_ids.device
@@ -508,16 +470,22 @@ class Transformer(nn.Module):
         else:
             key_pos = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, S)
         q_pos = key_pos[:, q_slots]  # (B or 1, T)
-        cos, sin = rope_cos_sin(rope_inv_freq(self.config, device), q_pos.expand(B, T))
+        head_dim = self.config.head_dim
+        rope = {  # layer type -> (cos, sin), each (B, 1, T, head_dim)
+            kind: rope_cos_sin(rope_inv_freq(head_dim, theta, scaling, device), q_pos.expand(B, T))
+            for kind, (theta, scaling) in self.rope_by_type.items()
+        }
 
         masks = self._masks(q_slots, q_pos, key_pos, attention_mask, cached=cache is not None)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
-        for layer, window in zip(self.model.layers, self.windows):
-            x = layer(x, cos, sin, masks[window], input_pos)
+        if self.embed_scale is not None:
+            x = x * torch.tensor(self.embed_scale, dtype=x.dtype)
+        for layer, kind, window in zip(self.model.layers, self.config.layer_types, self.windows):
+            x = layer(x, *rope[kind], masks[window], input_pos)
         hidden = self.model.norm(x)
         if output_fn is not None:
-            return output_fn(hidden, self.head_weight)
-        return linear(hidden, self.head_weight)  # (B, T, V)
+            return output_fn(hidden, self.head)
+        return self.head(hidden)  # (B, T, V)
 
     def _masks(
         self,

@@ -34,7 +34,7 @@ from torch import Tensor
 from kd.chunked_loss import chunked_distillation_loss
 from kd.data import Batches
 from kd.losses import LossOptions, TopK
-from kd.model import Transformer
+from kd.model import Head, Transformer
 from kd.teacher_cache import TeacherCache
 
 
@@ -62,17 +62,17 @@ class KDLoss:
             cached = TopK(ids=batch["teacher_ids"], logprobs=batch["teacher_logprobs"])
         elif self.teachers:
             with torch.no_grad():  # (B, T, H_t) each
-                t_hidden = [t(input_ids, output_fn=lambda h, w: h) for t in self.teachers]
-            t_head = [t.head_weight for t in self.teachers]  # replicated (V_t, H_t): parallel.py
+                t_hidden = [t(input_ids, output_fn=lambda h, head: h) for t in self.teachers]
+            t_head = [t.head for t in self.teachers]  # replicated (V_t, H_t) weights: parallel.py
             if len(self.teachers) == 1:
                 t_hidden, t_head = t_hidden[0], t_head[0]
 
-        def loss_fn(hidden: Tensor, head_weight: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        def loss_fn(hidden: Tensor, head: Head) -> tuple[Tensor, dict[str, Tensor]]:
             # Runs inside the student's root forward: FSDP2 has gathered the (compute-dtype)
             # head weight, and the gradient of the loss reaches it and `hidden` by autograd.
             return chunked_distillation_loss(
                 hidden,
-                head_weight[: self.vocab],
+                head.rows(self.vocab),
                 t_hidden,
                 t_head,
                 labels,

@@ -30,7 +30,7 @@ from pathlib import Path
 from kd import checkpoint, hf, parallel
 from kd.config import SAFE_TO_CHANGE, TrainConfig
 from kd.lock import Lock
-from kd.model import ModelConfig
+from kd.model_config import ModelConfig
 from kd.runlog import log_record, trim_metrics
 from kd.teacher_cache import read_manifest
 from kd.training import Run

@@ -25,8 +25,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from kd.linear import linear
-from kd.model import Transformer
+from kd.model import Head, Transformer
 
 
 def _check_sampling_args(*, temperature: float, top_k: int, top_p: float) -> None:
@@ -100,9 +99,9 @@ def sample_next(
     return sample_from_probs(probs, generator=generator)
 
 
-def last_logits(hidden: torch.Tensor, head_weight: torch.Tensor) -> torch.Tensor:
+def last_logits(hidden: torch.Tensor, head: Head) -> torch.Tensor:
     """output_fn for the prefill: logits of the last position only, (B, V), not (B, P, V)."""
-    return linear(hidden[:, -1], head_weight)
+    return head(hidden[:, -1])
 
 
 # ----------------------------------------------------------------------------- decoding core

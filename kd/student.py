@@ -16,24 +16,21 @@ from dataclasses import replace
 
 from torch import Tensor
 
-from kd.model import ModelConfig
+from kd.model_config import ModelConfig
 
 LAYER_PREFIX = "model.layers."
 
 
 def layer_subset_config(teacher: ModelConfig, layers: list[int]) -> ModelConfig:
-    """The teacher's config with only `layers`; each kept layer keeps its attention window."""
+    """The teacher's config with only `layers`; each kept layer keeps its attention type."""
     bad = [i for i in layers if not 0 <= i < teacher.num_hidden_layers]
     if not layers or bad:
         last = teacher.num_hidden_layers - 1
         raise ValueError(
             f"student_layers={list(layers)}: each index must be in 0..{last} (the teacher's layers)"
         )
-    layer_types = None
-    if teacher.model_type == "qwen2" and teacher.use_sliding_window:
-        layer_types = [
-            "full_attention" if teacher.window(i) is None else "sliding_attention" for i in layers
-        ]
+    # Each kept layer keeps its type: its window, and (Gemma 3) its RoPE base.
+    layer_types = [teacher.layer_types[i] for i in layers]
     return replace(teacher, num_hidden_layers=len(layers), layer_types=layer_types)
 
 

@@ -19,14 +19,15 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from kd import hf, onpolicy, parallel
+from kd import hf, hf_config, onpolicy, parallel
 from kd.config import TrainConfig
 from kd.data import Batches, Example, load_examples
 from kd.dtypes import DTYPES
 from kd.gkd import GKD
 from kd.losses import LossOptions
 from kd.minillm import MiniLLM
-from kd.model import ModelConfig, Transformer
+from kd.model import Transformer
+from kd.model_config import ModelConfig
 from kd.offpolicy import KDLoss, OffPolicy
 from kd.parallel import World
 from kd.student import layer_subset_config, layer_subset_state_dict
@@ -110,11 +111,11 @@ def student_config(cfg: TrainConfig, teacher_config: ModelConfig) -> ModelConfig
     """From `student`'s config.json, or the teacher's with only `student_layers`;
     `init_from` must match it."""
     if cfg.student:
-        config = hf.load_config(cfg.student)
+        config = hf_config.load_config(cfg.student)
     else:
         config = layer_subset_config(teacher_config, list(cfg.student_layers))
     if cfg.init_from:
-        init = asdict(hf.load_config(cfg.init_from))
+        init = asdict(hf_config.load_config(cfg.init_from))
         for key, value in asdict(config).items():
             if key not in NON_ARCHITECTURE_KEYS and init[key] != value:
                 raise ValueError(
@@ -135,7 +136,7 @@ def student_weights(cfg: TrainConfig) -> dict[str, Tensor]:
 
 def initial_student(cfg: TrainConfig) -> Transformer:
     """The student exactly as train.py starts it, in one process (no FSDP), fp32."""
-    config = student_config(cfg, hf.load_config(cfg.teacher[0]))
+    config = student_config(cfg, hf_config.load_config(cfg.teacher[0]))
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(student_weights(cfg), strict=True, assign=True)
@@ -149,15 +150,39 @@ def common_vocab(
 
     Different vocab sizes are fine only as padding: e.g. Qwen2.5-7B has 152064 rows, 1.5B has
     151936, both for a 151665-token tokenizer; rows past the tokenizer are never real tokens.
+    A tokenizer may also hold more tokens than a model has rows, where those are special
+    placeholders text never produces: Gemma 3's tokenizer has 262145 tokens, the last one
+    `<image_soft_token>` (replaced by image embeddings), and the 1B model 262144 rows. Data that
+    spells such a token out is refused (`check_token_ids`).
     """
-    sizes = [student.vocab_size, *(t.vocab_size for t in teachers)]
-    if tokenizer.vocab_size > min(sizes):
+    vocab = min(student.vocab_size, *(t.vocab_size for t in teachers))
+    added = tokenizer.backend.get_added_tokens_decoder()  # id -> AddedToken
+    beyond = range(vocab, tokenizer.vocab_size)
+    if not all(i in added and added[i].special for i in beyond):
         raise ValueError(
             f"the tokenizer of {cfg.teacher[0]} has {tokenizer.vocab_size} tokens but a model "
-            f"has vocab_size {min(sizes)}: the vocabularies differ beyond padding; distill "
+            f"has vocab_size {vocab}: the vocabularies differ beyond padding; distill "
             "between models of one tokenizer"
         )
-    return min(sizes)
+    return vocab
+
+
+def check_token_ids(
+    cfg: TrainConfig, streams: dict[str, Batches], vocab: int, tokenizer: Tokenizer
+) -> None:
+    """Every token id of the training data has a row in every model (< vocab)."""
+    if tokenizer.vocab_size <= vocab:
+        return
+    for key, stream in streams.items():
+        for path, examples in zip(getattr(cfg, key), stream.sources):
+            for example in examples:
+                token = max(example.input_ids)
+                if token >= vocab:
+                    raise ValueError(
+                        f"{path}: example {example.index + 1} (counting kept examples) holds "
+                        f"{tokenizer.backend.id_to_token(token)!r} (id {token}), a special token "
+                        f"with no row in the models' embeddings ({vocab} rows); remove it"
+                    )
 
 
 def build_models(
@@ -166,7 +191,7 @@ def build_models(
     """(student, teachers, vocab rows the loss compares), sharded and loaded on every rank.
     With a teacher cache there is no teacher model: `teachers` is empty."""
     # On the meta device: configs and shapes, no memory yet.
-    teacher_configs = [hf.load_config(path) for path in cfg.teacher]
+    teacher_configs = [hf_config.load_config(path) for path in cfg.teacher]
     s_config = student_config(cfg, teacher_configs[0])
     vocab = common_vocab(cfg, teacher_configs, s_config, tokenizer)
     dtype = DTYPES[cfg.precision]
@@ -230,6 +255,7 @@ def build_method(
     """The method `cfg.method` names, on `streams` (`training_data`): what each step trains
     on and its loss. off-policy KD, SFT (`loss = "sft"`: no teacher forward) and KD from a
     teacher cache are kd/offpolicy.py; gkd and minillm sample the student's answers."""
+    check_token_ids(cfg, streams, vocab, tokenizer)
     kd = KDLoss(
         teachers=[] if cfg.loss == "sft" else teachers,
         options=loss_options(cfg, vocab),

@@ -105,7 +105,7 @@ def uncached(model, prompt: list[int], new_tokens: int) -> float:
     seq = torch.tensor([prompt])
     t0 = time.perf_counter()
     for _ in range(new_tokens):
-        next_id = model(seq, output_fn=lambda h, w: h[:, -1] @ w.T).argmax(-1)  # (1,)
+        next_id = model(seq, output_fn=lambda h, head: head(h[:, -1])).argmax(-1)  # (1,)
         seq = torch.cat([seq, next_id[:, None]], dim=1)
     return new_tokens / (time.perf_counter() - t0)
 

@@ -112,12 +112,12 @@ def write_batch_cache(args: argparse.Namespace) -> dict:
     """Before case (e), in a process of its own: the teacher's top-k of the random batch as a
     teacher cache in args.cache_dir/cache, the batch's ids in args.cache_dir/batch.json as its
     data file."""
-    from kd import hf
+    from kd import hf, hf_config
     from kd.cache_writer import write_cache
     from kd.teacher_cache import CacheSpec, config_sha256, file_sha256
     from kd.tokenizer import load_tokenizer
 
-    config = hf.load_config(args.teacher)
+    config = hf_config.load_config(args.teacher)
     # build_models' vocab is the teacher's too: the student is a subset of its layers, same rows.
     batch = random_batch(config.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len)
     data = Path(args.cache_dir) / "batch.json"

@@ -39,8 +39,10 @@ from kd import parallel  # noqa: E402
 from kd.cache_writer import make_cache_dir, write_cache  # noqa: E402
 from kd.data import load_examples  # noqa: E402
 from kd.dtypes import DTYPES  # noqa: E402
-from kd.hf import check_state_dict, fingerprint, load_config, load_state_dict  # noqa: E402
-from kd.model import ModelConfig, Transformer  # noqa: E402
+from kd.hf import check_state_dict, fingerprint, load_state_dict  # noqa: E402
+from kd.hf_config import load_config  # noqa: E402
+from kd.model import Transformer  # noqa: E402
+from kd.model_config import ModelConfig  # noqa: E402
 from kd.teacher_cache import STORAGE_DTYPES, CacheSpec, config_sha256, file_sha256  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from kd import checkpoint, parallel
-from kd.model import ModelConfig, Transformer
+from kd.model import Transformer
+from kd.model_config import ModelConfig
 from kd.optim import build_optimizer
 
 CONFIG = ModelConfig(

@@ -21,7 +21,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from kd.hf import load_config, load_model, load_state_dict, save_model, save_state_dict
+from kd.hf import load_model, load_state_dict, save_model, save_state_dict
+from kd.hf_config import load_config
 from tests.tiny_models import make_tiny_checkpoint
 
 

@@ -19,7 +19,8 @@ from torch.profiler import ProfilerActivity, profile
 
 from kd.hf import load_model, save_model
 from kd.linear import SPLIT_MAX_ROWS, linear
-from kd.model import ModelConfig, Transformer
+from kd.model import Transformer
+from kd.model_config import ModelConfig
 from kd.sampling import generate
 
 # fp32 products of length <= 96 with entries ~N(0, 1): rounding ~1e-6 relative to sums of size ~10.

@@ -22,7 +22,8 @@ import torch
 
 from kd.data import Example
 from kd.metrics import accumulate, summarize, teacher_forced_metrics, token_metrics
-from kd.model import ModelConfig, Transformer
+from kd.model import Transformer
+from kd.model_config import ModelConfig
 
 # fp32 log-softmax over V=11 entries vs the float64 reference: per-token errors ~1e-7, summed
 # over <= 15 tokens and divided by the count; 1e-5 leaves a wide margin and still catches any

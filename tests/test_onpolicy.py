@@ -39,7 +39,8 @@ from kd.minillm import (
     returns,
     whiten,
 )
-from kd.model import ModelConfig, Transformer
+from kd.model import Transformer
+from kd.model_config import ModelConfig
 from kd.onpolicy import (
     RolloutConfig,
     Sampler,

@@ -23,7 +23,8 @@ import torch.multiprocessing as mp
 from torch.distributed.tensor import DTensor
 
 from kd import dtypes, parallel
-from kd.model import ModelConfig, Transformer
+from kd.model import Transformer
+from kd.model_config import ModelConfig
 
 CONFIG = ModelConfig(
     vocab_size=64,
@@ -106,7 +107,7 @@ def worker(rank: int, port: int) -> None:
             and type(teacher.head_weight) is torch.nn.Parameter
         )
         with torch.no_grad():
-            hidden = teacher(ids, output_fn=lambda h, w: h)
+            hidden = teacher(ids, output_fn=lambda h, head: h)
             diff = (hidden @ teacher.head_weight.T - reference(ids)).abs().max().item()
         assert diff < 1e-5, f"rank {rank}: teacher logits differ from the plain model by {diff:.2e}"
 

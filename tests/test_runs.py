@@ -37,7 +37,7 @@ from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 import train
-from kd import hf, parallel
+from kd import hf_config, parallel
 
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -417,7 +417,7 @@ def test_config_json_values_are_checked_and_missing_ones_named(assets, tmp_path,
     config.pop("rope_theta", None)
     (broken / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
-    loaded = hf.load_config(broken)
+    loaded = hf_config.load_config(broken)
     err = capsys.readouterr().err
     assert loaded.rope_theta == 10000.0 and err.count("\n") == 1, err
     assert err.startswith("warning: ") and "has no rope_theta; using llama's default" in err
@@ -441,7 +441,8 @@ def test_skipped_fp16_steps_are_counted():
 
     from kd.data import Batches, Example
     from kd.losses import LossOptions
-    from kd.model import ModelConfig, Transformer
+    from kd.model import Transformer
+    from kd.model_config import ModelConfig
     from kd.offpolicy import KDLoss, OffPolicy
     from kd.optim import build_optimizer
     from kd.training import train_step

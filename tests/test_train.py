@@ -7,6 +7,8 @@ A tiny random llama teacher (4 layers, the tiny BPE tokenizer's 512-token vocabu
 - a run killed with SIGKILL after a checkpoint, or stopped by SIGTERM (which checkpoints),
   then resumed, ends with weights bitwise equal to the uninterrupted run;
 - OUT/final loads in `transformers` with the logits of kd's own model;
+- Gemma 2 and Qwen3 (and, with -m slow, Gemma 3) teacher/student pairs: 2 ranks match 1
+  process and transformers loads the export;
 - on a peaky synthetic teacher, KD lowers held-out KL to the teacher faster than SFT;
 - multi-teacher, two-stage (`init_from`) and response distillation (generate.py writes the
   data) run through the same loop.
@@ -235,6 +237,41 @@ def test_export_loads_in_transformers(baseline):
     # SDPA rounding is ~1e-6.
     assert diff < 1e-5, f"fp32 logits of the export, kd vs transformers: max |diff| {diff:.2e}"
     assert (final / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "arch", ["gemma2", "qwen3", pytest.param("gemma3", marks=pytest.mark.slow)]
+)
+def test_family_pair_on_two_ranks_matches_one_process_and_exports(assets, arch, tmp_path):
+    """A 4-layer teacher of the family and a student of its layers 0 and 2 (gemma2: softcapped
+    heads in the chunked loss; qwen3: q/k norms; gemma3: local and global layers): 2 ranks
+    match 1 process, and transformers loads the export with kd's logits."""
+    from transformers import AutoModelForCausalLM
+
+    teacher = make_tiny_checkpoint(
+        tmp_path / "teacher", arch, vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=4
+    )
+    make_tiny_tokenizer(teacher)
+    base = [a for a in BASE if not a.startswith("--max_steps")] + ["--max_steps=6"]
+
+    def train(out: Path, batch_size: int, nproc: int) -> None:
+        data = f"--data={assets['data']}"
+        flags = [f"--batch_size={batch_size}", "--grad_accum=1"]
+        run([f"--teacher={teacher}", data, f"--out={out}", *base, *flags], nproc=nproc)
+
+    train(tmp_path / "two", 2, nproc=2)
+    train(tmp_path / "one", 4, nproc=1)
+    diff = max(abs(a - b) for a, b in zip(losses(tmp_path / "two"), losses(tmp_path / "one")))
+    # fp32, as test_two_ranks_and_micro_batches_match_one_process (6 steps here, not 12).
+    assert diff < 1e-4, f"{arch}: 2 ranks' losses differ from 1 process by up to {diff:.2e}"
+    assert max_weight_diff(tmp_path / "two", tmp_path / "one") < 1e-4
+    final = tmp_path / "one" / "final"
+    ours = hf.load_model(final)
+    theirs = AutoModelForCausalLM.from_pretrained(final, dtype=torch.float32)
+    ids = torch.randint(0, TINY_VOCAB_SIZE, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        diff = (ours(ids) - theirs(ids).logits).abs().max().item()
+    assert diff < 1e-5, f"{arch} export, kd vs transformers: max |logit diff| {diff:.2e}"
 
 
 def test_kd_beats_sft_on_held_out_kl(assets):

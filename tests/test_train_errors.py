@@ -1,6 +1,8 @@
 """Bad input to train.py: each case is one `error: ...` line on stderr and exit status 1.
 
-Cases: teacher and student vocabularies that differ beyond padding, tokenizers that differ,
+Cases: teacher and student vocabularies that differ beyond padding (while a special placeholder
+token past the models' rows, as in Gemma 3's tokenizer, trains, and data that spells it out is
+refused), tokenizers that differ,
 an empty dataset, a malformed JSONL line, a missing file, an unknown setting, a non-finite
 loss (stops, keeps the last good checkpoint, says which), `resume` with no checkpoint, and a
 fresh run into a directory that already holds checkpoints. One case runs `train.py` as a
@@ -11,6 +13,7 @@ Run: .venv/bin/python -m pytest -q tests/test_train_errors.py
 """
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -140,3 +143,24 @@ def test_non_finite_loss_keeps_last_good_checkpoint_then_new_run_is_refused(
     )
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_000001"]
     assert "already holds checkpoints" in fails(base(assets, out=out), capsys)
+
+
+def test_special_tokens_past_the_embeddings_train_unless_the_data_spells_them(
+    assets, capsys, tmp_path
+):
+    """Gemma 3's case: the tokenizer has one more token (a special placeholder) than the models
+    have rows. Training runs; a data file that spells the token out is one error line."""
+    from tokenizers import Tokenizer
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(assets["teacher"], teacher)
+    tok = Tokenizer.from_file(str(teacher / "tokenizer.json"))
+    tok.add_special_tokens(["<image_soft_token>"])
+    assert tok.get_vocab_size(with_added_tokens=True) == TINY_VOCAB_SIZE + 1
+    tok.save(str(teacher / "tokenizer.json"))
+    capsys.readouterr()
+    assert train.cli(base(assets, teacher=teacher, out=tmp_path / "run")) == 0
+    spelled = tmp_path / "spelled.jsonl"
+    spelled.write_text(json.dumps({"text": "a picture: <image_soft_token> of a river"}) + "\n")
+    line = fails(base(assets, teacher=teacher, data=spelled, out=tmp_path / "run2"), capsys)
+    assert f"{spelled}: example 1" in line and "'<image_soft_token>' (id 512)" in line

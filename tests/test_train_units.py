@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kd.model import ModelConfig, Transformer
+from kd.model import Transformer
+from kd.model_config import ModelConfig
 from kd.optim import build_optimizer, lr_at
 from kd.student import layer_subset_config, layer_subset_state_dict
 from kd.training import flops_per_token, matmul_params

@@ -10,9 +10,15 @@ when `max_shard_size` is small) and returns the directory. Architectures:
 | llama3  | Llama 3.1 RoPE scaling, untied lm_head, 3 layers                  |
 | qwen2   | q/k/v biases, no o bias, tied embeddings, 2 layers                |
 | mistral | sliding window of 8 positions, untied, 2 layers                   |
+| qwen3   | q/k norms, head_dim 32 (not hidden / heads), tied, 2 layers       |
+| qwen3_untied | untied, q/k/v/o biases (attention_bias), 2 layers            |
+| gemma2  | both softcaps, sliding window of 6, query_pre_attn_scalar 24, 3 layers |
+| gemma3  | gemma3_text: layer_types sliding, sliding, full, sliding; window 6; |
+|         | local RoPE base 100, global 10000 with linear scaling x4           |
+| phi3    | fused qkv_proj and gate_up_proj, sliding window of 8, untied      |
 
-transformers initializes biases to 0 and norm weights to 1, which would hide a bias or norm
-weight that never gets loaded; they are perturbed here. Everything is seeded.
+transformers initializes biases to 0 and norm weights to 1 (Gemma's to 0), which would hide a
+bias or norm weight that never gets loaded; they are perturbed here. Everything is seeded.
 
 Used by many test files: `from tests.tiny_models import make_tiny_checkpoint`.
 """
@@ -23,15 +29,22 @@ from pathlib import Path
 
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    Phi3Config,
+    Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
-ARCHS = ("llama", "llama3", "qwen2", "mistral")
 _COMMON = dict(
     vocab_size=256,
     hidden_size=64,
@@ -45,40 +58,77 @@ _COMMON = dict(
     eos_token_id=2,
 )
 
-
-def _config(arch: str, overrides: dict):
-    if arch == "llama":
-        return LlamaConfig(**{**_COMMON, "tie_word_embeddings": True, **overrides})
-    if arch == "llama3":
-        # original_max_position_embeddings 32 puts the head_dim 16 wavelengths (6 .. ~20000)
-        # in all three llama3 bands: kept, interpolated and divided by the factor.
-        scaling = {
-            "rope_type": "llama3",
-            "factor": 8.0,
-            "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0,
-            "original_max_position_embeddings": 32,
-            "rope_theta": 500000.0,
-        }
-        return LlamaConfig(
-            **{
-                **_COMMON,
-                "num_hidden_layers": 3,
-                "tie_word_embeddings": False,
-                "rope_parameters": scaling,
-                "eos_token_id": [2, 3],
-                **overrides,
-            }
-        )
-    if arch == "qwen2":
-        return Qwen2Config(
-            **{**_COMMON, "tie_word_embeddings": True, "rope_theta": 1000000.0, **overrides}
-        )
-    if arch == "mistral":
-        return MistralConfig(
-            **{**_COMMON, "tie_word_embeddings": False, "sliding_window": 8, **overrides}
-        )
-    raise ValueError(f"unknown tiny arch {arch!r}; use one of {', '.join(ARCHS)}")
+# original_max_position_embeddings 32 puts the head_dim 16 wavelengths (6 .. ~20000) in all
+# three llama3 bands: kept, interpolated and divided by the factor.
+_LLAMA3_ROPE = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 32,
+    "rope_theta": 500000.0,
+}
+_GEMMA3_ROPE = {
+    "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+    "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+}
+_SLIDING, _FULL = "sliding_attention", "full_attention"
+# arch -> (transformers config class, model class, settings over _COMMON)
+TINY = {
+    "llama": (LlamaConfig, LlamaForCausalLM, {"tie_word_embeddings": True}),
+    "llama3": (
+        LlamaConfig,
+        LlamaForCausalLM,
+        {
+            "num_hidden_layers": 3,
+            "tie_word_embeddings": False,
+            "rope_parameters": _LLAMA3_ROPE,
+            "eos_token_id": [2, 3],
+        },
+    ),
+    "qwen2": (Qwen2Config, Qwen2ForCausalLM, {"tie_word_embeddings": True, "rope_theta": 1e6}),
+    "mistral": (
+        MistralConfig,
+        MistralForCausalLM,
+        {"tie_word_embeddings": False, "sliding_window": 8},
+    ),
+    "qwen3": (Qwen3Config, Qwen3ForCausalLM, {"head_dim": 32, "tie_word_embeddings": True}),
+    "qwen3_untied": (
+        Qwen3Config,
+        Qwen3ForCausalLM,
+        {"head_dim": 32, "tie_word_embeddings": False, "attention_bias": True},
+    ),
+    "gemma2": (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        {
+            "num_hidden_layers": 3,
+            "sliding_window": 6,
+            "query_pre_attn_scalar": 24,
+            # Wider weights and small caps put the tiny model's scores and logits on the bend of
+            # tanh: turning either cap off moves the logits by more than 1.
+            "initializer_range": 0.1,
+            "attn_logit_softcapping": 1.0,
+            "final_logit_softcapping": 3.0,
+        },
+    ),
+    "gemma3": (
+        Gemma3TextConfig,
+        Gemma3ForCausalLM,
+        {
+            "num_hidden_layers": 4,
+            "layer_types": [_SLIDING, _SLIDING, _FULL, _SLIDING],
+            "sliding_window": 6,
+            "rope_parameters": _GEMMA3_ROPE,
+        },
+    ),
+    "phi3": (
+        Phi3Config,
+        Phi3ForCausalLM,
+        {"sliding_window": 8, "pad_token_id": 0, "eos_token_id": 2},
+    ),
+}
+ARCHS = tuple(TINY)
 
 
 def make_tiny_checkpoint(
@@ -91,15 +141,12 @@ def make_tiny_checkpoint(
 ) -> Path:
     """Build a seeded random tiny `arch` model with transformers and save_pretrained it to
     out_dir."""
-    cls = {
-        "llama": LlamaForCausalLM,
-        "llama3": LlamaForCausalLM,
-        "qwen2": Qwen2ForCausalLM,
-        "mistral": MistralForCausalLM,
-    }
-    config = _config(arch, config_overrides)
+    if arch not in TINY:
+        raise ValueError(f"unknown tiny arch {arch!r}; use one of {', '.join(ARCHS)}")
+    config_class, model_class, settings = TINY[arch]
+    config = config_class(**{**_COMMON, **settings, **config_overrides})
     torch.manual_seed(seed)
-    model = cls[arch](config)
+    model = model_class(config)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.endswith("bias"):
