@@ -7,6 +7,7 @@ process import this module alone (kd/parallel.py agrees on the choice across ran
 Tests: `.venv/bin/python -m pytest -q tests/test_parallel.py -k fast_dtype`.
 """
 
+import math
 import time
 
 import torch
@@ -21,21 +22,27 @@ def fast_dtype(device: torch.device) -> torch.dtype:
     while on an AVX2-only CPU (no bf16 instructions) oneDNN is bypassed and a bf16 matmul runs
     ~70x *slower* (1.6 vs 120 GFLOP/s on a 2-core AMD EPYC, docs/benchmarks.md). CPU feature
     flags do not tell which (AVX512 without BF16 is emulated, at a speed in between), so time
-    it: a layer-sized matmul, best of three, ~0.01 s on a bf16 CPU, ~0.5 s on an AVX2 one."""
+    it: a layer-sized matmul in each dtype, alternately, the best of up to 7 rounds (~0.01 s
+    each on a bf16 CPU). Alternating rounds and taking the best of each keep a busy machine
+    from deciding: another process that takes the core during one timing delays that timing
+    only. An AVX2 CPU stops after the first round, where bf16 is already 10x slower."""
     if device.type != "cpu":
         return torch.bfloat16
-
-    def best_time(dtype: torch.dtype) -> float:
-        a, b = torch.randn(128, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype)
+    operands = {
+        dtype: (torch.randn(128, 576, dtype=dtype), torch.randn(576, 1536, dtype=dtype))
+        for dtype in (torch.bfloat16, torch.float32)
+    }
+    for a, b in operands.values():
         a @ b  # warm-up: oneDNN builds its kernel on the first call
-        times = []
-        for _ in range(3):
+    best = dict.fromkeys(operands, math.inf)
+    for _ in range(7):
+        for dtype, (a, b) in operands.items():
             t0 = time.perf_counter()
             a @ b
-            times.append(time.perf_counter() - t0)
-        return min(times)
-
-    return torch.bfloat16 if best_time(torch.bfloat16) < best_time(torch.float32) else torch.float32
+            best[dtype] = min(best[dtype], time.perf_counter() - t0)
+        if best[torch.bfloat16] > 10 * best[torch.float32]:
+            break
+    return torch.bfloat16 if best[torch.bfloat16] < best[torch.float32] else torch.float32
 
 
 def fast_precision(device: torch.device) -> str:
