@@ -8,7 +8,9 @@ F.cross_entropy over all N x V entries. "chunked" is
 With --topk K the teacher is an offline cache of its top-K log-probs (`kd.losses.TopK`, built
 from the teacher head before timing): "naive" is then `kd.losses.distillation_loss` on the
 full student logits (autograd), "chunked" the same loss through
-`chunked_distillation_loss(teacher_logits=...)` (its analytic top-k path).
+`chunked_distillation_loss(teacher_logits=...)` (its analytic top-k path). With --softcap C both
+heads cap their logits as Gemma 2 does, z = C tanh(u / C) (C = 30 there): "naive" caps the full
+logits, "chunked" gets `kd.model.Head(w, C)`.
 
 Each (implementation, case) runs in a fresh subprocess so that peak memory is its own:
 on CPU the peak resident set (ru_maxrss) minus the resident set after the inputs are built;
@@ -23,6 +25,7 @@ Run:  .venv/bin/python scripts/bench_losses.py            # the full grid (slow 
       .venv/bin/python scripts/bench_losses.py --device cuda
       .venv/bin/python scripts/bench_losses.py --tokens 4096 8192 --shapes 576x49152
       .venv/bin/python scripts/bench_losses.py --quick --topk 32    # a top-32 teacher cache
+      .venv/bin/python scripts/bench_losses.py --tokens 1024 4096 --shapes 640x262144 --softcap 30
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from kd.chunked_loss import chunked_distillation_loss  # noqa: E402
 from kd.losses import LossOptions, TopK, distillation_loss  # noqa: E402
+from kd.model import Head, softcap  # noqa: E402
 
 TEMPERATURE, ALPHA = 2.0, 0.5
 OPTIONS = LossOptions(divergence="forward_kl", temperature=TEMPERATURE, alpha=ALPHA)
@@ -49,12 +53,20 @@ NAIVE_COPIES = 7  # live (N x V) fp32 buffers at the naive peak (measured: 6.5)
 
 
 def naive_loss(
-    h: torch.Tensor, w: torch.Tensor, th: torch.Tensor, tw: torch.Tensor, labels: torch.Tensor
+    h: torch.Tensor,
+    w: torch.Tensor,
+    th: torch.Tensor,
+    tw: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    cap: float | None,
 ) -> torch.Tensor:
     """The usual snippet: both models' logits in fp32, then KL + CE over the valid tokens."""
     logits = (h @ w.T).float()  # (N, V)
     with torch.no_grad():
         teacher_logits = (th @ tw.T).float()  # (N, V)
+    if cap is not None:
+        logits, teacher_logits = softcap(logits, cap), softcap(teacher_logits, cap)
     log_q = F.log_softmax(logits / TEMPERATURE, dim=-1)
     log_p = F.log_softmax(teacher_logits / TEMPERATURE, dim=-1)
     kl = F.kl_div(log_q, log_p, log_target=True, reduction="none").sum(-1)  # KL(p || q) per token
@@ -65,8 +77,11 @@ def naive_loss(
     ) / valid.sum()
 
 
-def chunked_loss(h, w, th, tw, labels, *, chunk_size: int) -> torch.Tensor:
-    loss, _ = chunked_distillation_loss(h, w, th, tw, labels, OPTIONS, chunk_size=chunk_size)
+def chunked_loss(h, w, th, tw, labels, *, cap: float | None, chunk_size: int) -> torch.Tensor:
+    student, teacher = Head(w, cap), Head(tw, cap)
+    loss, _ = chunked_distillation_loss(
+        h, student, th, teacher, labels, OPTIONS, chunk_size=chunk_size
+    )
     return loss
 
 
@@ -106,10 +121,21 @@ def make_inputs(n: int, hidden: int, vocab: int, device: str) -> tuple[torch.Ten
 
 
 def run_one(
-    impl: str, n: int, hidden: int, vocab: int, chunk_size: int, device: str, topk: int = 0
+    impl: str,
+    n: int,
+    hidden: int,
+    vocab: int,
+    chunk_size: int,
+    device: str,
+    topk: int = 0,
+    cap: float | None = None,
 ) -> dict[str, float]:
-    """Measure one case in this (fresh) process; topk > 0: a top-k teacher cache, not the head."""
-    naive, chunked = (naive_topk_loss, chunked_topk_loss) if topk else (naive_loss, chunked_loss)
+    """Measure one case in this (fresh) process; topk > 0: a top-k teacher cache, not the head;
+    cap: both heads' logit softcap."""
+    if topk:
+        naive, chunked = naive_topk_loss, chunked_topk_loss
+    else:
+        naive, chunked = partial(naive_loss, cap=cap), partial(chunked_loss, cap=cap)
     fn = naive if impl == "naive" else partial(chunked, chunk_size=chunk_size)
 
     def inputs_of(n: int, vocab: int) -> tuple:
@@ -167,7 +193,7 @@ def _measure_in_subprocess(
 ) -> dict[str, float]:
     """`run_one` in a fresh Python process, so that its peak memory is its own."""
     cmd = [sys.executable, __file__, "--run-one", impl, str(n), str(hidden), str(vocab)]
-    cmd += [str(args.chunk_size), args.device, str(args.topk)]
+    cmd += [str(args.chunk_size), args.device, str(args.topk), str(args.softcap)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -176,7 +202,10 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[4096, 8192])
     parser.add_argument(
-        "--shapes", nargs="+", default=["576x49152", "2048x128256"], help="HIDDENxVOCAB"
+        "--shapes",
+        nargs="+",
+        default=["576x49152", "2048x128256", "640x262144"],
+        help="HIDDENxVOCAB (SmolLM2-135M, Llama 3.2 1B, Gemma 3 270M)",
     )
     parser.add_argument("--chunk-size", type=int, default=256)
     parser.add_argument("--device", default="cpu")
@@ -192,15 +221,19 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="teacher as its cached top-K log-probs (e.g. 32); 0: the dense head",
     )
-    parser.add_argument("--run-one", nargs=7, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--softcap", type=float, default=0.0, help="cap both heads' logits (Gemma 2: 30); 0: none"
+    )
+    parser.add_argument("--run-one", nargs=8, help=argparse.SUPPRESS)
     return parser.parse_args()
 
 
 def main() -> None:
     args = parse_args()
     if args.run_one:
-        impl, n, hidden, vocab, chunk, device, topk = args.run_one
-        result = run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device, int(topk))
+        impl, n, hidden, vocab, chunk, device, topk, cap = args.run_one
+        cap = float(cap) or None
+        result = run_one(impl, int(n), int(hidden), int(vocab), int(chunk), device, int(topk), cap)
         print(json.dumps(result))
         return
     if args.quick:
@@ -208,9 +241,10 @@ def main() -> None:
 
     threads = torch.get_num_threads()
     teacher = f"top-{args.topk} cache" if args.topk else "dense head"
+    capped = f", logits softcapped at {args.softcap:g}" if args.softcap else ""
     print(
         f"device {args.device}, torch {torch.__version__}, {threads} threads, "
-        f"chunk_size {args.chunk_size}, teacher {teacher}"
+        f"chunk_size {args.chunk_size}, teacher {teacher}{capped}"
     )
     print(
         "| tokens | hidden | vocab | naive peak MiB | chunked peak MiB | mem ratio "
