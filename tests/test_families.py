@@ -3,7 +3,8 @@
 tests/test_model.py runs its parity tests (load, save, cached decoding, left padding, bf16) on
 every arch of tests/tiny_models.py. This file adds what is particular to these families:
 greedy `generate` equals transformers' token for token; each family feature moves the tiny
-model's logits (so the parity tests would catch its loss); Gemma 3's config.json spellings
+model's logits (so the parity tests would catch its loss); Gemma 2's capped logits reach the teacher
+cache and MiniLLM's token log-probs; Gemma 3's config.json spellings
 (rope_local_base_freq, sliding_window_pattern, nested rope_parameters) read the same; a student
 made of some teacher layers keeps each layer's type and transformers loads it with the same
 logits; bad configs fail in one line naming the key.
@@ -20,7 +21,9 @@ import torch
 from transformers import AutoModelForCausalLM, Gemma3TextConfig
 
 from kd import hf_config
+from kd.cache_writer import teacher_topk
 from kd.hf import load_model, load_state_dict, save_state_dict
+from kd.minillm import token_logprobs
 from kd.model import Transformer
 from kd.sampling import generate
 from kd.student import layer_subset_config, layer_subset_state_dict
@@ -199,3 +202,24 @@ def test_bad_configs_fail_in_one_line_naming_the_key(config, message):
     with pytest.raises(ValueError, match=message) as e:
         hf_config.config_from_dict(config, where="m/config.json")
     assert "\n" not in str(e.value)
+
+
+@torch.no_grad()
+def test_capped_logits_reach_the_teacher_cache_and_minillm(tmp_path):
+    """Gemma 2's final softcap where logits leave the model other than by forward: the teacher
+    cache's top-k log-probs and MiniLLM's token log-probs equal log_softmax of the full logits."""
+    model = load_model(make_tiny_checkpoint(tmp_path / "gemma2", "gemma2")).eval()
+    ids = _ids(16, 3)
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    log_p = model(ids).float().log_softmax(-1)  # (B, T, V), capped by the forward
+    top_ids, top_logprobs, _ = teacher_topk(model, ids, labels, k=5, chunk_size=7)
+    valid = labels != -100
+    want = log_p[valid].topk(5, dim=-1)
+    assert torch.equal(top_ids, want.indices)
+    # fp32: the same logits through a chunked matmul; rounding ~1e-7 on log-probs of size ~5
+    assert (top_logprobs - want.values).abs().max().item() < 1e-5
+    hidden, head = model(ids, output_fn=lambda h, head: (h, head))
+    got = token_logprobs(hidden, head, labels, chunk_size=5)
+    want = torch.where(valid, log_p.gather(-1, labels.clamp(min=0)[..., None])[..., 0], 0.0)
+    assert (got - want).abs().max().item() < 1e-5
