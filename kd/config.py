@@ -76,6 +76,9 @@ class TrainConfig:
     skew_alpha: float = 0.1
     # tokens per chunk of the loss (memory ~ a few chunk x vocab fp32 buffers); logits never whole
     chunk_size: int = 256
+    # MoE students: weight of the router's load-balancing loss (Switch/Mixtral form, kd/moe.py,
+    # transformers' default 0.001); 0 = off. Dense students have none.
+    router_aux_loss_coef: float = 0.001
     # --- on-policy distillation (kd/onpolicy.py, docs/onpolicy.md) ---
     # offpolicy = KD on the data | gkd (arXiv 2306.13649) | minillm (arXiv 2306.08543): on student
     # samples
@@ -201,7 +204,7 @@ class TrainConfig:
             (1, ("seq_len", "batch_size", "grad_accum", "max_steps", "log_every", "chunk_size")),
             (1, ("keep_checkpoints",)),
             (0, ("warmup_steps", "eval_every", "eval_batches", "save_every", "min_lr")),
-            (0, ("weight_decay", "grad_clip", "lm_loss_weight")),
+            (0, ("weight_decay", "grad_clip", "lm_loss_weight", "router_aux_loss_coef")),
         ):
             for name in names:
                 if getattr(self, name) < least:

@@ -30,6 +30,8 @@ ARCHITECTURES = {
     "gemma2": "Gemma2ForCausalLM",
     "gemma3_text": "Gemma3ForCausalLM",
     "phi3": "Phi3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
 }
 _GEMMA = {
     "num_key_value_heads": 4,
@@ -97,19 +99,46 @@ FAMILY_DEFAULTS = {
         "eos_token_id": 32000,
         "pad_token_id": 32000,
     },
+    "mixtral": {
+        "intermediate_size": 14336,
+        "num_key_value_heads": 8,
+        "max_position_embeddings": 131072,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 1000000.0,
+        "num_local_experts": 8,
+    },
+    "qwen3_moe": {
+        "vocab_size": 151936,
+        "hidden_size": 2048,
+        "intermediate_size": 6144,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 32768,
+        "num_local_experts": 128,
+        "num_experts_per_tok": 8,
+        "moe_intermediate_size": 768,
+    },
 }
 # Keys only some families have: config_to_dict writes each for those families only.
 FAMILY_KEYS = {
-    "use_sliding_window": ("qwen2", "qwen3"),
-    "max_window_layers": ("qwen2", "qwen3"),
-    "layer_types": ("qwen2", "qwen3", "gemma2", "gemma3_text"),
-    "attention_bias": ("llama", "qwen3", "gemma2", "gemma3_text"),
+    "use_sliding_window": ("qwen2", "qwen3", "qwen3_moe"),
+    "max_window_layers": ("qwen2", "qwen3", "qwen3_moe"),
+    "layer_types": ("qwen2", "qwen3", "gemma2", "gemma3_text", "qwen3_moe"),
+    "attention_bias": ("llama", "qwen3", "gemma2", "gemma3_text", "qwen3_moe"),
     "mlp_bias": ("llama",),
     "query_pre_attn_scalar": ("gemma2", "gemma3_text"),
     "attn_logit_softcapping": ("gemma2", "gemma3_text"),
     "final_logit_softcapping": ("gemma2", "gemma3_text"),
     "rope_local_base_freq": ("gemma3_text",),
     "sliding_window_pattern": ("gemma3_text",),
+    "num_local_experts": ("mixtral", "qwen3_moe"),
+    "num_experts_per_tok": ("mixtral", "qwen3_moe"),
+    "router_aux_loss_coef": ("mixtral", "qwen3_moe"),
+    "router_jitter_noise": ("mixtral",),
+    "moe_intermediate_size": ("qwen3_moe",),
+    "norm_topk_prob": ("qwen3_moe",),
+    "decoder_sparse_step": ("qwen3_moe",),
+    "mlp_only_layers": ("qwen3_moe",),
 }
 GEMMA_FAMILIES = ("gemma2", "gemma3_text")
 # Keys that change the math: a config.json without one is named in a warning (it loads with
@@ -176,6 +205,8 @@ def config_from_dict(config: dict, *, where: str = "config") -> ModelConfig:
         )
     if family in GEMMA_FAMILIES and "hidden_activation" in d:
         d["hidden_act"] = d.pop("hidden_activation")  # Gemma's name for the gate activation
+    if family == "qwen3_moe" and "num_experts" in d:  # its checkpoints' name (transformers 4)
+        d.setdefault("num_local_experts", d.pop("num_experts"))
     _read_rope(d, where)
     if d.get("torch_dtype") is None and d.get("dtype") is not None:
         d["torch_dtype"] = d["dtype"]
@@ -279,6 +310,8 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
         d["final_logit_softcapping"] = config.final_logit_softcapping
     if family in GEMMA_FAMILIES:
         d["hidden_activation"] = d.pop("hidden_act")
+    if family == "qwen3_moe":  # transformers 4 reads num_experts, 5 num_local_experts
+        d["num_experts"] = config.num_local_experts
     if config.torch_dtype is not None:
         d["dtype"] = config.torch_dtype
     rope = {"rope_type": "default", "rope_theta": config.rope_theta, **(config.rope_scaling or {})}

@@ -40,7 +40,7 @@ from kd.chunked_loss import chunked_distillation_loss
 from kd.data import IGNORE, Batches, Example
 from kd.losses import LossOptions, token_count
 from kd.model import Head, Transformer
-from kd.offpolicy import OffPolicy
+from kd.offpolicy import OffPolicy, router_aux
 from kd.onpolicy import Rollout, RolloutLog, Sampler, align, rollout_batch, with_global_count
 
 
@@ -248,11 +248,13 @@ class MiniLLM:
         chunk_size: int,
         lm: OffPolicy | None = None,
         lm_loss_weight: float = 1.0,
+        router_aux_loss_coef: float = 0.0,
     ) -> None:
         self.data, self.sampler, self.teachers = data, sampler, [sampler.teacher]
         self.teacher_mix_alpha, self.length_norm, self.clip = teacher_mix_alpha, length_norm, clip
         self.vocab, self.chunk_size = vocab, chunk_size
         self.lm, self.lm_loss_weight = lm, lm_loss_weight
+        self.router_aux_loss_coef = router_aux_loss_coef  # an MoE student's (`router_aux`)
         self.log = RolloutLog()
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
@@ -288,7 +290,11 @@ class MiniLLM:
             chunk_size=self.chunk_size,
         )
         n = metrics["valid_tokens"].float()
-        return loss, {"tokens": n, "ce": metrics["ce"] * n, "divergence": metrics["divergence"] * n}
+        sums = {"tokens": n, "ce": metrics["ce"] * n, "divergence": metrics["divergence"] * n}
+        aux, aux_sums = router_aux(
+            student, batch["labels"], batch["num_tokens"], self.router_aux_loss_coef
+        )
+        return loss + aux, sums | aux_sums
 
     def log_fields(self) -> dict[str, float]:
         return self.log.fields()

@@ -65,14 +65,17 @@ Run the parity tests: `.venv/bin/python -m pytest -q tests/test_model.py tests/t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kd.kv_cache import KVCache
 from kd.linear import Linear, linear
 from kd.model_config import ModelConfig
+from kd.moe import MixtralExpert, SparseMoE
 from kd.rope import apply_rope, rope_cos_sin, rope_inv_freq
 
 # ---------------------------------------------------------------------------- the output head
@@ -132,39 +135,6 @@ def rms_norm(config: ModelConfig, dim: int | None = None) -> RMSNorm:
     """The family's RMSNorm over `dim` channels (default: the hidden size)."""
     unit_offset = "gemma_norms" in config.features
     return RMSNorm(dim or config.hidden_size, config.rms_norm_eps, unit_offset=unit_offset)
-
-
-class KVCache(nn.Module):
-    """Static K/V buffers (B, n_kv_heads, S, head_dim), written in place at slots `input_pos`."""
-
-    def __init__(
-        self,
-        batch_size: int,
-        n_kv_heads: int,
-        max_seq_len: int,
-        head_dim: int,
-        *,
-        dtype: torch.dtype,
-        device: torch.device | str | None,
-    ) -> None:
-        super().__init__()
-        shape = (batch_size, n_kv_heads, max_seq_len, head_dim)
-        # Non-persistent: the cache follows model.to(...) but never enters a state dict.
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at slots input_pos (T,); return slots
-        0..length-1, each (B, n_kv_heads, length, head_dim).
-
-        The returned K/V are in the wider of the two dtypes: views (no copy) when the cache is
-        at least as wide as the activations (an fp32 cache under bf16 ones stays fp32), a
-        cast-up copy otherwise (a bf16 cache under fp32 activations).
-        """
-        self.k.index_copy_(2, input_pos, k.to(self.k.dtype))
-        self.v.index_copy_(2, input_pos, v.to(self.v.dtype))
-        dtype = torch.promote_types(k.dtype, self.k.dtype)
-        return self.k[:, :, :length].to(dtype), self.v[:, :, :length].to(dtype)
 
 
 def attention(
@@ -251,9 +221,10 @@ class MLP(nn.Module):
     """Gated MLP: down(act(gate(x)) * up(x)); act = SiLU (SwiGLU) or tanh-GELU (GeGLU), arXiv
     2002.05202. Phi-3 stores gate and up as one (gate | up) projection."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, intermediate_size: int | None = None) -> None:
         super().__init__()
-        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        h, bias = config.hidden_size, config.mlp_bias
+        i = intermediate_size or config.intermediate_size
         self.fused = "fused_projections" in config.features
         if self.fused:
             self.gate_up_proj = Linear(h, 2 * i, bias=False)
@@ -272,14 +243,32 @@ class MLP(nn.Module):
         return self.down_proj(act * up)
 
 
+def feed_forward(config: ModelConfig, layer: int) -> nn.Module:
+    """Layer `layer`'s feed-forward: the gated MLP, or a sparse MoE of such experts."""
+    if not config.sparse(layer):
+        return MLP(config)
+    if config.model_type == "mixtral":
+        make_expert = partial(MixtralExpert, config.hidden_size, config.intermediate_size)
+    else:
+        make_expert = partial(MLP, config, config.moe_intermediate_size)
+    return SparseMoE(
+        config.hidden_size,
+        config.num_local_experts,
+        config.num_experts_per_tok,
+        renormalize=config.model_type == "mixtral" or config.norm_topk_prob,
+        make_expert=make_expert,
+    )
+
+
 class Block(nn.Module):
     """Pre-norm residual block: x += attn(norm(x)); x += mlp(norm(x)).
 
     With Gemma norms each branch's output is normed too before it joins the residual stream:
     x += norm(attn(norm(x))); x += norm(mlp(norm(x))). (Llama's post_attention_layernorm is
-    the MLP's input norm; Gemma's is the norm on the attention output.)"""
+    the MLP's input norm; Gemma's is the norm on the attention output.) The feed-forward is
+    `mlp`, except Mixtral's sparse one, which its checkpoints name `block_sparse_moe`."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, layer: int) -> None:
         super().__init__()
         self.input_layernorm = rms_norm(config)
         self.self_attn = Attention(config)
@@ -288,17 +277,19 @@ class Block(nn.Module):
         if self.sandwich:
             self.pre_feedforward_layernorm = rms_norm(config)
             self.post_feedforward_layernorm = rms_norm(config)
-        self.mlp = MLP(config)
+        self.ffn_name = "block_sparse_moe" if config.model_type == "mixtral" else "mlp"
+        self.add_module(self.ffn_name, feed_forward(config, layer))
 
     def forward(
         self, x: Tensor, cos: Tensor, sin: Tensor, mask: Tensor | None, input_pos: Tensor | None
     ) -> Tensor:
+        ffn = getattr(self, self.ffn_name)
         attn = self.self_attn(self.input_layernorm(x), cos, sin, mask, input_pos)
         if self.sandwich:
             x = x + self.post_attention_layernorm(attn)
-            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            return x + self.post_feedforward_layernorm(ffn(self.pre_feedforward_layernorm(x)))
         x = x + attn
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return x + ffn(self.post_attention_layernorm(x))
 
 
 class Decoder(nn.Module):
@@ -307,7 +298,7 @@ class Decoder(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.num_hidden_layers))
         self.norm = rms_norm(config)
 
 
@@ -341,6 +332,12 @@ class Transformer(nn.Module):
     def head(self) -> Head:
         """The output head: `head(hidden)` are the logits, softcapped where the family caps them."""
         return Head(self.head_weight, self.config.final_logit_softcapping)
+
+    def router_logits(self) -> list[Tensor]:
+        """The last training forward's router logits of each MoE layer, (B T, E) each; [] for
+        a dense model or in eval mode. For `kd.moe.load_balancing_loss`."""
+        moes = [m for m in self.modules() if isinstance(m, SparseMoE)]
+        return [m.router_logits for m in moes if m.router_logits is not None]
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())

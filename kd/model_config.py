@@ -15,6 +15,9 @@ transformers' `modeling_<family>.py`:
 | gemma3_text   | Gemma norms, GeGLU, q/k norms, 5 local layers per global one, a RoPE base |
 |               | per kind of layer                                                         |
 | phi3          | fused qkv_proj and gate_up_proj; a sliding window on every layer           |
+| mixtral       | sparse MoE feed-forward (kd/moe.py) on every layer; an optional window     |
+| qwen3_moe     | Qwen3's block with a sparse MoE feed-forward where decoder_sparse_step and |
+|               | mlp_only_layers say                                                        |
 
 Gemma norms: RMSNorm scaled by (1 + w) instead of w, a norm after attention and after the MLP
 as well as before each ("sandwich"), and embeddings multiplied by sqrt(hidden_size).
@@ -40,12 +43,14 @@ FAMILY_FEATURES: dict[str, frozenset[str]] = {
     "gemma2": frozenset({"gemma_norms"}),
     "gemma3_text": frozenset({"gemma_norms", "qk_norm"}),
     "phi3": frozenset({"fused_projections", "window_on_every_layer"}),
+    "mixtral": frozenset({"moe", "window_on_every_layer"}),
+    "qwen3_moe": frozenset({"moe", "qk_norm"}),
 }
 SUPPORTED_MODEL_TYPES = tuple(FAMILY_FEATURES)
 # Families whose attention_bias key puts a bias on all four of q, k, v and o.
-ATTENTION_BIAS_FAMILIES = ("llama", "qwen3", "gemma2", "gemma3_text")
+ATTENTION_BIAS_FAMILIES = ("llama", "qwen3", "gemma2", "gemma3_text", "qwen3_moe")
 # Families whose sliding window is used only with use_sliding_window = true.
-OPTIONAL_WINDOW_FAMILIES = ("qwen2", "qwen3")
+OPTIONAL_WINDOW_FAMILIES = ("qwen2", "qwen3", "qwen3_moe")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 # hidden_act values: "silu" (SwiGLU) and "gelu_pytorch_tanh" (GeGLU, GELU's tanh approximation).
 ACTIVATIONS = ("silu", "gelu_pytorch_tanh")
@@ -81,6 +86,14 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # gemma: scores scaled by this ** -0.5
     attn_logit_softcapping: float | None = None  # gemma2: scores -> c tanh(scores / c)
     final_logit_softcapping: float | None = None  # gemma2: logits -> c tanh(logits / c)
+    num_local_experts: int = 0  # MoE: experts per MoE layer (Qwen3-MoE's key: num_experts)
+    num_experts_per_tok: int = 2  # MoE: k, the experts each token is routed to
+    moe_intermediate_size: int | None = None  # qwen3_moe: expert width (mixtral: intermediate)
+    norm_topk_prob: bool = False  # qwen3_moe: renormalize the k weights (mixtral always does)
+    decoder_sparse_step: int = 1  # qwen3_moe: layer i is MoE if (i + 1) % step == 0 ...
+    mlp_only_layers: list[int] | None = None  # qwen3_moe: ... and i is not listed here
+    router_aux_loss_coef: float = 0.001  # MoE: the load-balancing loss's weight in training
+    router_jitter_noise: float = 0.0  # mixtral: multiplicative router noise; only 0 supported
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2  # an id or a list of ids that end generation
     pad_token_id: int | None = None
@@ -113,6 +126,8 @@ class ModelConfig:
         for key in ("attn_logit_softcapping", "final_logit_softcapping", "query_pre_attn_scalar"):
             if getattr(self, key) is not None and getattr(self, key) <= 0:
                 raise ValueError(f"config key {key}={getattr(self, key)} must be > 0 (or null)")
+        if "moe" in self.features:
+            self._check_moe()
         self.rope_scaling = _rope_scaling(self.rope_scaling)
         if self.layer_types is None:
             self.layer_types = [self._default_layer_type(i) for i in range(self.num_hidden_layers)]
@@ -122,6 +137,36 @@ class ModelConfig:
                 f"config key layer_types={self.layer_types} must list 'full_attention' or "
                 f"'sliding_attention' once per layer ({self.num_hidden_layers})"
             )
+
+    def _check_moe(self) -> None:
+        if self.num_local_experts < 1:
+            raise ValueError(
+                f"config key num_local_experts (num_experts)={self.num_local_experts}: a "
+                f"{self.model_type} model needs at least one expert"
+            )
+        if self.router_jitter_noise != 0.0:
+            raise ValueError(
+                f"config key router_jitter_noise={self.router_jitter_noise} is not supported; "
+                "set it to 0.0 (kd routes deterministically)"
+            )
+        bad = [i for i in self.mlp_only_layers or [] if not 0 <= i < self.num_hidden_layers]
+        if bad or self.decoder_sparse_step < 1:
+            raise ValueError(
+                f"config keys mlp_only_layers={self.mlp_only_layers} and decoder_sparse_step="
+                f"{self.decoder_sparse_step}: want layer indices in 0..{self.num_hidden_layers - 1}"
+                " and a step >= 1"
+            )
+
+    def sparse(self, layer: int) -> bool:
+        """Whether `layer`'s feed-forward is a sparse MoE (transformers' rule) or a dense MLP."""
+        if "moe" not in self.features:
+            return False
+        if self.model_type == "mixtral":
+            return True
+        return (
+            layer not in (self.mlp_only_layers or [])
+            and (layer + 1) % self.decoder_sparse_step == 0
+        )
 
     def _default_layer_type(self, layer: int) -> str:
         """A layer's attention type when config.json lists none, as transformers derives it."""

@@ -32,9 +32,10 @@ import torch
 from torch import Tensor
 
 from kd.chunked_loss import chunked_distillation_loss
-from kd.data import Batches
+from kd.data import IGNORE, Batches
 from kd.losses import LossOptions, TopK
 from kd.model import Head, Transformer
+from kd.moe import load_balancing_loss
 from kd.teacher_cache import TeacherCache
 
 
@@ -54,6 +55,7 @@ class KDLoss:
     options: LossOptions  # divergence, temperature, alpha, ...
     vocab: int  # the vocabulary rows the loss compares (padding rows past it dropped)
     chunk_size: int  # tokens per chunk of the loss
+    router_aux_loss_coef: float = 0.0  # an MoE student's load-balancing loss weight (`router_aux`)
 
     def __call__(self, student: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T) each
@@ -87,7 +89,31 @@ class KDLoss:
         sums = {"tokens": n, "ce": metrics["ce"] * n}
         if t_hidden is not None or cached is not None:
             sums["divergence"] = metrics["divergence"] * n
-        return loss, sums
+        aux, aux_sums = router_aux(student, labels, batch["num_tokens"], self.router_aux_loss_coef)
+        return loss + aux, sums | aux_sums
+
+
+def router_aux(
+    student: Transformer, labels: Tensor, num_tokens: Tensor, coef: float
+) -> tuple[Tensor | float, dict[str, Tensor]]:
+    """An MoE student's load-balancing term for this micro-batch, and its log sums.
+
+    The Switch/Mixtral loss of the forward just run (`kd.moe.load_balancing_loss`, over the
+    labelled positions), times coef, weighted by the micro-batch's share n / N of the step's
+    labelled tokens, as the KD sum is: the step's term is the token-weighted mean of the
+    micro-batches' (one micro-batch: exactly transformers' coef * aux). Logged per token:
+    "router_aux" and "expert_load/e", the share of routing slots expert e took (1/E each when
+    balanced; a collapsed router shows as one expert near 1). A dense student: 0 and {}.
+    """
+    logits = student.router_logits()
+    if not logits:
+        return 0.0, {}
+    valid = (labels != IGNORE).reshape(-1)
+    aux, load = load_balancing_loss(logits, student.config.num_experts_per_tok, valid)
+    n = valid.sum().float()
+    sums = {"router_aux": aux.detach() * n}
+    sums |= {f"expert_load/{e}": share * n for e, share in enumerate(load)}
+    return coef * aux * n / num_tokens, sums
 
 
 class OffPolicy:

@@ -48,6 +48,9 @@ def format_step(r: dict, max_steps: int, extra: list[str]) -> str:
     loss = f"loss {r['loss']:.4f}"
     if "divergence" in r:
         loss += f" (div {r['divergence']:.4f}, ce {r['ce']:.4f})"
+    loads = [v for key, v in r.items() if key.startswith("expert_load/")]
+    if loads:  # an MoE student: its balancing loss and its busiest expert (1/E when balanced)
+        loss += f" | router aux {r['router_aux']:.3f}, busiest expert {max(loads):.0%}"
     parts = [
         f"step {r['step']}/{max_steps}",
         "epoch " + "/".join(f"{e:.2f}" for e in r["epochs"]),  # per data file

@@ -4,7 +4,8 @@ DistilBERT (Sanh et al., arXiv 1910.01108) initializes its student from every ot
 the teacher; Minitron (Muralidharan et al., arXiv 2407.14679) prunes whole layers and then
 distills. Either way the student is the teacher's architecture with `num_hidden_layers =
 len(layers)`, its blocks are copies of the chosen teacher blocks (in the order given), and
-embeddings, final norm and head are copied whole.
+embeddings, final norm and head are copied whole. An MoE layer is copied with its router and
+all its experts.
 
     cfg = layer_subset_config(teacher_cfg, [0, 4, 8, 11])
     sd = layer_subset_state_dict(teacher_state_dict, [0, 4, 8, 11])
@@ -29,9 +30,14 @@ def layer_subset_config(teacher: ModelConfig, layers: list[int]) -> ModelConfig:
         raise ValueError(
             f"student_layers={list(layers)}: each index must be in 0..{last} (the teacher's layers)"
         )
-    # Each kept layer keeps its type: its window, and (Gemma 3) its RoPE base.
+    # Each kept layer keeps its type: its window, and (Gemma 3) its RoPE base; and its kind of
+    # feed-forward (Qwen3-MoE: sparse or dense, said by listing the dense ones).
     layer_types = [teacher.layer_types[i] for i in layers]
-    return replace(teacher, num_hidden_layers=len(layers), layer_types=layer_types)
+    moe = {}
+    if teacher.model_type == "qwen3_moe":
+        dense = [j for j, i in enumerate(layers) if not teacher.sparse(i)]
+        moe = {"mlp_only_layers": dense, "decoder_sparse_step": 1}
+    return replace(teacher, num_hidden_layers=len(layers), layer_types=layer_types, **moe)
 
 
 def layer_subset_state_dict(

@@ -28,6 +28,7 @@ from kd.losses import LossOptions
 from kd.minillm import MiniLLM
 from kd.model import Transformer
 from kd.model_config import ModelConfig
+from kd.moe import SparseMoE
 from kd.offpolicy import KDLoss, OffPolicy
 from kd.parallel import World
 from kd.student import layer_subset_config, layer_subset_state_dict
@@ -261,6 +262,7 @@ def build_method(
         options=loss_options(cfg, vocab),
         vocab=vocab,
         chunk_size=cfg.chunk_size,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
     )
     if cfg.method == "offpolicy":
         cache = None
@@ -313,6 +315,7 @@ def build_method(
         chunk_size=cfg.chunk_size,
         lm=lm,
         lm_loss_weight=cfg.lm_loss_weight,
+        router_aux_loss_coef=cfg.router_aux_loss_coef,
     )
 
 
@@ -395,9 +398,13 @@ def train_step(
 
 
 def matmul_params(model: Transformer) -> int:
-    """Parameters that take part in matmuls: all but the input embedding (a lookup) unless
-    tied (then it is the output head too)."""
+    """Parameters that take part in a token's matmuls: all but the input embedding (a lookup)
+    unless tied (then it is the output head too), and of an MoE layer's experts only the k of E
+    each token runs."""
     n = sum(p.numel() for p in model.parameters())
+    for moe in (m for m in model.modules() if isinstance(m, SparseMoE)):
+        experts = sum(p.numel() for p in moe.experts.parameters())
+        n -= round(experts * (1 - moe.top_k / len(moe.experts)))
     if model.config.tie_word_embeddings:
         return n
     return n - model.model.embed_tokens.weight.numel()

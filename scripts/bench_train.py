@@ -15,6 +15,10 @@ first F of each row is a "prompt" without labels, as in chat data, where our los
   (e) cached     (c) with the teacher replaced by its top-k cache (--top-k, 32), as train.py with
                  teacher_cache: no teacher in memory; each step reads the batch's TopK with
                  TeacherCache.topk_for (timed: training from a cache pays it every step)
+  (f) kd-moe     with --moe-experts E: (c) with an MoE teacher of the same active size as the
+                 dense one: the teacher's config as Mixtral's, E experts of width
+                 intermediate_size / 2, top-2 (so each token's MLP is as wide as the dense
+                 teacher's), random weights; the same dense student, as a directory
 The cache of (e) is made before it by another process (untimed; its own process because max RSS
 never drops, so a teacher freed in (e) would still count): the teacher in --precision runs over
 the random batch and kd.cache_writer.write_cache stores its
@@ -51,7 +55,7 @@ from kd.dtypes import DTYPES, fast_precision  # noqa: E402
 from kd.tokenizer import Tokenizer  # noqa: E402
 
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
-CASES = ("sft", "teacher", "kd", "naive", "cached")
+CASES = ("sft", "teacher", "kd", "naive", "cached", "kd-moe")
 PROMPT_FRACTION = 0.0  # set from --prompt-fraction in main and in each case's process
 
 
@@ -117,6 +121,8 @@ def write_batch_cache(args: argparse.Namespace) -> dict:
     from kd.teacher_cache import CacheSpec, config_sha256, file_sha256
     from kd.tokenizer import load_tokenizer
 
+    if args.moe_experts:
+        write_moe_teacher(args)
     config = hf_config.load_config(args.teacher)
     # build_models' vocab is the teacher's too: the student is a subset of its layers, same rows.
     batch = random_batch(config.vocab_size, batch_size=args.batch_size, seq_len=args.seq_len)
@@ -139,6 +145,29 @@ def write_batch_cache(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     write_cache(Path(args.cache_dir) / "cache", teacher, examples, spec, batch_size=args.batch_size)
     return {"seconds": time.perf_counter() - start}
+
+
+def write_moe_teacher(args: argparse.Namespace) -> None:
+    """Case (f)'s models, in args.cache_dir: moe_teacher/ (random, seeded: Mixtral with the
+    dense teacher's attention and embeddings, args.moe_experts experts of half its MLP width,
+    top-2) and student/ (the dense student of the other cases, LAYERS of the teacher)."""
+    from dataclasses import asdict
+
+    from kd import hf, hf_config
+    from kd.model import Transformer
+    from kd.model_config import ModelConfig
+    from kd.student import layer_subset_config, layer_subset_state_dict
+
+    dense = hf_config.load_config(args.teacher)
+    settings = asdict(dense) | {"model_type": "mixtral", "layer_types": None}
+    settings |= {"intermediate_size": dense.intermediate_size // 2, "num_experts_per_tok": 2}
+    moe = Transformer(ModelConfig(**settings | {"num_local_experts": args.moe_experts}))
+    moe.init_weights(seed=0)
+    out = Path(args.cache_dir)
+    hf.save_model(moe, out / "moe_teacher", tokenizer_from=args.teacher)
+    student = layer_subset_state_dict(hf.load_state_dict(args.teacher), list(LAYERS))
+    config = layer_subset_config(dense, list(LAYERS))
+    hf.save_state_dict(student, config, out / "student", tokenizer_from=args.teacher)
 
 
 def open_batch_cache(cfg: TrainConfig, tokenizer: Tokenizer, batch: dict[str, torch.Tensor]):
@@ -177,9 +206,11 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
     )
 
     cache_dir = Path(args.cache_dir or "unused")  # (e): batch.json (the cache's data) and cache/
+    moe = case == "kd-moe"  # (f): the models write_moe_teacher wrote
     cfg = TrainConfig(
-        teacher=(args.teacher,),
-        student_layers=LAYERS,
+        teacher=(str(cache_dir / "moe_teacher") if moe else args.teacher,),
+        student=str(cache_dir / "student") if moe else "",
+        student_layers=() if moe else LAYERS,
         precision=args.precision,
         data=(str(cache_dir / "batch.json"),),
         teacher_cache=str(cache_dir / "cache") if case == "cached" else "",
@@ -317,6 +348,12 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="leading share of each row without labels",
     )
+    parser.add_argument(
+        "--moe-experts",
+        type=int,
+        default=0,
+        help="also case (f): an MoE teacher with this many experts (e.g. 8); 0 = off",
+    )
     parser.add_argument("--case", choices=[*CASES, "write-cache"], help="one case (internal)")
     parser.add_argument("--cache-dir", help="directory of case (e)'s teacher cache (internal)")
     return parser.parse_args()
@@ -327,7 +364,8 @@ def run_cases(args: argparse.Namespace) -> dict[str, dict] | None:
     the table); None when one fails (its error printed)."""
     results = {}
     with tempfile.TemporaryDirectory() as cache_dir:
-        for case in ("sft", "teacher", "kd", "naive", "write-cache", "cached"):
+        cases = ["sft", "teacher", "kd", "naive", "write-cache", "cached"]
+        for case in cases + (["kd-moe"] if args.moe_experts else []):
             command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher]
             for flag in (
                 "batch_size",
@@ -337,6 +375,7 @@ def run_cases(args: argparse.Namespace) -> dict[str, dict] | None:
                 "precision",
                 "top_k",
                 "prompt_fraction",
+                "moe_experts",
             ):
                 command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             command += ["--cache-dir", cache_dir]
@@ -401,6 +440,14 @@ def summarize(results: dict[str, dict], args: argparse.Namespace, cache_seconds:
         f"KD: {s['cached_vs_kd']:.2f}x tokens/s wall, {s['cached_vs_kd_cpu']:.2f}x CPU "
         f"(target >= 1.5), {s['cached_memory_vs_kd']:.2f}x peak memory"
     )
+    if "kd-moe" in results:
+        f = results["kd-moe"]
+        s["moe_vs_dense"] = f["tokens_per_s"] / c["tokens_per_s"]
+        s["moe_memory_vs_dense"] = f["peak_memory_gb"] / c["peak_memory_gb"]
+        print(
+            f"MoE teacher ({args.moe_experts} experts, top-2, same active size) vs dense: "
+            f"{s['moe_vs_dense']:.2f}x tokens/s, {s['moe_memory_vs_dense']:.2f}x peak memory"
+        )
     return s
 
 

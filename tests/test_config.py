@@ -126,4 +126,6 @@ def test_example_config_loads(path):
 def test_every_example_config_is_checked():
     names = {p.stem for p in CONFIGS}
     expected = {"smollm2_kd", "gkd_cpu", "minillm_cpu", "gkd_gpu", "minillm_gpu"}
-    assert expected | {"qwen3_8b_to_1p7b", "gemma3_12b_to_1b"} <= names, names
+    assert expected | {"qwen3_8b_to_1p7b", "gemma3_12b_to_1b", "qwen3_30b_a3b_to_4b"} <= names, (
+        names
+    )

@@ -1,4 +1,4 @@
-"""The 2025 families (Qwen3, Gemma 2, Gemma 3, Phi-3) beyond the parity tests of test_model.py.
+"""Families beyond Llama (Qwen3, Gemma 2/3, Phi-3, Mixtral, Qwen3-MoE) past test_model.py.
 
 tests/test_model.py runs its parity tests (load, save, cached decoding, left padding, bf16) on
 every arch of tests/tiny_models.py. This file adds what is particular to these families:
@@ -29,7 +29,7 @@ from kd.sampling import generate
 from kd.student import layer_subset_config, layer_subset_state_dict
 from tests.tiny_models import make_tiny_checkpoint
 
-NEW_ARCHS = ("qwen3", "qwen3_untied", "gemma2", "gemma3", "phi3")
+NEW_ARCHS = ("qwen3", "qwen3_untied", "gemma2", "gemma3", "phi3", "mixtral", "qwen3_moe")
 # fp32, the same ops as transformers (test_model.py measures 0.0): room for BLAS blocking.
 PARITY_ATOL = 1e-4
 
@@ -148,21 +148,30 @@ def test_gemma3_config_spellings_read_the_same():
     assert hf_config.config_from_dict(nested) == dataclasses.replace(cfg, sliding_window_pattern=6)
 
 
-@pytest.mark.parametrize(
-    "arch, layers", [("gemma3", [3, 2, 0]), ("gemma2", [2, 0]), ("qwen3", [1])]
-)
+STUDENTS = [
+    ("gemma3", [3, 2, 0]),
+    ("gemma2", [2, 0]),
+    ("qwen3", [1]),
+    ("qwen3_moe", [2, 1]),  # MoE, then dense: mlp_only_layers becomes [1]
+    ("mixtral", [1]),
+]
+
+
+@pytest.mark.parametrize("arch, layers", STUDENTS)
 @torch.no_grad()
 def test_student_layers_keep_their_types_and_transformers_loads_them(arch, layers, tmp_path):
     teacher_dir = make_tiny_checkpoint(tmp_path / "teacher", arch)
     teacher = hf_config.load_config(teacher_dir)
     config = layer_subset_config(teacher, layers)
     assert config.layer_types == [teacher.layer_types[i] for i in layers]
+    assert [config.sparse(j) for j in range(len(layers))] == [teacher.sparse(i) for i in layers]
     assert [config.rope(j) for j in range(len(layers))] == [teacher.rope(i) for i in layers]
     state_dict = layer_subset_state_dict(load_state_dict(teacher_dir), layers)
     save_state_dict(state_dict, config, tmp_path / "student")
     ours = load_model(tmp_path / "student").eval()
     theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
-    assert list(theirs.config.layer_types) == config.layer_types
+    if hasattr(theirs.config, "layer_types"):  # Mixtral's config has none (one window for all)
+        assert list(theirs.config.layer_types) == config.layer_types
     ids = _ids(20, 2)
     diff = (ours(ids) - theirs(ids).logits).abs().max().item()
     assert diff < PARITY_ATOL, f"{arch} student {layers}: max |logit diff| {diff:.2e}"

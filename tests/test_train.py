@@ -9,6 +9,8 @@ A tiny random llama teacher (4 layers, the tiny BPE tokenizer's 512-token vocabu
 - OUT/final loads in `transformers` with the logits of kd's own model;
 - Gemma 2 and Qwen3 (and, with -m slow, Gemma 3) teacher/student pairs: 2 ranks match 1
   process and transformers loads the export;
+- MoE teachers (Mixtral -> an MoE student of its layers, with the router's balancing loss;
+  Qwen3-MoE -> a dense Qwen3): 2 ranks match 1 process, SIGKILL then resume is exact;
 - on a peaky synthetic teacher, KD lowers held-out KL to the teacher faster than SFT;
 - multi-teacher, two-stage (`init_from`) and response distillation (generate.py writes the
   data) run through the same loop.
@@ -272,6 +274,68 @@ def test_family_pair_on_two_ranks_matches_one_process_and_exports(assets, arch, 
     with torch.no_grad():
         diff = (ours(ids) - theirs(ids).logits).abs().max().item()
     assert diff < 1e-5, f"{arch} export, kd vs transformers: max |logit diff| {diff:.2e}"
+
+
+def kill_after_first_checkpoint(argv: list[str], out: Path) -> None:
+    """Start train.py, SIGKILL it once OUT/checkpoints/step_000002 exists."""
+    process = subprocess.Popen(
+        [sys.executable, str(REPO / "train.py"), *argv],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        while not (out / "checkpoints" / "step_000002").is_dir() and process.poll() is None:
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+
+
+@pytest.mark.parametrize("teacher_arch, student", [("mixtral", "layers"), ("qwen3_moe", "qwen3")])
+def test_moe_teacher_two_ranks_match_one_process_and_resume_exactly(
+    assets, teacher_arch, student, tmp_path
+):
+    """MoE teachers: a Mixtral teacher with an MoE student of its layers 0 and 2 (router
+    load-balancing loss on, weight 0.01), and a Qwen3-MoE teacher with a dense Qwen3 student.
+    2 ranks (2 examples each) equal 1 process (2 micro-batches of 2: the same micro-batches, so
+    the per-micro-batch load-balancing terms are the same); SIGKILL after step 2, then resume:
+    bitwise the uninterrupted run."""
+    teacher = make_tiny_checkpoint(
+        tmp_path / "teacher", teacher_arch, vocab_size=TINY_VOCAB_SIZE, num_hidden_layers=4
+    )
+    make_tiny_tokenizer(teacher)
+    base = [a for a in BASE if not a.startswith(("--max_steps", "--student_layers"))]
+    picked = ["--student_layers=0,2"]
+    if student != "layers":
+        dense = make_tiny_checkpoint(tmp_path / "student", student, vocab_size=TINY_VOCAB_SIZE)
+        picked = [f"--student={dense}"]
+    common = [f"--teacher={teacher}", f"--data={assets['data']}", *base, *picked]
+    common += ["--max_steps=6", "--router_aux_loss_coef=0.01", "--save_every=2"]
+
+    def argv(out: Path, *extra: str) -> list[str]:
+        return [*common, f"--out={out}", *extra]
+
+    one = argv(tmp_path / "one", "--batch_size=2", "--grad_accum=2")
+    run(one)
+    run(argv(tmp_path / "two", "--batch_size=2", "--grad_accum=1"), nproc=2)
+    diff = max(abs(a - b) for a, b in zip(losses(tmp_path / "two"), losses(tmp_path / "one")))
+    # fp32, as test_two_ranks_and_micro_batches_match_one_process (6 steps here).
+    assert diff < 1e-4, f"{teacher_arch}: 2 ranks' losses differ from 1 process by {diff:.2e}"
+    assert max_weight_diff(tmp_path / "two", tmp_path / "one") < 1e-4
+    records = [json.loads(line) for line in (tmp_path / "one" / "metrics.jsonl").open()]
+    logged = [r for r in records if "loss" in r]
+    if student == "layers":  # an MoE student logs its router
+        loads = [v for k, v in logged[-1].items() if k.startswith("expert_load/")]
+        assert len(loads) == 4 and abs(sum(loads) - 1.0) < 1e-5 and logged[-1]["router_aux"] > 0
+    else:
+        assert "router_aux" not in logged[-1]
+    killed = argv(tmp_path / "killed", "--batch_size=2", "--grad_accum=2")
+    kill_after_first_checkpoint(killed, tmp_path / "killed")
+    run([*killed, "--resume=true"])
+    diff = max_weight_diff(tmp_path / "killed", tmp_path / "one")
+    assert diff == 0.0, f"{teacher_arch}: the resumed run differs by {diff} from the uninterrupted"
 
 
 def test_kd_beats_sft_on_held_out_kl(assets):

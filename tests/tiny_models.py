@@ -16,9 +16,12 @@ when `max_shard_size` is small) and returns the directory. Architectures:
 | gemma3  | gemma3_text: layer_types sliding, sliding, full, sliding; window 6; |
 |         | local RoPE base 100, global 10000 with linear scaling x4           |
 | phi3    | fused qkv_proj and gate_up_proj, sliding window of 8, untied      |
+| mixtral | 4 experts, top-2, untied                                          |
+| qwen3_moe | 4 experts of width 32, top-2 renormalized; layer 1 dense (mlp_only_layers), tied |
 
 transformers initializes biases to 0 and norm weights to 1 (Gemma's to 0), which would hide a
-bias or norm weight that never gets loaded; they are perturbed here. Everything is seeded.
+bias or norm weight that never gets loaded; they are perturbed here, and MoE routers drawn wide
+(N(0, 1)) so that no token's top-k is a near-tie. Everything is seeded.
 
 Used by many test files: `from tests.tiny_models import make_tiny_checkpoint`.
 """
@@ -37,12 +40,16 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    MixtralConfig,
+    MixtralForCausalLM,
     Phi3Config,
     Phi3ForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
 )
 
 _COMMON = dict(
@@ -127,6 +134,24 @@ TINY = {
         Phi3ForCausalLM,
         {"sliding_window": 8, "pad_token_id": 0, "eos_token_id": 2},
     ),
+    "mixtral": (
+        MixtralConfig,
+        MixtralForCausalLM,
+        {"num_local_experts": 4, "num_experts_per_tok": 2, "tie_word_embeddings": False},
+    ),
+    "qwen3_moe": (
+        Qwen3MoeConfig,
+        Qwen3MoeForCausalLM,
+        {
+            "num_hidden_layers": 3,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 32,
+            "norm_topk_prob": True,
+            "mlp_only_layers": [1],  # layers 0 and 2 are MoE, 1 a dense MLP
+            "tie_word_embeddings": True,
+        },
+    ),
 }
 ARCHS = tuple(TINY)
 
@@ -153,6 +178,9 @@ def make_tiny_checkpoint(
                 p.normal_(0.0, 0.02)
             elif name.endswith("norm.weight"):
                 p.add_(torch.randn_like(p), alpha=0.1)  # around 1, as trained norms are
+            elif name.endswith(("mlp.gate.weight", "block_sparse_moe.gate.weight")):
+                # A decisive router: no near-tie in the top-k that rounding could flip.
+                p.normal_(0.0, 1.0)
     out = Path(out_dir)
     kwargs = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
     model.save_pretrained(out, **kwargs)
