@@ -10,7 +10,11 @@ Three kinds of numbers, the ones distillation papers report:
    and top-1 agreement (argmax_student == argmax_teacher). This is the quantity logit
    distillation minimizes.
 2. Free-running: the student answers each prompt greedily and Rouge-L F1 (MiniLLM protocol,
-   kd/rouge.py) scores its answer against the teacher's greedy answer.
+   kd/rouge.py) scores its answer against the teacher's greedy answer. Degeneration, which
+   Rouge-L and the teacher-forced numbers miss (a student can close most of the KL gap and
+   still answer "The river, a river, river, river, ..."): the share of answers in which some
+   word 3-gram occurs 3 or more times, and distinct-2, the distinct word bigrams over all
+   bigrams of all answers (Li et al., arXiv 1510.03055).
 3. Speed: tokens/s of batched greedy generation on the same work for every model (the first
    SPEED_BATCH prompts, exactly SPEED_TOKENS new tokens each, EOS ignored, prefill included),
    so rows of one table compare. Timing the answers themselves would not: a student that
@@ -29,6 +33,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +45,7 @@ from kd.hf import load_model
 from kd.metrics import teacher_forced_metrics
 from kd.model import Transformer
 from kd.pipeline import write_json
-from kd.rouge import corpus_rouge_l
+from kd.rouge import corpus_rouge_l, rouge_tokenize
 from kd.sampling import generate
 from kd.tokenizer import Tokenizer
 
@@ -53,6 +58,8 @@ COLUMNS = {
     "ppl": ("PPL on teacher text ↓", "{:.2f}"),
     "top1_agreement": ("top-1 agreement ↑", "{:.1%}"),
     "rouge_l": ("Rouge-L F1 vs teacher ↑", "{:.1f}"),
+    "degenerate": ("degenerate answers ↓", "{:.0%}"),
+    "distinct_2": ("distinct-2 ↑", "{:.2f}"),
     "tokens_per_s": ("tokens/s ↑", "{:.0f}"),
 }
 
@@ -170,7 +177,8 @@ def evaluate(
     whose greedy answers are the references (its Rouge-L is then 100 by construction);
     else they are generated.
 
-    Returns {"params_m", "nll", "ppl", "tokens", "rouge_l", "tokens_per_s", "answers"} and, with
+    Returns {"params_m", "nll", "ppl", "tokens", "rouge_l", "degenerate", "distinct_2",
+    "tokens_per_s", "answers"} and, with
     a teacher, "kl" and "top1_agreement". Put the model (and teacher) in eval mode on the
     device and dtype to evaluate in; bf16 logits change the KL by ~1e-3 nats.
     """
@@ -204,6 +212,8 @@ def evaluate(
     metrics |= {
         "params_m": model.num_params() / 1e6,
         "rouge_l": corpus_rouge_l(answers, eval_set.references),
+        "degenerate": degenerate_share(answers),
+        "distinct_2": distinct_n(answers, 2),
         "tokens_per_s": tokens_per_s,
         "answers": answers,
     }
@@ -280,13 +290,36 @@ class Rows:
         return json.loads(self.path(name).read_text(encoding="utf-8"))
 
 
+def _words(text: str) -> list[str]:
+    return rouge_tokenize(text, stem=False)  # lowercase runs of [a-z0-9]: punctuation ignored
+
+
+def degenerate_share(answers: list[str], *, n: int = 3, repeats: int = 3) -> float:
+    """The share of answers in which some word n-gram occurs `repeats` or more times."""
+
+    def loops(words: list[str]) -> bool:
+        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+        return any(count >= repeats for count in grams.values())
+
+    return sum(loops(_words(a)) for a in answers) / max(len(answers), 1)
+
+
+def distinct_n(answers: list[str], n: int) -> float:
+    """Distinct word n-grams over all n-grams of all answers (1.0: no n-gram repeats); 0 when
+    no answer has n words."""
+    grams = [tuple(w[i : i + n]) for w in map(_words, answers) for i in range(len(w) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
 def metrics_note(n_prompts: int) -> str:
     """What the table's columns are, for the demo's report and docs/results.md."""
     return (
         "KL, perplexity and top-1 agreement are per token of the teacher's greedy held-out "
         "answers (teacher-forced); Rouge-L F1 (MiniLLM protocol) compares each model's greedy "
         "answer with the teacher's (the teacher's own answers are the references: 100 by "
-        f"construction); tokens/s is greedy generation of exactly {SPEED_TOKENS} new tokens for "
+        "construction); degenerate answers repeat some word 3-gram 3 or more times; distinct-2 "
+        "is distinct word bigrams over all bigrams of the answers; tokens/s is greedy "
+        f"generation of exactly {SPEED_TOKENS} new tokens for "
         f"the first {min(SPEED_BATCH, n_prompts)} held-out prompts in one batch, prefill "
         "included: the same work for every model (a speed, not a quality metric)."
     )

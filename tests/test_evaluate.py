@@ -18,7 +18,14 @@ from tiny_models import make_tiny_checkpoint
 from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 
 from kd.data import load_prompts
-from kd.evaluate import evaluate, format_table, greedy_answers, load_eval_set
+from kd.evaluate import (
+    degenerate_share,
+    distinct_n,
+    evaluate,
+    format_table,
+    greedy_answers,
+    load_eval_set,
+)
 from kd.hf import load_model
 from kd.metrics import summarize, teacher_forced_metrics, token_metrics
 from kd.rouge import corpus_rouge_l
@@ -236,3 +243,18 @@ def test_cli_errors_are_one_line(dirs, capsys, change, message) -> None:
     rc = load_script("evaluate").main([x for kv in args.items() for x in kv])
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_degeneration_measures() -> None:
+    """Hand-counted: a 3-gram three times makes an answer degenerate; distinct-2 counts word
+    bigrams over all answers, punctuation and case ignored."""
+    loop = "The river, a river, river, river, river, river."  # "river river river" x3
+    fine = "The river rises in spring and floods the valley."
+    twice = "a b c a b c"  # "a b c" only twice
+    assert degenerate_share([loop, fine, twice]) == 1 / 3
+    assert degenerate_share([]) == 0.0
+    # "a b c a b c": bigrams ab bc ca ab bc -> 3 distinct of 5
+    assert distinct_n([twice], 2) == 3 / 5
+    # + "x y": 4 distinct of 6
+    assert distinct_n([twice, "X, y!"], 2) == 4 / 6
+    assert distinct_n(["one"], 2) == 0.0
