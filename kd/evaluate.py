@@ -294,14 +294,16 @@ def _words(text: str) -> list[str]:
     return rouge_tokenize(text, stem=False)  # lowercase runs of [a-z0-9]: punctuation ignored
 
 
+def is_degenerate(answer: str, *, n: int = 3, repeats: int = 3) -> bool:
+    """Whether some word n-gram occurs `repeats` or more times in `answer` (a loop)."""
+    words = _words(answer)
+    grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
+    return any(count >= repeats for count in grams.values())
+
+
 def degenerate_share(answers: list[str], *, n: int = 3, repeats: int = 3) -> float:
     """The share of answers in which some word n-gram occurs `repeats` or more times."""
-
-    def loops(words: list[str]) -> bool:
-        grams = Counter(tuple(words[i : i + n]) for i in range(len(words) - n + 1))
-        return any(count >= repeats for count in grams.values())
-
-    return sum(loops(_words(a)) for a in answers) / max(len(answers), 1)
+    return sum(is_degenerate(a, n=n, repeats=repeats) for a in answers) / max(len(answers), 1)
 
 
 def distinct_n(answers: list[str], n: int) -> float:

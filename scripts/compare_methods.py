@@ -4,8 +4,8 @@
     .venv/bin/python scripts/compare_methods.py --methods sft,jsd --max_steps=50
                                                    # --key=value settings go to train.py
 
-Every method trains the demo's student (configs/demo.toml: the teacher's layers 0, 3, ..., 24, 29)
-for the same steps on the same data, the teacher's greedy answers to the 320 training prompts
+Every method trains the demo's student (runs/demo/student, pruned from the teacher by `make
+demo`) for the same steps on the same data, the teacher's greedy answers to the training prompts
 (runs/demo/data/, written by `make demo`), and is evaluated like the demo (kd/evaluate.py) on
 the 64 held-out prompts. The methods, each pure (alpha = 1, no cross-entropy mixed in):
   sft         cross-entropy on the teacher's text: sequence-level KD (Kim & Rush, arXiv 1606.07947)
@@ -126,7 +126,7 @@ def method_args(
         data=args.demo / "data",
         out=args.out / method,
         precision=precision,
-        extra=[*METHODS[method], *overrides],
+        extra=[f"--student={args.demo / 'student'}", *METHODS[method], *overrides],
     )
 
 
@@ -135,7 +135,7 @@ def settings_lines(
 ) -> list[str]:
     """The settings every row of a table shares, as markdown list items."""
     return [
-        f"- student: teacher layers {list(cfg.student_layers)} of {Path(cfg.teacher[0]).name}",
+        f"- student: {cfg.student}, pruned from {Path(cfg.teacher[0]).name} (make demo)",
         f"- data: the teacher's greedy answers to {n_train} training prompts "
         f"({args.demo / 'data'}); evaluation on {n_heldout} held-out prompts and the teacher's "
         "greedy answers to them",

@@ -23,7 +23,6 @@ SmolLM2-135M -> 60M with 50 short records: 17 layers, 6 heads, ffn 1024, hidden 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from dataclasses import asdict
@@ -44,20 +43,11 @@ from kd.prune import (  # noqa: E402
     importance,
     kept_layers,
     num_params,
+    parse_count,
     prune,
     resolve_sizes,
 )
 from kd.tokenizer import load_tokenizer  # noqa: E402
-
-UNITS = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
-
-
-def parse_count(text: str) -> int:
-    """A parameter count: 60M, 1.5B, 500K or 60000000."""
-    match = re.fullmatch(r"(\d+(?:\.\d+)?)([KMB]?)", text.strip().upper())
-    if match is None:
-        raise ValueError(f"--params {text!r}: give a parameter count such as 60M, 1.5B or 60000000")
-    return int(float(match[1]) * UNITS[match[2]])
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -24,6 +24,7 @@ from kd.evaluate import (
     evaluate,
     format_table,
     greedy_answers,
+    is_degenerate,
     load_eval_set,
 )
 from kd.hf import load_model
@@ -252,6 +253,8 @@ def test_degeneration_measures() -> None:
     fine = "The river rises in spring and floods the valley."
     twice = "a b c a b c"  # "a b c" only twice
     assert degenerate_share([loop, fine, twice]) == 1 / 3
+    assert [is_degenerate(a) for a in (loop, fine, twice)] == [True, False, False]
+    assert is_degenerate(twice + " a b c")  # a third time
     assert degenerate_share([]) == 0.0
     # "a b c a b c": bigrams ab bc ca ab bc -> 3 distinct of 5
     assert distinct_n([twice], 2) == 3 / 5
