@@ -1,4 +1,4 @@
-"""Compare distillation methods at equal steps and data, and write docs/results.md.
+"""Compare distillation methods at equal steps and data, and write a results page.
 
     .venv/bin/python scripts/compare_methods.py    # after `make demo` (it writes the data)
     .venv/bin/python scripts/compare_methods.py --methods sft,jsd --max_steps=50
@@ -15,7 +15,8 @@ the 64 held-out prompts. The methods, each pure (alpha = 1, no cross-entropy mix
   gkd         JSD on the student's own samples (GKD, lmbda = 1: fully on-policy, answers of
               <= 64 tokens)
 Runs live in OUT/<method>/ (default runs/compare); each stage is skipped when its output
-exists, so an interrupted comparison resumes. docs/results.md gets the demo's table (from
+exists, so an interrupted comparison resumes. OUT/results.md (or --results FILE; docs/results.md
+holds hand-written sections too, so copy what you want there) gets the demo's table (from
 runs/demo/eval/) and this comparison, with the settings and the machine; `--methods ""`
 writes the demo's section alone.
 """
@@ -86,8 +87,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument(
         "--results",
         type=Path,
-        default=ROOT.parent / "docs/results.md",
-        help="markdown file to write",
+        default=None,
+        help="markdown file to write (default OUT/results.md)",
     )
     p.add_argument(
         "--max-new-tokens", type=int, default=64, help="longest greedy answer (as make demo)"
@@ -259,6 +260,7 @@ def main(argv: list[str]) -> None:
             + ", ".join(f"{m} {s:.0f} s" for m, s in seconds.items())
             + ".",
         ]
+    args.results = args.results or args.out / "results.md"
     args.results.parent.mkdir(parents=True, exist_ok=True)
     args.results.write_text("\n".join(lines) + "\n", encoding="utf-8")
     print(("\n" + format_table(rows) if rows else "") + f"\nwrote {args.results}")
