@@ -62,11 +62,36 @@ def run_child(cmd: list[str]) -> None:
         )
 
 
-def write_json(path: Path, data: dict) -> None:
+def write_text(path: Path, text: str) -> None:
     """Write-then-rename, so a result file is complete or absent."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     os.replace(tmp, path)
+
+
+def write_json(path: Path, data: dict) -> None:
+    write_text(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
+
+
+def train_overrides(rest: list[str]) -> list[str]:
+    """The arguments argparse left over, which must all be train.py's --key=value settings."""
+    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
+    if bad:
+        raise ValueError(
+            f"unexpected argument {bad[0]!r}: options are listed by --help; train.py settings "
+            "are given as --key=value"
+        )
+    return rest
+
+
+def require_demo_data(demo: Path) -> None:
+    """A comparison trains on `make demo`'s data: demo/data/train.jsonl and heldout.jsonl."""
+    for name in ("train.jsonl", "heldout.jsonl"):
+        if not (demo / "data" / name).is_file():
+            raise FileNotFoundError(
+                f"{demo / 'data' / name} not found: run `make demo` first (its stages 1-2 write "
+                "the teacher's answers), or pass --demo DIR"
+            )
 
 
 def train_args(

@@ -42,7 +42,13 @@ from kd.evaluate import (  # noqa: E402
     metrics_note,
     verdict,
 )
-from kd.pipeline import run_script, run_train, train_args  # noqa: E402
+from kd.pipeline import (  # noqa: E402
+    require_demo_data,
+    run_script,
+    run_train,
+    train_args,
+    train_overrides,
+)
 from kd.tokenizer import load_tokenizer  # noqa: E402
 from kd.training import initial_student  # noqa: E402
 
@@ -102,18 +108,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     unknown = [m for m in args.methods if m not in METHODS]
     if unknown:
         raise ValueError(f"unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        raise ValueError(
-            f"unexpected argument {bad[0]!r}: train.py settings are given as --key=value"
-        )
-    for name in ("train.jsonl", "heldout.jsonl"):
-        if not (args.demo / "data" / name).is_file():
-            raise FileNotFoundError(
-                f"{args.demo / 'data' / name} not found: run `make demo` first (its stages 1-2 "
-                "write the teacher's answers), or pass --demo DIR"
-            )
-    return args, rest
+    require_demo_data(args.demo)
+    return args, train_overrides(rest)
 
 
 def method_args(

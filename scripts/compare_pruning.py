@@ -37,7 +37,14 @@ from kd.evaluate import Rows, describe_machine, format_table, load_eval_set  # n
 from kd.hf import load_model, save_state_dict  # noqa: E402
 from kd.hf_config import load_config as load_model_config  # noqa: E402
 from kd.model_config import ModelConfig  # noqa: E402
-from kd.pipeline import run_script, run_train, train_args  # noqa: E402
+from kd.pipeline import (  # noqa: E402
+    require_demo_data,
+    run_script,
+    run_train,
+    train_args,
+    train_overrides,
+    write_text,
+)
 from kd.prune import (  # noqa: E402
     Importance,
     Sizes,
@@ -77,16 +84,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest greedy answer")
     p.add_argument("--batch-size", type=int, default=64, help="prompts per generation batch")
     args, rest = p.parse_known_args(argv)
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        raise ValueError(f"unexpected argument {bad[0]!r}: train.py settings are --key=value")
-    for name in ("train.jsonl", "heldout.jsonl"):
-        if not (args.demo / "data" / name).is_file():
-            raise FileNotFoundError(
-                f"{args.demo / 'data' / name} not found: run `make demo` first (its stages 1-2 "
-                "write the teacher's answers), or pass --demo DIR"
-            )
-    return args, rest
+    require_demo_data(args.demo)
+    return args, train_overrides(rest)
 
 
 def width_sizes(config: ModelConfig, depth_width: Sizes, params: int, multiple: int = 8) -> Sizes:
@@ -208,7 +207,7 @@ def write_report(args, cfg, table, students, seconds, device) -> None:
         "Training wall time: " + ", ".join(f"{r} {s:.0f} s" for r, s in seconds.items()),
     ]
     path = args.out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(path, "\n".join(lines) + "\n")
     print("\n" + format_table(table) + f"\nwrote {path}")
 
 

@@ -27,7 +27,6 @@ Ctrl-C and a rerun resume where the run stopped; training resumes from its last 
 
 import argparse
 import json
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -52,7 +51,15 @@ from kd.evaluate import (  # noqa: E402
     verdict,
 )
 from kd.hf_config import load_config as load_model_config  # noqa: E402
-from kd.pipeline import run_child, run_script, run_train, train_args  # noqa: E402
+from kd.pipeline import (  # noqa: E402
+    run_child,
+    run_script,
+    run_train,
+    train_args,
+    train_overrides,
+    write_json,
+    write_text,
+)
 from kd.prune import parse_count  # noqa: E402
 from kd.tokenizer import load_tokenizer  # noqa: E402
 from kd.training import initial_student  # noqa: E402
@@ -97,13 +104,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     )
     args, rest = p.parse_known_args(argv)
     parse_count(args.student_params)  # a bad budget fails now, not after the teacher's answers
-    bad = [a for a in rest if not (a.startswith("--") and "=" in a)]
-    if bad:
-        raise ValueError(
-            f"unexpected argument {bad[0]!r}: demo options are listed by --help; train.py settings "
-            "are given as --key=value"
-        )
-    return args, rest
+    return args, train_overrides(rest)
 
 
 def demo_train_args(args: argparse.Namespace, overrides: list[str], precision: str) -> list[str]:
@@ -243,9 +244,7 @@ def report_text(
 def write_report(args: argparse.Namespace, text: str, results: dict[str, dict]) -> Path:
     """Write OUT/report.md atomically and print the table and the verdict."""
     path = args.out / "report.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, text + "\n")
     lines, ok = verdict(results["student before"], results["student after"])
     print(f"\n{format_table(results)}\n\nDistilled vs before:\n" + "\n".join(lines))
     if ok:
@@ -273,9 +272,7 @@ def drop_loops(answers: Path, train: Path) -> None:
     """Write the records of `answers` whose response does not loop to `train`, atomically."""
     records = [record for _, record in read_jsonl(answers)]
     kept = [r for r in records if not is_degenerate(r["response"])]
-    tmp = train.with_name(train.name + ".tmp")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), "utf-8")
-    os.replace(tmp, train)
+    write_text(train, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept))
     print(f"  kept {len(kept)} of {len(records)} answers; {len(records) - len(kept)} loop")
 
 
@@ -338,9 +335,7 @@ def claim_out(args: argparse.Namespace, overrides: list[str], precision: str) ->
             "layout); choose another --out or delete it"
         )
     args.out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(settings, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, settings)
 
 
 # ----------------------------------------------------------------------------- main

@@ -44,7 +44,13 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: import kd
 
-from kd.hf import INDEX_FILE, SINGLE_FILE, TOKENIZER_FILES, check_state_dict, weight_files  # noqa: E402
+from kd.hf import (  # noqa: E402
+    INDEX_FILE,
+    SINGLE_FILE,
+    TOKENIZER_FILES,
+    check_state_dict,
+    weight_files,
+)
 from kd.hf_config import config_from_dict, config_to_dict, load_config  # noqa: E402
 from kd.model import Transformer  # noqa: E402
 from kd.model_config import ModelConfig  # noqa: E402
