@@ -46,6 +46,9 @@ class TopK(NamedTuple):
 
     `logprobs` must be the teacher's log_softmax(logits / T) at the distillation temperature,
     restricted to `ids`; the remaining mass 1 - sum(exp(logprobs)) becomes one tail bucket.
+    A position whose logprobs are NaN has no teacher distribution (an API teacher reports none
+    for the end-of-turn token): `topk_buckets` gives it the student's own, so it adds no
+    divergence and no gradient, and only the CE term trains it.
     """
 
     ids: Tensor  # (..., k) integer token ids
@@ -346,7 +349,14 @@ def topk_buckets(teacher: TopK, log_q: Tensor, *, overwrite: bool = False) -> tu
     p_tail = (1.0 - log_p_k.exp().sum(-1, keepdim=True)).clamp(min=0.0)
     # When the student has no tail (k = V), the teacher's leftover 1 - sum is rounding error.
     log_p_tail = torch.where(log_q_tail <= floor, floor, _floor(p_tail.log()))
-    return _floor(torch.cat([log_p_k, log_p_tail], -1)), torch.cat([log_q_k, log_q_tail], -1)
+    log_p, log_q_b = (
+        _floor(torch.cat([log_p_k, log_p_tail], -1)),
+        torch.cat([log_q_k, log_q_tail], -1),
+    )
+    # No teacher at a NaN position (see TopK): P = Q there, every divergence is at its minimum
+    # 0, where its gradient with respect to Q is 0 too (Q is detached on the P side).
+    unknown = log_p_k.isnan().any(-1, keepdim=True)  # (..., 1)
+    return torch.where(unknown, log_q_b.detach(), log_p), log_q_b
 
 
 def check_teacher_vocab(

@@ -19,6 +19,8 @@ Run: .venv/bin/python -m pytest -q tests/test_chunked_loss.py
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -337,6 +339,31 @@ def test_topk_chunked_equals_dense(alpha, k, dtype):
     for a, b in zip(got, want):
         diff = float((a.detach().double() - b.detach().double()).abs().max())
         assert diff < 3 * 2**-7 * float(b.detach().double().abs().max()), diff
+
+
+def test_topk_nan_rows_through_the_analytic_path():
+    """NaN TopK rows (no teacher there) give the same loss and gradients on the analytic
+    chunked path as autograd on the full logits, and no gradient from the divergence."""
+    h, w, th, tw, labels = tensors(seed=10)
+    top = torch.log_softmax(th @ tw.T, -1).topk(5, dim=-1)
+    logprobs = top.values.clone()
+    logprobs[::3] = math.nan  # every third row unknown
+    teacher = TopK(top.indices, logprobs)
+    options = LossOptions(divergence="forward_kl", alpha=1.0)
+    dense, _ = distillation_loss(h @ w.T, teacher, labels, options)
+    chunked, _ = chunked_distillation_loss(
+        h, w, None, None, labels, options, chunk_size=8, teacher_logits=teacher
+    )
+    got, want = [chunked, *grads(chunked, h, w)], [dense, *grads(dense, h, w)]
+    assert torch.isfinite(chunked)
+    assert_close(got, want, 1e-12)  # float64: only rounding and the order of sums differ
+    (g_h,) = torch.autograd.grad(
+        chunked_distillation_loss(
+            h, w, None, None, labels, options, chunk_size=8, teacher_logits=teacher
+        )[0],
+        h,
+    )
+    assert float(g_h[::3].abs().max()) < 1e-15  # 0 but for float64 rounding (P = Q there)
 
 
 def test_dispatch_takes_the_analytic_path_where_written_out(monkeypatch):

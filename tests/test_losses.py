@@ -366,6 +366,34 @@ def test_topk_tail_bucket_matches_numpy():
     assert want < np_kl(p, q).mean()  # the bucketed KL is a lower bound of the full one
 
 
+@pytest.mark.parametrize("name,kw", [c for c in CASES if c[0] != "logit_mse"], ids=IDS[:-1])
+def test_nan_topk_rows_have_no_divergence_and_no_gradient(name, kw):
+    """A TopK row of NaN (no teacher there: an API teacher's end-of-turn token) adds 0 to the
+    divergence and 0 to the gradient; the rest is the loss of the known rows, divided by the
+    count of all labelled rows. Reference: the known rows alone, the NaN rows' labels masked."""
+    s = rand_logits(2, 5, 30, seed=40).requires_grad_()
+    t = rand_logits(2, 5, 30, seed=41)
+    labels = labels_for((2, 5), 30, seed=42)
+    top = torch.log_softmax(t / 2.0, -1).topk(4, dim=-1)
+    logprobs = top.values.clone()
+    logprobs[0, 3] = math.nan
+    logprobs[1, 0] = math.nan
+    unknown = logprobs.isnan().any(-1)
+    options = LossOptions(divergence=name, alpha=1.0, temperature=2.0, **kw)
+    loss, _ = distillation_loss(s, TopK(top.indices, logprobs), labels, options)
+    (grad,) = torch.autograd.grad(loss, s)
+    count = int((labels != -100).sum())
+    known_only = labels.masked_fill(unknown, -100)
+    want, _ = distillation_loss(
+        s, TopK(top.indices, top.values), known_only, options, num_tokens=count
+    )
+    (want_grad,) = torch.autograd.grad(want, s)
+    assert torch.isfinite(loss) and abs(float(loss - want)) < 1e-12, float(loss - want)
+    assert max_diff(grad, want_grad) < 1e-12  # float64 both sides
+    # 0 in exact arithmetic (P = Q); float64 leaves the rounding of the buckets' sums, ~1e-17.
+    assert float(grad[unknown].abs().max()) < 1e-15
+
+
 def test_padded_teacher_vocab_is_sliced_only_when_declared():
     s, t = rand_logits(2, 4, 30, seed=40), rand_logits(2, 4, 38, seed=41)
     labels = labels_for((2, 4), 30, seed=42)
