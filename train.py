@@ -88,7 +88,7 @@ def main(cfg: TrainConfig) -> None:
 
     # --- build the student and teacher(s): meta device -> FSDP2 shards -> weights from rank 0.
     student, teachers, vocab = training.build_models(cfg, world, tokenizer)
-    sizes = ", ".join(f"{t.num_params() / 1e6:.1f}M" for t in teachers)
+    sizes = ", ".join(f"{t.num_params() / 1e6:.1f}M" for t in teachers) or cfg.teacher_cache
     say(f"student: {student.num_params() / 1e6:.1f}M parameters, teacher(s): {sizes}")
 
     # --- build the method: what each step trains on, and the loss of one micro-batch.

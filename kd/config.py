@@ -46,8 +46,8 @@ class TrainConfig:
     # --- models ---
     teacher: tuple[str, ...] = ()  # teacher HF dir; several (comma-separated) = multi-teacher
     teacher_weights: tuple[float, ...] = ()  # weight of each teacher in the mixture; default equal
-    # dir from scripts/cache_teacher.py: distill from the teacher's cached top-k, no teacher in
-    # memory
+    # dir from scripts/cache_teacher.py (or scripts/cache_api.py: then leave teacher unset):
+    # distill from the teacher's cached top-k, no teacher in memory
     teacher_cache: str = ""
     # multi-teacher target: probs = sum_i w_i p_i; logits = softmax(sum_i w_i z_i)
     teacher_mixture: str = "probs"
@@ -138,11 +138,17 @@ class TrainConfig:
         if self.method != "offpolicy":
             self._check_on_policy()
 
+    @property
+    def tokenizer_dir(self) -> str:
+        """Whose tokenizer reads the data: the teacher's; the student's when an API teacher's
+        cache stands in for the teacher (its ids index the student's vocabulary)."""
+        return self.teacher[0] if self.teacher else self.student
+
     def _check_models_and_data(self) -> None:
-        if not self.teacher:
+        if not self.teacher and not self.teacher_cache:
             raise ValueError(
                 "setting 'teacher' is required: the teacher's HF directory (or a comma-separated "
-                "list)"
+                "list), unless a teacher_cache stands in for it"
             )
         if self.teacher_weights and len(self.teacher_weights) != len(self.teacher):
             raise ValueError(
@@ -161,10 +167,15 @@ class TrainConfig:
                 f"data_weights has {len(self.data_weights)} values for {len(self.data)} data "
                 "files; give one per file"
             )
-        if self.teacher_cache and (len(self.teacher) != 1 or len(self.data) != 1):
+        if self.teacher_cache and (len(self.teacher) > 1 or len(self.data) != 1):
             raise ValueError(
-                "teacher_cache needs one teacher (for its tokenizer and config) and the one data "
-                "file the cache was made from"
+                "teacher_cache takes at most one teacher (the one that wrote the cache) and the "
+                "one data file the cache was made from"
+            )
+        if self.teacher_cache and not self.teacher and not self.student:
+            raise ValueError(
+                "teacher_cache without a teacher (an API teacher's cache) needs 'student' (an HF "
+                "dir): its tokenizer reads the data"
             )
         if self.teacher_cache and (self.eval_data or self.loss in ("sft", "logit_mse")):
             raise ValueError(

@@ -195,7 +195,7 @@ def export(run: Run, step: int) -> Path:
     def write() -> None:
         try:
             hf.save_state_dict(
-                state_dict, run.student.config, final, tokenizer_from=run.cfg.teacher[0]
+                state_dict, run.student.config, final, tokenizer_from=run.cfg.tokenizer_dir
             )
         except OSError as e:
             raise ValueError(

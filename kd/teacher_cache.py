@@ -230,7 +230,13 @@ class TeacherCache:
         cache: the same config.json (canonical sha256) and the same `kd.hf.fingerprint` (config,
         tensor headers, sampled weight bytes). A cache written before fingerprints were
         recorded is checked on the config alone: a fine-tune of the same architecture passes."""
-        wrote = f"{self.path} was written by teacher {self.manifest.get('teacher', '(unknown)')}"
+        teacher = self.manifest.get("teacher", "(unknown)")
+        if self.manifest.get("teacher_kind") == "api":
+            raise ValueError(
+                f"{self.path} holds the log-probs of API teacher {teacher} (scripts/cache_api.py),"
+                " not of a model directory: leave 'teacher' unset to train from it"
+            )
+        wrote = f"{self.path} was written by teacher {teacher}"
         remake = "; train with that teacher, or cache this one with scripts/cache_teacher.py"
         if config_sha256(teacher_dir) != self.spec.teacher_config_sha256:
             raise ValueError(f"{wrote}, whose config.json differs from {teacher_dir}'s{remake}")

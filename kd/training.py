@@ -51,14 +51,15 @@ NON_ARCHITECTURE_KEYS = {
 
 
 def check_tokenizer(cfg: TrainConfig) -> Tokenizer:
-    """The teacher's tokenizer; every other model directory that ships one must map text
-    identically (token-level distillation compares distributions over one vocabulary)."""
-    tokenizer = load_tokenizer(cfg.teacher[0])
+    """The teacher's tokenizer (`cfg.tokenizer_dir`); every other model directory that ships
+    one must map text identically (token-level distillation compares distributions over one
+    vocabulary)."""
+    tokenizer = load_tokenizer(cfg.tokenizer_dir)
     for other in (*cfg.teacher[1:], cfg.student, cfg.init_from):
         if other and (other in cfg.teacher or (Path(other) / "tokenizer.json").is_file()):
             if load_tokenizer(other).fingerprint() != tokenizer.fingerprint():
                 raise ValueError(
-                    f"the tokenizer of {other} differs from the teacher's ({cfg.teacher[0]}); "
+                    f"the tokenizer of {other} differs from the teacher's ({cfg.tokenizer_dir}); "
                     "token-level distillation needs one tokenizer for all models"
                 )
     return tokenizer
@@ -108,9 +109,9 @@ def build_on_meta(config: ModelConfig, dtype: torch.dtype) -> Transformer:
         return Transformer(config).to(dtype)
 
 
-def student_config(cfg: TrainConfig, teacher_config: ModelConfig) -> ModelConfig:
+def student_config(cfg: TrainConfig, teacher_config: ModelConfig | None) -> ModelConfig:
     """From `student`'s config.json, or the teacher's with only `student_layers`;
-    `init_from` must match it."""
+    `init_from` must match it. No teacher config (an API teacher's cache): `student` is set."""
     if cfg.student:
         config = hf_config.load_config(cfg.student)
     else:
@@ -137,7 +138,8 @@ def student_weights(cfg: TrainConfig) -> dict[str, Tensor]:
 
 def initial_student(cfg: TrainConfig) -> Transformer:
     """The student exactly as train.py starts it, in one process (no FSDP), fp32."""
-    config = student_config(cfg, hf_config.load_config(cfg.teacher[0]))
+    teacher = hf_config.load_config(cfg.teacher[0]) if cfg.teacher else None
+    config = student_config(cfg, teacher)
     with torch.device("meta"):
         model = Transformer(config)
     model.load_state_dict(student_weights(cfg), strict=True, assign=True)
@@ -156,12 +158,12 @@ def common_vocab(
     `<image_soft_token>` (replaced by image embeddings), and the 1B model 262144 rows. Data that
     spells such a token out is refused (`check_token_ids`).
     """
-    vocab = min(student.vocab_size, *(t.vocab_size for t in teachers))
+    vocab = min([student.vocab_size, *(t.vocab_size for t in teachers)])
     added = tokenizer.backend.get_added_tokens_decoder()  # id -> AddedToken
     beyond = range(vocab, tokenizer.vocab_size)
     if not all(i in added and added[i].special for i in beyond):
         raise ValueError(
-            f"the tokenizer of {cfg.teacher[0]} has {tokenizer.vocab_size} tokens but a model "
+            f"the tokenizer of {cfg.tokenizer_dir} has {tokenizer.vocab_size} tokens but a model "
             f"has vocab_size {vocab}: the vocabularies differ beyond padding; distill "
             "between models of one tokenizer"
         )
@@ -193,7 +195,7 @@ def build_models(
     With a teacher cache there is no teacher model: `teachers` is empty."""
     # On the meta device: configs and shapes, no memory yet.
     teacher_configs = [hf_config.load_config(path) for path in cfg.teacher]
-    s_config = student_config(cfg, teacher_configs[0])
+    s_config = student_config(cfg, teacher_configs[0] if teacher_configs else None)
     vocab = common_vocab(cfg, teacher_configs, s_config, tokenizer)
     dtype = DTYPES[cfg.precision]
     teachers = [] if cfg.teacher_cache else [build_on_meta(c, dtype) for c in teacher_configs]
@@ -274,7 +276,8 @@ def build_method(
                 seq_len=cfg.seq_len,
                 examples=streams["data"].sources[0],
             )
-            cache.check_teacher(cfg.teacher[0])  # the cache's teacher is this run's teacher
+            if cfg.teacher:  # the cache's teacher is this run's teacher
+                cache.check_teacher(cfg.teacher[0])
             if cache.spec.vocab_size != vocab:
                 raise ValueError(
                     f"{cfg.teacher_cache} was made by a teacher with {cache.spec.vocab_size} "

@@ -86,6 +86,14 @@ def test_to_toml_round_trip(tmp_path):
             ["method=gkd", "one teacher"],
         ),
         ([*REQUIRED, "--method=minillm", "--teacher_cache=c"], ["method=minillm", "teacher_cache"]),
+        (
+            ["--teacher_cache=c", "--student_layers=0", "--data=d", "--eval_data="],
+            ["teacher_cache", "'student'"],
+        ),
+        (
+            ["--teacher=a,b", "--student=s", "--teacher_cache=c", "--data=d", "--eval_data="],
+            ["teacher_cache", "at most one teacher"],
+        ),
         ([*REQUIRED, "--lm_data=pt.jsonl"], ["lm_data", "method=minillm"]),
         ([*REQUIRED, "--method=gkd", "--max_new_tokens=0"], ["max_new_tokens=0"]),
         ([*REQUIRED, "--method=minillm", "--rollout_top_p=0"], ["rollout_top_p"]),
@@ -101,6 +109,13 @@ def test_bad_values_name_the_setting(argv, words):
     assert "\n" not in message
     for word in words:
         assert word in message, message
+
+
+def test_an_api_teachers_cache_needs_no_teacher():
+    """The cache's ids index the student's vocabulary: the student's tokenizer reads the data."""
+    cfg = load_config(["--teacher_cache=c", "--student=s", "--data=d.jsonl", "--eval_data="])
+    assert cfg.teacher == () and cfg.tokenizer_dir == "s"
+    assert load_config(REQUIRED).tokenizer_dir == "t"
 
 
 def test_unknown_key_in_toml_and_missing_file(tmp_path):
