@@ -15,37 +15,35 @@ seed + index of its first record, so a resumed run writes what an uninterrupted 
 OUT.partial.json records what made the partial (model and tokenizer fingerprints, the prompts,
 every sampling setting): a rerun with anything else is refused, never mixed in. One process
 writes an output at a time (OUT.partial.lock); a second one is refused, naming the first.
+A teacher behind an OpenAI-compatible server (vLLM, SGLang, llama.cpp, a hosted model) writes
+the same file: --api-base URL --api-model NAME instead of --model (kd/collect.py).
 With --dtype bf16 and one row at a time (--prompt, or --batch-size 1) oneDNN is turned off
 for the process: its bf16 matrix-vector product is the slower one (see main).
 """
 
 import argparse
-import contextlib
-import errno
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 
+from kd import collect
 from kd.data import read_jsonl
 from kd.dtypes import DTYPES
 from kd.hf import fingerprint, load_model
-from kd.lock import Lock
 from kd.model import Transformer
+from kd.outputs import append_lines, claim_output, finish_output, output_error, output_files
 from kd.sampling import generate
 from kd.tokenizer import Tokenizer, load_tokenizer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument(
-        "--model", required=True, help="HF model directory (config.json, safetensors, tokenizer)"
-    )
+    p.add_argument("--model", help="HF model directory (config.json, safetensors, tokenizer)")
     p.add_argument("--prompt", help="one prompt, streamed to stdout")
     p.add_argument(
         "--prompts-file", type=Path, help="JSONL of {'prompt': ...} or {'messages': [...]}"
@@ -60,7 +58,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    collect.add_arguments(p)
     args = p.parse_args(argv)
+    if (args.model is None) == (args.api_base is None):
+        raise ValueError("give exactly one teacher: --model DIR or --api-base URL")
+    if args.api_base is not None:
+        collect.check_arguments(args)
     if (args.prompt is None) == (args.prompts_file is None):
         raise ValueError("give exactly one of --prompt TEXT or --prompts-file FILE")
     if args.prompts_file is not None and args.output is None:
@@ -190,149 +193,6 @@ def answer_settings(args: argparse.Namespace, tokenizer: Tokenizer, ids: list[li
     }
 
 
-# Settings recorded as a hash: a change names what changed and the first 12 hex digits.
-HASHED = {
-    "model_fingerprint": ("--model", "fingerprint"),
-    "tokenizer_fingerprint": ("tokenizer", "fingerprint"),
-    "prompts_sha256": ("--prompts-file", "sha256"),
-    "prompt_ids_sha256": ("chat template or tokenizer config", "sha256 of the prompt ids"),
-}
-
-
-def describe_change(key: str, old: object, new: object) -> str:
-    """One changed setting, e.g. "--temperature 0.0 -> 1.0" or "another --model (...)"."""
-    if key in HASHED:
-        what, kind = HASHED[key]
-        return f"another {what} ({kind} {str(old)[:12]}, now {str(new)[:12]})"
-    return f"--{key.replace('_', '-')} {_show(old)} -> {_show(new)}"
-
-
-def _show(value: object) -> str:
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return repr(value) if isinstance(value, str) else str(value)  # None: a setting not given
-
-
-def check_settings(partial: Path, sidecar: Path, settings: dict) -> None:
-    """Refuse to finish `partial` unless its sidecar says it was written with `settings`."""
-    start_over = f"delete {partial} and {sidecar} to start over"
-    if not sidecar.exists():
-        raise ValueError(
-            f"{partial} has no {sidecar.name} saying which model and settings wrote it (left "
-            f"by an older kd, or deleted), so it cannot be resumed: delete {partial} to start over"
-        )
-    try:
-        recorded = json.loads(sidecar.read_text(encoding="utf-8"))["settings"]
-        changed = [k for k in {**recorded, **settings} if recorded.get(k) != settings.get(k)]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{sidecar}: not a settings record ({e!r}); {start_over}") from None
-    if len(changed) > 1 and "prompt_ids_sha256" in changed:
-        changed.remove("prompt_ids_sha256")  # follows from the others; name only the cause
-    if changed:
-        what = ", ".join(describe_change(k, recorded.get(k), settings.get(k)) for k in changed)
-        raise ValueError(
-            f"{partial} was written with other settings: {what}; rerun with the same settings "
-            f"(recorded in {sidecar}), or {start_over}"
-        )
-
-
-def write_json_atomically(path: Path, value: dict) -> None:
-    """Write to a temporary name, fsync, then rename: `path` holds the old or the new JSON,
-    never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
-
-
-def append_batch(f, data: bytes) -> None:
-    """Append one batch's lines to the partial and fsync them. A failed write (a full disk)
-    cuts the file back to the batches before it, so the partial holds whole batches only."""
-    size = os.fstat(f.fileno()).st_size
-    try:
-        view = memoryview(data)
-        while view:  # os.write may write less than asked (a disk filling up)
-            view = view[os.write(f.fileno(), view) :]
-        os.fsync(f.fileno())
-    except OSError as e:
-        with contextlib.suppress(OSError):  # if this fails too, read_partial drops the rest
-            os.ftruncate(f.fileno(), size)
-        raise OSError(e.errno, e.strerror, f.name) from None  # os.write's error names no file
-
-
-def output_error(e: OSError, partial: Path) -> str:
-    """An OS error on the output files as one line: the path, the reason, what to do."""
-    if e.strerror is None:  # raised by us, with its own message
-        return str(e)
-    if e.errno == errno.ENOSPC:
-        todo = "free some space, then rerun with the same settings"
-    elif e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        todo = "make the folder writable, or choose another --output"
-    else:
-        todo = "fix that and rerun with the same settings, or choose another --output"
-    if partial.is_file() and partial.stat().st_size > 0:
-        todo += f" (the finished batches are kept in {partial}; a rerun resumes after them)"
-    where = e.filename or partial.parent  # a write to an open file names none: the folder
-    return f"{where}: {e.strerror}; {todo}"
-
-
-def output_files(out: Path) -> tuple[Path, Path, Path]:
-    """OUT.partial (the answers so far), OUT.partial.json (what made them), OUT.partial.lock."""
-    partial = out.with_name(out.name + ".partial")
-    return partial, Path(f"{partial}.json"), Path(f"{partial}.lock")
-
-
-def claim_output(args: argparse.Namespace, settings: dict, records: list[dict]) -> tuple[Lock, int]:
-    """Lock the output for this process and check that it may write there: returns the lock and
-    how many records a previous run with the same settings finished (0 for a fresh start)."""
-    out = args.output
-    partial, sidecar, lock_path = output_files(out)
-    if out.is_dir():
-        raise ValueError(f"{out}: is a directory; give --output a file, e.g. {out / 'out.jsonl'}")
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"{out.parent}: output directory not found")
-    if out.exists():  # checked before the lock file is made, so none is left beside a result
-        raise ValueError(f"{out} exists: delete it or choose another --output")
-    # The lock is a file of its own, OUT.partial.lock: not OUT.partial, which is truncated and
-    # renamed to OUT while we hold it (a process arriving after the rename would lock a new
-    # OUT.partial), nor the folder, whose other outputs are other runs; named OUT.partial.* so
-    # that everything of an unfinished output lists together. It must be in place before
-    # anything is read or written: a refused second process leaves the first's files alone.
-    lock = Lock(lock_path, what=f"--output {out}")
-    try:
-        if lock.previous:
-            print(
-                f"{out}: took over the lock of {lock.previous}, no longer running", file=sys.stderr
-            )
-        if out.exists():  # again, under the lock: the holder before us may have finished it
-            raise ValueError(f"{out} exists: delete it or choose another --output")
-        if partial.exists():
-            check_settings(partial, sidecar, settings)
-        else:  # the record first: a partial without one could never be resumed
-            write_json_atomically(sidecar, {"model_dir": str(args.model), "settings": settings})
-        return lock, read_partial(partial, records, batch_size=args.batch_size)
-    except BaseException:
-        lock.release()
-        raise
-
-
-def finish_output(out: Path) -> None:
-    """Rename the complete partial to OUT and remove its record and lock (under the lock)."""
-    partial, sidecar, lock_path = output_files(out)
-    os.replace(partial, out)  # first: a crash after it leaves OUT whole, and reruns refused
-    sidecar.unlink(missing_ok=True)
-    # Removing a lock file is safe here, though not in general (kd/lock.py): whoever locks it
-    # after us, the old file or a new one, finds OUT and stops before writing anything.
-    lock_path.unlink(missing_ok=True)
-
-
 def run_file(
     model: Transformer, tokenizer: Tokenizer, args: argparse.Namespace, eos: set[int], pad_id: int
 ) -> None:
@@ -344,7 +204,12 @@ def run_file(
     settings = answer_settings(args, tokenizer, ids)
     partial = output_files(args.output)[0]
     try:
-        lock, start = claim_output(args, settings, records)
+        lock, start = claim_output(
+            args.output,
+            settings,
+            source=str(args.model),
+            resume=lambda partial: read_partial(partial, records, batch_size=args.batch_size),
+        )
         try:
             write_batches(model, tokenizer, args, sampling(args, eos, pad_id), records, ids, start)
             finish_output(args.output)
@@ -378,7 +243,7 @@ def write_batches(
                     response = tokenizer.decode(tokens, skip_special_tokens=True)
                     record = {**records[i], "response": response}
                     lines.append(json.dumps(record, ensure_ascii=False) + "\n")
-                append_batch(f, "".join(lines).encode("utf-8"))
+                append_lines(f, "".join(lines).encode("utf-8"))
                 done, new_tokens = batch.stop, new_tokens + sum(len(t) for t in out)
                 elapsed = time.perf_counter() - t0
                 eta = elapsed / (done - start) * (len(records) - done)
@@ -438,6 +303,10 @@ def run_one(
 def main(argv: list[str] | None = None) -> int:
     try:
         args = parse_args(argv)
+        if args.api_base is not None:  # a served teacher: no model in this process
+            records, _ = read_records(args.prompts_file)
+            collect.collect(args, records)
+            return 0
         if not Path(args.model).is_dir():
             raise FileNotFoundError(f"{args.model}: model directory not found")
         tokenizer = load_tokenizer(args.model)

@@ -186,6 +186,36 @@ def write_cache(
     return manifest["complete"]
 
 
+def write_rows(
+    out: str | Path,
+    examples: list[Example],
+    rows: list[tuple[Tensor, Tensor, Tensor]],
+    spec: CacheSpec,
+    *,
+    info: dict | None = None,
+) -> None:
+    """Write a complete cache of rows computed elsewhere: (ids (m, k), logprobs (m, k), log_tail
+    (m,)) per example, m = its trained positions (an API teacher's reported log-probs,
+    kd/api_cache.py). Shards and manifest as `write_cache` writes them; a cache of another spec
+    in `out` is refused, one of this spec written again."""
+    _check_spec(spec, examples, batch_size=1)
+    if len(rows) != len(examples):
+        raise ValueError(f"{len(rows)} rows for {len(examples)} examples")
+    out = make_cache_dir(out)
+    manifest = {**_start_manifest(out, spec, info), "shards": [], "complete": False}
+    n_shards = math.ceil(len(examples) / spec.examples_per_shard)
+    for shard in range(n_shards):
+        first, end = _shard_bounds(shard, spec)
+        file = _shard_file(shard)
+        size, sha256 = _write_shard(out / file, rows[first:end], examples[first:end], spec)
+        tokens = sum(e.num_targets for e in examples[first:end])
+        manifest["shards"].append(
+            dict(file=file, first=first, end=end, tokens=tokens, bytes=size, sha256=sha256)
+        )
+        manifest["complete"] = shard == n_shards - 1
+        _write_manifest(out, manifest)  # after the shard's rename: a listed shard is whole
+
+
 def _check_spec(spec: CacheSpec, examples: list[Example], batch_size: int) -> None:
     """ValueError for a spec that does not fit the examples or cannot be written."""
     if spec.num_examples != len(examples):

@@ -32,4 +32,21 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   fi
 fi
 $PIP install -r requirements.txt -r requirements-dev.txt
+# Tests only: llama-cpp-python's OpenAI-compatible server is the real API teacher of
+# tests/test_api_generate.py. pip compiles llama.cpp from the sdist (~6 min on 2 cores, once
+# while pip's wheel cache lasts). GGML_NATIVE=OFF: a -march=native build has died with an
+# illegal instruction on a machine whose CPU flags list AMX; AVX2/FMA/F16C run on any x86-64
+# CPU of the last decade. Other CPUs (ARM) build with llama.cpp's own defaults.
+LLAMA_CPP=llama-cpp-python[server]==0.3.36
+if ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+  echo "setup: building $LLAMA_CPP (the test suite's API server; a few minutes, once)"
+  CMAKE_ARGS=""
+  if [ "$(uname -m)" = x86_64 ]; then
+    CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON"
+  fi
+  # A machine that cannot build it (no compiler, no cmake) still runs everything else; the
+  # API server tests then skip, saying that llama-cpp-python is not installed.
+  CMAKE_ARGS="$CMAKE_ARGS" $PIP install "$LLAMA_CPP" ||
+    echo "setup: WARNING: building $LLAMA_CPP failed; tests/test_api_generate.py will skip"
+fi
 "$VENV/bin/python" -c "import torch; print('setup: torch', torch.__version__, 'cuda' if torch.cuda.is_available() else 'cpu')"
