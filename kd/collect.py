@@ -58,7 +58,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     api.add_argument("--stop", action="append", help="stop string (repeat for several)")
     api.add_argument("--top-logprobs", type=int, default=0, help="K log-probs per token (0: none)")
     api.add_argument("--max-in-flight", type=int, default=4, help="requests open at once")
-    api.add_argument("--timeout", type=float, default=120.0, help="seconds per socket operation")
+    api.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
     api.add_argument("--retries", type=int, default=8, help="retries per request")
     api.add_argument("--backoff", type=float, default=1.0, help="first retry waits up to this (s)")
 

@@ -17,8 +17,9 @@ connection, on a timeout and on a body that is not the JSON an answer needs; att
 the server's Retry-After when it sends one, else a uniform draw from [0, min(cap, base 2^a)]
 seconds ("full jitter": clients that failed together do not retry together). Any other status
 (400 a bad request, 401/403 a bad key, 404 an unknown model or path, 422) is the caller's
-mistake: `FatalError`, one line, never retried. `timeout` bounds each socket operation
-(connecting, each read), as urllib does, not the whole answer.
+mistake: `FatalError`, one line, never retried. `timeout` bounds the whole request: each
+socket operation (connecting, each read) waits at most that long, and a reply still arriving
+after it, a trickle from an overloaded server, is abandoned as a timeout too.
 
 The key: from an environment variable the user names (`key_from_env`), sent as
 `Authorization: Bearer ...`; it is never printed, logged or written to a file (`Endpoint`'s
@@ -66,7 +67,7 @@ class Endpoint:
     base: str
     model: str
     api_key: str | None = field(default=None, repr=False)  # never shown
-    timeout: float = 120.0  # seconds per socket operation
+    timeout: float = 120.0  # seconds per request
 
     def url(self, path: str) -> str:
         return self.base.rstrip("/") + "/" + path.lstrip("/")
@@ -116,8 +117,9 @@ def request_json(endpoint: Endpoint, path: str, body: dict | None = None) -> dic
     data = None if body is None else json.dumps(body).encode("utf-8")
     request = urllib.request.Request(endpoint.url(path), data=data, headers=headers)
     try:
+        deadline = time.monotonic() + endpoint.timeout
         with urllib.request.urlopen(request, timeout=endpoint.timeout) as response:
-            raw = response.read()
+            raw = _read_until(response, deadline)
     except urllib.error.HTTPError as e:
         status, message = e.code, _server_message(e.read())
         where = f"{endpoint.url(path)}: HTTP {status}"
@@ -139,6 +141,19 @@ def request_json(endpoint: Endpoint, path: str, body: dict | None = None) -> dic
     if not isinstance(reply, dict):
         raise RetryableError("bad json", f"{endpoint.url(path)}: reply is not a JSON object")
     return reply
+
+
+def _read_until(response: http.client.HTTPResponse, deadline: float) -> bytes:
+    """The whole body, read in pieces; TimeoutError once the deadline has passed, IncompleteRead
+    if the connection ends before the body does."""
+    parts = []
+    while piece := response.read1(1 << 16):  # what one socket read brings
+        parts.append(piece)
+        if time.monotonic() > deadline:
+            raise TimeoutError("the reply took longer than the timeout")
+    if response.length:  # Content-Length promised more: the connection dropped mid-reply
+        raise http.client.IncompleteRead(b"".join(parts), response.length)
+    return b"".join(parts)
 
 
 def _kind(e: BaseException) -> str:

@@ -2,7 +2,8 @@
 the real SmolLM2 tokenizer and answers written as a server writes them (bytes as hex, the
 alternatives' log-probs): rows against float64 numpy references (the tail is log(1 - sum p),
 the end-of-turn row NaN), every refusal reason on an answer that should trigger it, k from
-the alternatives with text, seq_len cutting the rows, and no data file replaced unasked.
+the alternatives with text, seq_len cutting the rows, no data file replaced unasked, and a
+cache that refuses to stand for a teacher directory.
 The real server's answers are tests/test_api_generate.py's.
 
 Run: `.venv/bin/python -m pytest -q tests/test_api_cache.py` (needs `make teacher`).
@@ -89,6 +90,8 @@ def test_rows_are_the_reported_log_probs(tmp_path, tok, teacher_dir):
         examples=examples,
     )
     shard = load_file(tmp_path / "cache" / "shard-00000.safetensors")
+    with pytest.raises(ValueError, match="API teacher test .* leave 'teacher' unset"):
+        cache.check_teacher(teacher_dir)  # the cache is an API teacher's, not a directory's
     for example, line in zip(examples, lines):
         labels = torch.tensor([example.labels])
         top = cache.topk_for([example.index], labels)
