@@ -143,7 +143,7 @@ def answers(server, tmp_path_factory) -> Path:
     prompts = write_prompts(path.with_name("p.jsonl"), PROMPTS[:3])
     os.environ[KEY_ENV] = KEY
     try:
-        flags = ["--chat", "--temperature=0.8", "--max-new-tokens=24", "--top-logprobs=8"]
+        flags = ["--chat", "--temperature=0.8", "--max-new-tokens=16", "--top-logprobs=8"]
         assert collect(server.url, prompts, path, *flags, "--n=2") == 0
     finally:
         del os.environ[KEY_ENV]
@@ -154,8 +154,8 @@ def test_top_logprobs_agree_with_kd_teacher(answers, teacher_dir):
     """The server's log-probs, mapped to SmolLM2's ids, against kd's fp32 forward of the same
     tokens. The server runs the Q4_1 weights with 8-bit activations; kd the dequantized weights
     in fp32: close, not equal. Measured here: top-1 agreement 0.93, mean |log-prob diff| of
-    the sampled token 0.06 (max 0.41) over 135 tokens; at T = 0.8, the sampling temperature,
-    the mean diff is larger (0.23): the server reports log-probs at T = 1."""
+    the sampled token 0.06 (max 0.33) over 96 tokens; at T = 0.8, the sampling temperature,
+    the mean diff is larger (0.22): the server reports log-probs at T = 1."""
     tokenizer = load_tokenizer(teacher_dir)
     vocab = ByteVocab.of(tokenizer)
     model = load_model(teacher_dir, dtype=torch.float32)
@@ -224,25 +224,28 @@ def test_a_student_trains_from_the_api_cache(answers, teacher_dir, tmp_path):
     ]
     div = [m["divergence"] for m in metrics if "divergence" in m]
     assert len(div) == 8 and all(map(math.isfinite, div)), div
-    # Measured: 7.06 -> 5.25 in 8 steps (a random student of hidden 64 against a 135M teacher).
+    # Measured: 6.87 -> 5.40 in 8 steps (a random student of hidden 64 against a 135M teacher).
     assert div[-1] < 0.85 * div[0], f"divergence {div[0]:.3f} -> {div[-1]:.3f}"
 
 
 # ----------------------------------------------------------------------------- faults
 
 
-def error_counts(err: str) -> str:
-    """The summary line's "failed attempts retried: ..." part."""
-    return err.rsplit("failed attempts retried:", 1)[1].splitlines()[0]
+def error_counts(err: str) -> dict[str, int]:
+    """The summary line's "failed attempts retried: http 429 1, timeout 2" as a dict."""
+    text = err.rsplit("failed attempts retried:", 1)[1].splitlines()[0].strip()
+    if text == "none":
+        return {}
+    return {kind: int(n) for kind, n in (part.rsplit(" ", 1) for part in text.split(", "))}
 
 
 def test_faults_end_with_every_prompt_answered_once(server, key, tmp_path, capsys):
     prompts = write_prompts(tmp_path / "p.jsonl", PROMPTS)
     out = tmp_path / "out.jsonl"
     flags = ["--chat", "--n=2", "--temperature=0", "--max-new-tokens=8", "--max-in-flight=2"]
-    with FaultProxy(server.url, slow_seconds=4.0) as proxy:
+    with FaultProxy(server.url, slow_seconds=7.0) as proxy:
         proxy.inject("429", "500", "drop", "slow", "malformed", "refuse")
-        assert collect(proxy.url, prompts, out, *flags, "--timeout=2", "--backoff=0.05") == 0
+        assert collect(proxy.url, prompts, out, *flags, "--timeout=5", "--backoff=0.05") == 0
         served = dict(proxy.counts)
     assert all(served[f] == 1 for f in ("429", "500", "drop", "slow", "malformed", "refuse"))
     got = lines(out)
@@ -251,8 +254,11 @@ def test_faults_end_with_every_prompt_answered_once(server, key, tmp_path, capsy
     ]
     assert all(g["response"] for g in got)
     counts = error_counts(capsys.readouterr().err)
-    for kind in ("http 429", "http 500", "dropped", "timeout", "bad json", "connection"):
+    for kind in ("http 429", "http 500", "timeout", "bad json", "connection"):
         assert kind in counts, counts
+    # The dropped reply is cut after the server answered; on a loaded machine the client's
+    # timeout can fire before that, so it may count as a second timeout instead.
+    assert counts.get("dropped", 0) + counts["timeout"] >= 2, counts
 
 
 def test_retry_after_is_honoured_and_mistakes_are_not_retried(server):
