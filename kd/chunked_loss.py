@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kd.cross_tokenizer import CrossVocab, SharedVocab
 from kd.losses import (
     LossOptions,
     Teacher,
@@ -343,6 +344,7 @@ def chunked_distillation_loss(
     chunk_size: int = 256,
     teacher_logits: Teacher | None = None,
     num_tokens: int | Tensor | None = None,
+    cross: tuple[Tensor, SharedVocab | None] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`distillation_loss` of (student_head(student_hidden), teacher_head(teacher_hidden)), chunk
     by chunk.
@@ -363,19 +365,14 @@ def chunked_distillation_loss(
         logits (..., V_t), a list of them, or a `TopK` of cached top-k log-probs. No teacher at
         all (None, None and no teacher_logits) is plain SFT and needs options.alpha = 0.
     num_tokens: the divisor, as in `distillation_loss`.
+    cross: a teacher of another vocabulary (options.divergence "uld" or "gold"): (known (...),
+        which positions have an aligned teacher position, and the shared vocabulary for gold);
+        teacher_hidden then holds, per student position, the aligned teacher position's state.
 
     Value and gradients equal `distillation_loss` on the full logits. Returns (loss, metrics)
     with detached metric tensors.
     """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk, e.g. 1024)")
-    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H)
-    flat_labels = labels.reshape(-1)  # (N,)
-    if flat_labels.shape[0] != hidden.shape[0]:
-        raise ValueError(
-            f"labels {tuple(labels.shape)} do not match student_hidden "
-            f"{tuple(student_hidden.shape)} in their leading dims"
-        )
+    hidden, flat_labels = _flat_inputs(student_hidden, labels, chunk_size)  # (N, H), (N,)
     valid_count, denom = token_count(flat_labels, num_tokens, ignore_index=options.ignore_index)
     # Rows without a label (prompt, padding) add nothing to the loss or its gradients, so they
     # skip the heads: the chunks walk the labelled rows only. In chat data 30-50% of positions
@@ -391,6 +388,7 @@ def chunked_distillation_loss(
         n_tokens=hidden.shape[0],
         student_vocab=student_head.weight.shape[0],
         tokenizer_vocab_size=options.tokenizer_vocab_size,
+        cross=cross,
     )
     # (N_valid, H) and (N_valid,); autograd scatters dL/dh back to the N rows
     hidden, flat_labels = hidden[rows], flat_labels[rows]
@@ -410,6 +408,20 @@ def chunked_distillation_loss(
     return loss, metrics_from_sums(div_sum, ce_sum, valid_count)
 
 
+def _flat_inputs(student_hidden: Tensor, labels: Tensor, chunk_size: int) -> tuple[Tensor, Tensor]:
+    """Hidden states (N, H) and labels (N,) with their leading dims flattened, checked."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (tokens per chunk, e.g. 1024)")
+    hidden = student_hidden.reshape(-1, student_hidden.shape[-1])  # (N, H)
+    flat_labels = labels.reshape(-1)  # (N,)
+    if flat_labels.shape[0] != hidden.shape[0]:
+        raise ValueError(
+            f"labels {tuple(labels.shape)} do not match student_hidden "
+            f"{tuple(student_hidden.shape)} in their leading dims"
+        )
+    return hidden, flat_labels
+
+
 def as_head(head: Head | Tensor) -> Head:
     """A bare (V, H) weight as the uncapped Head it is."""
     return head if isinstance(head, Head) else Head(head)
@@ -424,6 +436,7 @@ def _teacher_chunks(
     n_tokens: int,
     student_vocab: int,
     tokenizer_vocab_size: int | None,
+    cross: tuple[Tensor, SharedVocab | None] | None = None,
 ) -> Callable[[int, int], Teacher]:
     """A function (start, end) -> the teacher of token rows rows[start:end] of N = n_tokens.
 
@@ -447,6 +460,16 @@ def _teacher_chunks(
         flat = [t.reshape(n_tokens, t.shape[-1]) for t in teachers]  # (N, V_t) each
         return lambda s, e: flat[0][rows[s:e]] if single else [t[rows[s:e]] for t in flat]
 
+    if cross is not None:  # another vocabulary: all its rows, and which positions are aligned
+        known, shared = cross[0].reshape(n_tokens), cross[1]
+        hidden, head = teacher_hidden.reshape(n_tokens, -1), as_head(teacher_head)
+
+        def cross_chunk(start: int, end: int) -> CrossVocab:
+            with torch.no_grad():
+                logits = head(hidden[rows[start:end]])  # (n, V_t)
+            return CrossVocab(logits, known[rows[start:end]], shared)
+
+        return cross_chunk
     single = isinstance(teacher_hidden, Tensor)
     hiddens = [teacher_hidden] if single else list(teacher_hidden)
     one_head = isinstance(teacher_head, (Head, Tensor))

@@ -19,9 +19,10 @@ import typing
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-from kd.losses import DIVERGENCES
+from kd.losses import CROSS_DIVERGENCES, DIVERGENCES
 
-LOSSES = ("sft", *DIVERGENCES)  # sft: cross-entropy on the data alone, no teacher
+# sft: cross-entropy on the data alone, no teacher; uld, gold: a teacher of another tokenizer
+LOSSES = ("sft", *DIVERGENCES, *CROSS_DIVERGENCES)
 PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 METHODS = ("offpolicy", "gkd", "minillm")
 # Settings a resume may change when the user lists them in `resume_changes`: how long the run
@@ -65,7 +66,8 @@ class TrainConfig:
     # micro-batches per optimizer step; global batch = batch_size * grad_accum * ranks
     grad_accum: int = 1
     # --- loss ---
-    # sft | forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | logit_mse
+    # sft | forward_kl | reverse_kl | jsd | skew_forward_kl | skew_reverse_kl | tvd | logit_mse;
+    # uld | gold for a teacher of another tokenizer (kd/cross_tokenizer.py)
     loss: str = "forward_kl"
     # loss = alpha * T^2 * divergence + (1 - alpha) * cross-entropy; 1.0 = pure KD
     alpha: float = 0.5
@@ -74,6 +76,10 @@ class TrainConfig:
     beta: float = 0.5
     # skew KLs: weight of the other distribution in the mix (DistiLLM, arXiv 2402.03898)
     skew_alpha: float = 0.1
+    # uld/gold: compare the k largest probabilities of each side and a tail; 0 = sort them all
+    uld_top_k: int = 0
+    gold_divergence: str = "forward_kl"  # gold: divergence on the tokens both vocabularies share
+    gold_weights: tuple[float, ...] = (1.0, 1.0)  # gold: weights of the shared part and the rest
     # tokens per chunk of the loss (memory ~ a few chunk x vocab fp32 buffers); logits never whole
     chunk_size: int = 256
     # MoE students: weight of the router's load-balancing loss (Switch/Mixtral form, kd/moe.py,
@@ -139,10 +145,16 @@ class TrainConfig:
             self._check_on_policy()
 
     @property
+    def cross_tokenizer(self) -> bool:
+        """Is the teacher of another tokenizer (loss uld or gold, kd/cross_tokenizer.py)?"""
+        return self.loss in CROSS_DIVERGENCES
+
+    @property
     def tokenizer_dir(self) -> str:
         """Whose tokenizer reads the data: the teacher's; the student's when an API teacher's
-        cache stands in for the teacher (its ids index the student's vocabulary)."""
-        return self.teacher[0] if self.teacher else self.student
+        cache stands in for the teacher (its ids index the student's vocabulary) or the teacher
+        has another tokenizer."""
+        return self.teacher[0] if self.teacher and not self.cross_tokenizer else self.student
 
     def _check_models_and_data(self) -> None:
         if not self.teacher and not self.teacher_cache:
@@ -177,6 +189,14 @@ class TrainConfig:
                 "teacher_cache without a teacher (an API teacher's cache) needs 'student' (an HF "
                 "dir): its tokenizer reads the data"
             )
+        if self.cross_tokenizer and (
+            not self.student or self.eval_data or self.teacher_cache or len(self.teacher) != 1
+        ):
+            raise ValueError(
+                f"loss={self.loss} (a teacher of another tokenizer) needs one teacher, 'student' "
+                'an HF dir, no teacher_cache, and eval_data = "" (evaluation compares one '
+                "vocabulary)"
+            )
         if self.teacher_cache and (self.eval_data or self.loss in ("sft", "logit_mse")):
             raise ValueError(
                 'teacher_cache: set eval_data = "" (evaluation needs the teacher) and a loss '
@@ -204,6 +224,7 @@ class TrainConfig:
         for name, choices in (
             ("loss", LOSSES),
             ("teacher_mixture", ("probs", "logits")),
+            ("gold_divergence", DIVERGENCES[:-1]),  # any but logit_mse
             ("precision", PRECISIONS),
             ("method", METHODS),
         ):
@@ -220,6 +241,11 @@ class TrainConfig:
             for name in names:
                 if getattr(self, name) < least:
                     raise ValueError(f"{name}={getattr(self, name)} must be >= {least}")
+        if self.uld_top_k < 0 or len(self.gold_weights) != 2 or min(self.gold_weights) < 0:
+            raise ValueError(
+                f"uld_top_k={self.uld_top_k} must be >= 0 and gold_weights="
+                f"{list(self.gold_weights)} two numbers >= 0 (the shared tokens', the rest's)"
+            )
         if not all(0.0 <= x <= 1.0 for x in (self.alpha, self.beta, self.skew_alpha)):
             raise ValueError("alpha, beta and skew_alpha must lie in [0, 1]")
         if self.lr <= 0 or self.temperature <= 0:
@@ -235,6 +261,8 @@ class TrainConfig:
             )
 
     def _check_on_policy(self) -> None:
+        if self.cross_tokenizer:  # rollouts score the student's tokens with the teacher's ids
+            raise ValueError(f"method={self.method} with loss={self.loss}: use method=offpolicy")
         if len(self.teacher) > 1:
             raise ValueError(
                 f"method={self.method} takes one teacher; give one 'teacher' or use "

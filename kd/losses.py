@@ -15,6 +15,7 @@ scale as 1/T^2) lives in the loss only.
     skew_reverse_kl  KL(q || (1-a) p + a q)                       DistiLLM, arXiv 2402.03898
     tvd              1/2 sum |p - q|
     logit_mse        mean_v ((s - mean s) - (t - mean t))^2       on logits, not probabilities
+    uld, gold        a teacher of another vocabulary: kd/cross_tokenizer.py
 
 From logits: `forward_kl(log_probs(teacher_logits, T), log_probs(student_logits, T))`.
 
@@ -32,11 +33,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+
+from kd.cross_tokenizer import CrossVocab, cross_divergence
 
 Tensor = torch.Tensor
 
@@ -55,7 +58,7 @@ class TopK(NamedTuple):
     logprobs: Tensor  # (..., k) teacher log-probabilities of those ids at temperature T
 
 
-Teacher = Tensor | Sequence[Tensor] | TopK
+Teacher = Tensor | Sequence[Tensor] | TopK | CrossVocab
 
 DIVERGENCES = (
     "forward_kl",
@@ -66,6 +69,8 @@ DIVERGENCES = (
     "tvd",
     "logit_mse",
 )
+# Divergences between a teacher and a student of different vocabularies (kd/cross_tokenizer.py).
+CROSS_DIVERGENCES = ("uld", "gold")
 
 
 # ------------------------------------------------------------------------------- the options
@@ -88,12 +93,26 @@ class LossOptions:
     teacher_mixture: str = "probs"  # "probs": sum_i w_i p_i; "logits": softmax(sum_i w_i z_i)
     tokenizer_vocab_size: int | None = None  # len(tokenizer); see check_teacher_vocab
     ignore_index: int = -100  # label of positions that count nowhere (prompt, padding)
+    # uld and gold (kd/cross_tokenizer.py): k largest probabilities compared, 0 = all
+    uld_top_k: int = 0
+    gold_divergence: str = "forward_kl"  # gold: D on the tokens both vocabularies share
+    gold_weights: tuple[float, float] = (1.0, 1.0)  # gold: weights of D_S and of ULD on the rest
 
     def __post_init__(self) -> None:
-        if self.divergence not in DIVERGENCES:
+        if self.divergence not in DIVERGENCES + CROSS_DIVERGENCES:
+            names = ", ".join(DIVERGENCES + CROSS_DIVERGENCES)
+            raise ValueError(f"divergence={self.divergence!r} is unknown; pick one of {names}")
+        if self.gold_divergence not in DIVERGENCES[:-1]:  # any but logit_mse
             raise ValueError(
-                f"divergence={self.divergence!r} is unknown; pick one of {', '.join(DIVERGENCES)}"
+                f"gold_divergence={self.gold_divergence!r} must be one of "
+                f"{', '.join(DIVERGENCES[:-1])}"
             )
+        if self.uld_top_k < 0 or min(self.gold_weights) < 0 or len(self.gold_weights) != 2:
+            raise ValueError(
+                f"uld_top_k={self.uld_top_k} and gold_weights={list(self.gold_weights)} must be "
+                ">= 0 (gold_weights: two numbers, the shared tokens' and the rest's)"
+            )
+        object.__setattr__(self, "gold_weights", tuple(float(w) for w in self.gold_weights))
         _check_temperature(self.temperature)
         _check_unit("alpha", self.alpha)
         _check_unit("beta", self.beta)
@@ -391,7 +410,7 @@ def aligned_teacher(
 
     A `TopK` teacher or None passes through (`topk_buckets` checks a TopK's shapes).
     """
-    if teacher is None or isinstance(teacher, TopK):
+    if teacher is None or isinstance(teacher, (TopK, CrossVocab)):
         return teacher
     teachers = [teacher] if isinstance(teacher, Tensor) else list(teacher)
     vocab = student_logits.shape[-1]
@@ -481,6 +500,9 @@ def _per_position_divergence(
             weights = _normalized_weights(teacher, options.teacher_weights)
             teacher = _average_logits(teacher, weights, dtype)
         return logit_mse(student_logits, teacher.to(dtype), temperature=options.temperature)
+    if isinstance(teacher, CrossVocab) or options.divergence in CROSS_DIVERGENCES:
+        exact = replace(options, divergence=options.gold_divergence)  # gold's D on shared tokens
+        return cross_divergence(log_q, teacher, options, lambda a, b: _divergence(a, b, exact))
     if isinstance(teacher, TopK):
         return _divergence(*topk_buckets(teacher, log_q), options)
     return _divergence(teacher_log_probs(teacher, options, dtype), log_q, options)

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from kd.chunked_loss import chunked_distillation_loss
-from kd.data import IGNORE, Batches
+from kd.cross_tokenizer import Aligner, SharedVocab
+from kd.data import IGNORE, Batches, Example
 from kd.losses import LossOptions, TopK
 from kd.model import Head, Transformer
 from kd.moe import load_balancing_loss
@@ -56,12 +57,15 @@ class KDLoss:
     vocab: int  # the vocabulary rows the loss compares (padding rows past it dropped)
     chunk_size: int  # tokens per chunk of the loss
     router_aux_loss_coef: float = 0.0  # an MoE student's load-balancing loss weight (`router_aux`)
+    shared: SharedVocab | None = None  # gold: the ids both vocabularies share
 
     def __call__(self, student: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T) each
-        t_hidden = t_head = cached = None
+        t_hidden = t_head = cached = cross = None
         if "teacher_ids" in batch:  # cached: the teacher's top-k at T, aligned with the labels
             cached = TopK(ids=batch["teacher_ids"], logprobs=batch["teacher_logprobs"])
+        elif "teacher_input_ids" in batch:  # another tokenizer: its own ids of the same text
+            t_hidden, t_head, cross = self._cross_teacher(batch)
         elif self.teachers:
             with torch.no_grad():  # (B, T, H_t) each
                 t_hidden = [t(input_ids, output_fn=lambda h, head: h) for t in self.teachers]
@@ -82,6 +86,7 @@ class KDLoss:
                 chunk_size=self.chunk_size,
                 teacher_logits=cached,
                 num_tokens=batch["num_tokens"],
+                cross=cross,
             )
 
         loss, metrics = student(input_ids, output_fn=loss_fn)
@@ -91,6 +96,17 @@ class KDLoss:
             sums["divergence"] = metrics["divergence"] * n
         aux, aux_sums = router_aux(student, labels, batch["num_tokens"], self.router_aux_loss_coef)
         return loss + aux, sums | aux_sums
+
+    def _cross_teacher(self, batch: dict[str, Tensor]) -> tuple[Tensor, Head, tuple]:
+        """The teacher's hidden state at the position aligned with each student position (B, T,
+        H_t) (position 0's where none: masked), its head, and (known (B, T), shared vocab)."""
+        teacher = self.teachers[0]
+        positions = batch["teacher_positions"]  # (B, T)
+        with torch.no_grad():
+            hidden = teacher(batch["teacher_input_ids"], output_fn=lambda h, head: h)  # (B, T_t, H)
+            index = positions.clamp(min=0).unsqueeze(-1).expand(-1, -1, hidden.shape[-1])
+            hidden = hidden.gather(1, index)  # (B, T, H_t)
+        return hidden, teacher.head, (positions >= 0, self.shared)
 
 
 def router_aux(
@@ -117,10 +133,19 @@ def router_aux(
 
 
 class OffPolicy:
-    """KD (or SFT) on the data: micro-batches from `data`, each scored by `kd`."""
+    """KD (or SFT) on the data: micro-batches from `data`, each scored by `kd`. `cross`: a
+    teacher of another tokenizer, (its Aligner, the shared vocabulary for gold); each
+    micro-batch then carries the teacher's ids of the same text and the aligned positions."""
 
-    def __init__(self, data: Batches, kd: KDLoss, *, cache: TeacherCache | None = None) -> None:
-        self.data, self.kd, self.cache = data, kd, cache
+    def __init__(
+        self,
+        data: Batches,
+        kd: KDLoss,
+        *,
+        cache: TeacherCache | None = None,
+        cross: tuple[Aligner, SharedVocab | None] | None = None,
+    ) -> None:
+        self.data, self.kd, self.cache, self.cross = data, kd, cache, cross
         self.teachers = kd.teachers
 
     def micro_batches(self, step: int) -> list[dict[str, Tensor]]:
@@ -128,8 +153,10 @@ class OffPolicy:
         known on every rank without an all-reduce: every rank holds the whole data set."""
         num_tokens = torch.tensor(float(self.data.global_targets(step)))
         batches = []
-        for batch in self.data.micro_batches(step):
+        for batch, examples in zip(self.data.micro_batches(step), self.data.examples(step)):
             index = batch.pop("index")  # (B,) the examples' rows in the data file
+            if self.cross is not None:
+                batch |= teacher_view(self.cross[0], examples, batch["input_ids"].shape[1])
             if self.cache is not None:  # read on the CPU; train_step moves it with the batch
                 batch["teacher_ids"], batch["teacher_logprobs"] = self.cache.topk_for(
                     index, batch["labels"], temperature=self.kd.options.temperature
@@ -141,4 +168,22 @@ class OffPolicy:
         return self.kd(student, batch)
 
     def log_fields(self) -> dict[str, float]:
-        return {}  # loss, divergence and CE are the loop's
+        """Cross-tokenizer: the share of trained positions aligned so far (the rest train on
+        CE alone); the loop logs loss, divergence and CE."""
+        if self.cross is None:
+            return {}
+        aligner = self.cross[0]
+        return {"aligned": aligner.aligned / max(1, aligner.aligned + sum(aligner.masked.values()))}
+
+
+def teacher_view(aligner: Aligner, examples: list[Example], width: int) -> dict[str, Tensor]:
+    """The teacher's ids of each example's text, right-padded with 0 ("teacher_input_ids",
+    (B, T_t)), and the aligned teacher position of each student position ("teacher_positions",
+    (B, width), -1 where none)."""
+    views = [aligner.align(e.input_ids, e.labels) for e in examples]
+    ids = torch.zeros(len(views), max(len(v[0]) for v in views), dtype=torch.long)
+    positions = torch.full((len(views), width), -1, dtype=torch.long)
+    for row, (t_ids, aligned) in enumerate(views):
+        ids[row, : len(t_ids)] = torch.tensor(t_ids)
+        positions[row, : len(aligned)] = torch.tensor(aligned)
+    return {"teacher_input_ids": ids, "teacher_positions": positions}

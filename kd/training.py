@@ -21,6 +21,7 @@ from torch import Tensor
 
 from kd import hf, hf_config, onpolicy, parallel
 from kd.config import TrainConfig
+from kd.cross_tokenizer import Aligner, shared_vocab
 from kd.data import Batches, Example, load_examples
 from kd.dtypes import DTYPES
 from kd.gkd import GKD
@@ -55,12 +56,20 @@ def check_tokenizer(cfg: TrainConfig) -> Tokenizer:
     one must map text identically (token-level distillation compares distributions over one
     vocabulary)."""
     tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    if cfg.cross_tokenizer:  # the student's tokenizer reads the data; the teacher's must differ
+        if load_tokenizer(cfg.teacher[0]).fingerprint() == tokenizer.fingerprint():
+            raise ValueError(
+                f"loss={cfg.loss} is for a teacher of another tokenizer, but {cfg.teacher[0]} "
+                f"and {cfg.student} share one: use forward_kl (exact, no alignment)"
+            )
+        return tokenizer
     for other in (*cfg.teacher[1:], cfg.student, cfg.init_from):
         if other and (other in cfg.teacher or (Path(other) / "tokenizer.json").is_file()):
             if load_tokenizer(other).fingerprint() != tokenizer.fingerprint():
                 raise ValueError(
                     f"the tokenizer of {other} differs from the teacher's ({cfg.tokenizer_dir}); "
-                    "token-level distillation needs one tokenizer for all models"
+                    "token-level distillation needs one tokenizer for all models, or a loss "
+                    'that aligns two: loss = "uld" or "gold"'
                 )
     return tokenizer
 
@@ -196,7 +205,8 @@ def build_models(
     # On the meta device: configs and shapes, no memory yet.
     teacher_configs = [hf_config.load_config(path) for path in cfg.teacher]
     s_config = student_config(cfg, teacher_configs[0] if teacher_configs else None)
-    vocab = common_vocab(cfg, teacher_configs, s_config, tokenizer)
+    # Another tokenizer's teacher (uld, gold) compares no vocabulary rows: the student's own.
+    vocab = common_vocab(cfg, [] if cfg.cross_tokenizer else teacher_configs, s_config, tokenizer)
     dtype = DTYPES[cfg.precision]
     teachers = [] if cfg.teacher_cache else [build_on_meta(c, dtype) for c in teacher_configs]
     student = build_on_meta(s_config, torch.float32)  # fp32 master weights
@@ -243,6 +253,9 @@ def loss_options(cfg: TrainConfig, vocab: int) -> LossOptions:
         teacher_weights=cfg.teacher_weights or None,
         teacher_mixture=cfg.teacher_mixture,
         tokenizer_vocab_size=vocab,
+        uld_top_k=cfg.uld_top_k,
+        gold_divergence=cfg.gold_divergence,
+        gold_weights=cfg.gold_weights,
     )
 
 
@@ -259,12 +272,18 @@ def build_method(
     on and its loss. off-policy KD, SFT (`loss = "sft"`: no teacher forward) and KD from a
     teacher cache are kd/offpolicy.py; gkd and minillm sample the student's answers."""
     check_token_ids(cfg, streams, vocab, tokenizer)
+    cross = None
+    if cfg.cross_tokenizer:  # the teacher reads the student's text in its own tokens
+        teacher_tokenizer = load_tokenizer(cfg.teacher[0])
+        shared = shared_vocab(tokenizer, teacher_tokenizer) if cfg.loss == "gold" else None
+        cross = (Aligner(tokenizer, teacher_tokenizer), shared)
     kd = KDLoss(
         teachers=[] if cfg.loss == "sft" else teachers,
         options=loss_options(cfg, vocab),
         vocab=vocab,
         chunk_size=cfg.chunk_size,
         router_aux_loss_coef=cfg.router_aux_loss_coef,
+        shared=cross[1] if cross else None,
     )
     if cfg.method == "offpolicy":
         cache = None
@@ -283,7 +302,7 @@ def build_method(
                     f"{cfg.teacher_cache} was made by a teacher with {cache.spec.vocab_size} "
                     f"logits, the student has {vocab}"
                 )
-        return OffPolicy(streams["data"], kd, cache=cache)
+        return OffPolicy(streams["data"], kd, cache=cache, cross=cross)
     rollout = onpolicy.RolloutConfig(
         max_new_tokens=cfg.max_new_tokens,
         eos_token_ids=frozenset(tokenizer.eos_token_ids),
