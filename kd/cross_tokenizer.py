@@ -44,13 +44,16 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 import torch.nn.functional as F
 
 from kd.token_bytes import ByteVocab
 from kd.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # kd.losses imports this module; the options are only read here
+    from kd.losses import LossOptions
 
 Tensor = torch.Tensor
 
@@ -140,7 +143,10 @@ def gold(
 
 
 def cross_divergence(
-    log_q: Tensor, teacher: object, options, exact: Callable[[Tensor, Tensor], Tensor]
+    log_q: Tensor,
+    teacher: object,
+    options: LossOptions,
+    exact: Callable[[Tensor, Tensor], Tensor],
 ) -> Tensor:
     """options.divergence, "uld" or "gold", per position against a CrossVocab teacher; 0 where
     no teacher position is aligned. `options` is a kd.losses.LossOptions, `exact` gold's D."""
@@ -231,8 +237,17 @@ class Aligner:
                     self.masked[reason] += 1
         return t_ids, aligned
 
-    def _position(self, t, input_ids, s_starts, by_start, char_starts, t_ids) -> tuple[int, str]:
-        """The teacher position aligned with student position t, or (-1, reason)."""
+    def _position(
+        self,
+        t: int,
+        input_ids: list[int],
+        s_starts: list[int],
+        by_start: dict[int, int],
+        char_starts: set[int],
+        t_ids: list[int],
+    ) -> tuple[int, str]:
+        """The teacher position aligned with student position t, or (-1, reason). s_starts:
+        each student token's first byte; by_start: byte -> the teacher token starting there."""
         if t + 1 >= len(input_ids):
             return -1, "last position"
         following = input_ids[t + 1]
