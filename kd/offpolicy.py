@@ -153,10 +153,11 @@ class OffPolicy:
         known on every rank without an all-reduce: every rank holds the whole data set."""
         num_tokens = torch.tensor(float(self.data.global_targets(step)))
         batches = []
-        for batch, examples in zip(self.data.micro_batches(step), self.data.examples(step)):
+        examples = self.data.examples(step) if self.cross is not None else None
+        for m, batch in enumerate(self.data.micro_batches(step)):
             index = batch.pop("index")  # (B,) the examples' rows in the data file
-            if self.cross is not None:
-                batch |= teacher_view(self.cross[0], examples, batch["input_ids"].shape[1])
+            if examples is not None:  # the teacher's ids of the same text, and the alignment
+                batch |= teacher_view(self.cross[0], examples[m], batch["input_ids"].shape[1])
             if self.cache is not None:  # read on the CPU; train_step moves it with the batch
                 batch["teacher_ids"], batch["teacher_logprobs"] = self.cache.topk_for(
                     index, batch["labels"], temperature=self.kd.options.temperature
