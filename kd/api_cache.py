@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +50,7 @@ import torch
 from kd.cache_writer import write_rows
 from kd.data import IGNORE, Example, load_examples, read_jsonl
 from kd.hf_config import load_config
+from kd.outputs import write_jsonl_atomically
 from kd.teacher_cache import CacheSpec, file_sha256
 from kd.token_bytes import ByteVocab
 from kd.tokenizer import Tokenizer
@@ -132,17 +132,6 @@ def read_answers(path: Path, vocab: ByteVocab, k: int | None) -> tuple[list[Alig
     return kept, refused, k
 
 
-def write_records(path: Path, records: list[dict]) -> None:
-    """A JSONL file through a temporary name, fsync'ed: never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def trained_ids(example: Example) -> list[int]:
     return [label for label in example.labels if label != IGNORE]
 
@@ -190,7 +179,9 @@ def build_api_cache(
     kept, refused, k = read_answers(answers, vocab, k)
     tmp = data_out.with_name(data_out.name + ".candidates")
     try:
-        write_records(tmp, [a.record for a in kept])  # the student reads the text as train.py
+        write_jsonl_atomically(
+            tmp, [a.record for a in kept]
+        )  # the student reads the text as train.py
         examples, stats = load_examples(tmp, tokenizer, seq_len=seq_len) if kept else ([], None)
     finally:
         tmp.unlink(missing_ok=True)
@@ -237,4 +228,4 @@ def _write_data(path: Path, records: list[dict]) -> None:
                 f"{path} exists with other records: delete it or choose another --data-out"
             )
         return
-    write_records(path, records)
+    write_jsonl_atomically(path, records)

@@ -33,7 +33,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -41,9 +40,10 @@ from pathlib import Path
 from kd.outputs import (
     append_lines,
     claim_output,
-    finish_output,
     output_error,
     output_files,
+    remove_partial,
+    write_jsonl_atomically,
 )
 from kd.remote import Answer, Client, Endpoint, FatalError, Request, RetryableError, key_from_env
 
@@ -201,14 +201,10 @@ def summary(client: Client, answered: int, seconds: float) -> str:
 
 
 def finish(out: Path, answers: dict[int, dict]) -> None:
-    """Write OUT in input order from the answers, then remove the partial's files."""
-    tmp = out.with_name(out.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for index in sorted(answers):
-            f.write(json.dumps(answers[index], ensure_ascii=False) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    finish_output(out, tmp)  # OUT, then the partial goes: it stays until OUT is whole
+    """Write OUT in input order from the answers, then remove the partial's files: the
+    partial stays until OUT is whole."""
+    write_jsonl_atomically(out, [answers[index] for index in sorted(answers)])
+    remove_partial(out)
 
 
 def collect(args: argparse.Namespace, records: list[dict]) -> None:

@@ -81,15 +81,7 @@ def special_ids(tokenizer: Tokenizer) -> set[int]:
 
 def shared_vocab(student: Tokenizer, teacher: Tokenizer) -> SharedVocab:
     """The (student id, teacher id) pairs whose tokens have the same bytes, specials left out."""
-    s_vocab, t_vocab = ByteVocab.of(student), ByteVocab.of(teacher)
-    skip_s, skip_t = special_ids(student), special_ids(teacher)
-    pairs = [
-        (s, t)
-        for data, s in s_vocab.ids.items()
-        if s not in skip_s and (t := t_vocab.ids.get(data)) is not None and t not in skip_t
-    ]
-    s_ids, t_ids = zip(*sorted(pairs)) if pairs else ((), ())
-    return SharedVocab(torch.tensor(s_ids, dtype=torch.long), torch.tensor(t_ids, dtype=torch.long))
+    return Aligner(student, teacher).shared_vocab()
 
 
 # ----------------------------------------------------------------------------- divergences
@@ -183,8 +175,9 @@ class Aligner:
 
     def __init__(self, student: Tokenizer, teacher: Tokenizer) -> None:
         self.student, self.teacher = student, teacher
-        self.student_bytes = ByteVocab.of(student).bytes_of
-        self.teacher_bytes = ByteVocab.of(teacher).bytes_of
+        self.student_vocab, self.teacher_vocab = ByteVocab.of(student), ByteVocab.of(teacher)
+        self.student_bytes = self.student_vocab.bytes_of
+        self.teacher_bytes = self.teacher_vocab.bytes_of
         self.student_special, self.teacher_special = special_ids(student), special_ids(teacher)
         self.student_eos = set(student.eos_token_ids)
         # What the teacher's encode() puts before any text (e.g. Gemma's <bos>).
@@ -192,6 +185,20 @@ class Aligner:
         self.teacher_eos = teacher.eos_token_id
         self.masked: Counter[str] = Counter()
         self.aligned = 0
+
+    def shared_vocab(self) -> SharedVocab:
+        """The (student id, teacher id) pairs whose tokens have the same bytes, no specials."""
+        pairs = [
+            (s, t)
+            for data, s in self.student_vocab.ids.items()
+            if s not in self.student_special
+            and (t := self.teacher_vocab.ids.get(data)) is not None
+            and t not in self.teacher_special
+        ]
+        s_ids, t_ids = zip(*sorted(pairs)) if pairs else ((), ())
+        return SharedVocab(
+            torch.tensor(s_ids, dtype=torch.long), torch.tensor(t_ids, dtype=torch.long)
+        )
 
     def _text(self, ids: list[int]) -> tuple[bytes, list[int]]:
         """The bytes the student's ids spell (special tokens: none) and each token's start."""

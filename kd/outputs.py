@@ -163,12 +163,33 @@ def claim_output(
         raise
 
 
-def finish_output(out: Path, complete: Path | None = None) -> None:
-    """Rename the complete partial (or `complete`, a finished file written beside it) to OUT
-    and remove the partial, its record and its lock (under the lock)."""
+def write_jsonl_atomically(path: Path, records: list[dict]) -> None:
+    """A JSONL file, one record a line, through a temporary name, fsync'ed, then renamed:
+    `path` is whole or absent, never half-written."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
+
+
+def finish_output(out: Path) -> None:
+    """Rename the complete partial to OUT, then remove its record and lock (under the lock)."""
+    os.replace(output_files(out)[0], out)  # first: a crash after it leaves OUT whole, and
+    remove_partial(out)  # reruns refused
+
+
+def remove_partial(out: Path) -> None:
+    """Once OUT is whole: remove OUT.partial, its settings record and its lock."""
     partial, sidecar, lock_path = output_files(out)
-    os.replace(complete or partial, out)  # first: a crash after it leaves OUT whole, and
-    partial.unlink(missing_ok=True)  # reruns refused
+    partial.unlink(missing_ok=True)
     sidecar.unlink(missing_ok=True)
     # Removing a lock file is safe here, though not in general (kd/lock.py): whoever locks it
     # after us, the old file or a new one, finds OUT and stops before writing anything.

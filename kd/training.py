@@ -21,7 +21,7 @@ from torch import Tensor
 
 from kd import hf, hf_config, onpolicy, parallel
 from kd.config import TrainConfig
-from kd.cross_tokenizer import Aligner, shared_vocab
+from kd.cross_tokenizer import Aligner
 from kd.data import Batches, Example, load_examples
 from kd.dtypes import DTYPES
 from kd.gkd import GKD
@@ -274,9 +274,8 @@ def build_method(
     check_token_ids(cfg, streams, vocab, tokenizer)
     cross = None
     if cfg.cross_tokenizer:  # the teacher reads the student's text in its own tokens
-        teacher_tokenizer = load_tokenizer(cfg.teacher[0])
-        shared = shared_vocab(tokenizer, teacher_tokenizer) if cfg.loss == "gold" else None
-        cross = (Aligner(tokenizer, teacher_tokenizer), shared)
+        aligner = Aligner(tokenizer, load_tokenizer(cfg.teacher[0]))
+        cross = (aligner, aligner.shared_vocab() if cfg.loss == "gold" else None)
     kd = KDLoss(
         teachers=[] if cfg.loss == "sft" else teachers,
         options=loss_options(cfg, vocab),
