@@ -74,12 +74,17 @@ def check_settings(partial: Path, sidecar: Path, settings: dict) -> None:
 
 
 def write_json_atomically(path: Path, value: dict) -> None:
-    """Write to a temporary name, fsync, then rename: `path` holds the old or the new JSON,
-    never half of one."""
+    """`value` as indented JSON, written as `write_text_atomically` writes."""
+    write_text_atomically(path, json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write to a temporary name, fsync, then rename: `path` holds the old or the new text,
+    never half of it."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(value, indent=1, ensure_ascii=False) + "\n")
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -164,20 +169,8 @@ def claim_output(
 
 
 def write_jsonl_atomically(path: Path, records: list[dict]) -> None:
-    """A JSONL file, one record a line, through a temporary name, fsync'ed, then renamed:
-    `path` is whole or absent, never half-written."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise
+    """A JSONL file, one record a line, written as `write_text_atomically` writes."""
+    write_text_atomically(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
 
 
 def finish_output(out: Path) -> None:
