@@ -4,17 +4,38 @@ Token-level KD compares two distributions over one vocabulary. A Gemma teacher a
 student share no ids, and often not even the places where tokens start. Two things make the
 pair trainable (`loss = "uld"` or `"gold"`, when the tokenizers differ):
 
-Alignment (`Aligner`). The student's example is the source of truth: its tokens spell a text
-(each id's bytes, kd/token_bytes.py); the teacher tokenizes that same text. Student position t
-predicts the token that starts at byte b (its next token). It is aligned with teacher
-position u when the teacher's token u + 1 starts at the same byte b: both then predict "the
-text that starts at b", each in its own vocabulary. A student boundary inside a teacher token
-(" distillation" against " dist" + "illation") has no such u and is masked ("no common
-boundary"), as is a byte inside a character (byte-level pieces of an emoji). Special tokens
-(chat markers, end of text) are not text: the teacher reads the text without them, and the
-student's final end-of-sequence is aligned with the teacher predicting its own one. Masked
-positions keep their CE term and are counted by reason. The teacher thus reads the student's
-rendering of a chat without its markers, not its own chat template.
+Alignment (`Aligner`). The student's example is the source of truth: its tokens spell a
+text (each id's bytes, kd/token_bytes.py); the teacher tokenizes that same text. Student
+position t predicts the token that starts at byte b (its next token). It is aligned with
+teacher position u when the teacher's token u + 1 starts at the same byte b: both then
+predict "the text that starts at b", each in its own vocabulary. A student boundary inside a
+teacher token (" distillation" against " dist" + "illation") has no such u and is masked ("no
+common boundary"), as is a byte inside a character (byte-level pieces of an emoji). Special
+tokens are not text: the teacher reads the text without them, and the student's final
+end-of-sequence is aligned with the teacher predicting its own one.
+
+Chat (an example with `messages`, kd/data.py): each model reads the conversation in its own
+chat template (its system, user and assistant markers, generation prompt and end of turn),
+tokenized as kd.data.tokenize_chat tokenizes training chats. Only trained positions, those of
+the assistant replies, are aligned; prompts and template markup need no alignment. Reply k of
+the student is reply k of the teacher, and inside it the rule above applies to byte offsets
+from where the reply's content starts on each side: with c_s and c_t the offsets of the
+stripped content in the two replies, student byte b is teacher byte b - c_s + c_t. That holds
+where a template trims the content (Gemma's does) or puts markup before it; a byte outside
+the content of either side is masked ("not in both contents"). So the last prompt position,
+which predicts a reply's first token, is aligned with the teacher's last prompt position when
+both replies start at the same content byte. Each reply's end of turn is its first special
+token after the content (ChatML's <|im_end|>, Gemma's <end_of_turn>): the student predicting
+its own is aligned with the teacher predicting its own, so the student learns from the
+teacher when to stop. The teacher's ids end with the token its last aligned position
+predicts: an example cut at seq_len shows the teacher its rendering up to where the
+student's ends, not the rest of the chat. The teacher reads the markerless text instead when
+it has no chat template (a chat_template.jinja in its directory gives it one), when its
+template refuses the conversation (Gemma's wants user and assistant turns to alternate;
+counted in `Aligner.markerless`), or when the student did not render the record as a chat
+(text, or a prompt and response without a student template).
+
+Masked trained positions keep their CE term and are counted by reason (`Aligner.masked`).
 
 Divergences, per aligned position, with p = softmax(z_t / T) over V_t and q = softmax(z_s / T)
 over V_s (they enter the loss as alpha T^2 D + (1 - alpha) CE, as every divergence does):
@@ -49,6 +70,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kd.data import IGNORE, tokenize_chat
 from kd.token_bytes import ByteVocab
 from kd.tokenizer import Tokenizer
 
@@ -168,10 +190,71 @@ def cross_divergence(
 # ----------------------------------------------------------------------------- alignment
 
 
+def _spell(
+    ids: list[int], bytes_of: list[bytes | None], special: set[int]
+) -> tuple[bytes, list[int]]:
+    """The bytes `ids` spell (a special token: none) and the byte each token starts at."""
+    starts, text = [], b""
+    for i in ids:
+        starts.append(len(text))
+        if i not in special:
+            text += bytes_of[i] or b""
+    return text, starts
+
+
+def _char_starts(text: bytes) -> set[int]:
+    """The offsets where a character of UTF-8 `text` starts (not 0b10xxxxxx), and its end."""
+    return {i for i in range(len(text)) if (text[i] & 0xC0) != 0x80} | {len(text)}
+
+
+class _Reply(NamedTuple):
+    """Where the content lies in a reply's text (bytes; spans relative to `at`)."""
+
+    at: int  # the byte where the stripped content starts
+    lo: int  # the content's first byte: its leading whitespace unless the template trimmed it
+    hi: int  # one past its last byte: with its trailing whitespace unless trimmed
+    end: int  # index of the end-of-turn token, the first special token after it; -1: none
+
+
+def _reply(
+    ids: list[int], starts: list[int], text: bytes, special: set[int], content: str
+) -> _Reply | None:
+    """The content's place in a reply (ids, each token's first byte, the bytes they spell);
+    None where the text does not hold it."""
+    core = content.strip().encode("utf-8")
+    lead = content[: len(content) - len(content.lstrip())].encode("utf-8")
+    trail = content[len(content.rstrip()) :].encode("utf-8")
+    at = text.find(core)
+    if at < 0 and core:  # cut at seq_len: the first `at` where text[at:] is a prefix of core
+        at = max(0, len(text) - len(core) + 1)
+        while (at := text.find(core[:1], at)) >= 0 and not core.startswith(text[at:]):
+            at += 1
+    if at < 0:
+        return None
+    after = (j for j, (i, b) in enumerate(zip(ids, starts)) if i in special and b >= at + len(core))
+    end = next(after, -1)  # ChatML's <|im_end|>, Gemma's <end_of_turn>; none in a cut reply
+    stop = starts[end] if end >= 0 else len(text)  # what follows the end of turn is markup
+    lo = -len(lead) if text[:at].endswith(lead) else 0
+    hi = len(core) + (len(trail) if text[at + len(core) : stop].startswith(trail) else 0)
+    return _Reply(at, lo, hi, end)
+
+
+def _runs(mask: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of True in `mask`."""
+    runs, start = [], -1
+    for i, on in enumerate([*mask, False]):
+        if on and start < 0:
+            start = i
+        elif not on and start >= 0:
+            runs.append((start, i))
+            start = -1
+    return runs
+
+
 class Aligner:
     """The teacher's view of a student example: its token ids and, per student position, the
     aligned teacher position (-1: masked). Reasons for masked trained positions are counted in
-    `masked`, aligned ones in `aligned`."""
+    `masked`, aligned ones in `aligned`, chats read as markerless text in `markerless`."""
 
     def __init__(self, student: Tokenizer, teacher: Tokenizer) -> None:
         self.student, self.teacher = student, teacher
@@ -185,6 +268,7 @@ class Aligner:
         self.teacher_eos = teacher.eos_token_id
         self.masked: Counter[str] = Counter()
         self.aligned = 0
+        self.markerless = 0  # chats the teacher's template refused: it read their markerless text
 
     def shared_vocab(self) -> SharedVocab:
         """The (student id, teacher id) pairs whose tokens have the same bytes, no specials."""
@@ -200,15 +284,6 @@ class Aligner:
             torch.tensor(s_ids, dtype=torch.long), torch.tensor(t_ids, dtype=torch.long)
         )
 
-    def _text(self, ids: list[int]) -> tuple[bytes, list[int]]:
-        """The bytes the student's ids spell (special tokens: none) and each token's start."""
-        starts, text = [], b""
-        for i in ids:
-            starts.append(len(text))
-            if i not in self.student_special:
-                text += self.student_bytes[i] or b""
-        return text, starts
-
     def teacher_ids(self, text: bytes) -> tuple[list[int], list[int]]:
         """The teacher's ids of `text` (its prefix first) and each token's start (-1: not at
         the start of a character of the text: a prefix, or a byte inside a character)."""
@@ -223,26 +298,93 @@ class Aligner:
             return ids, [-1] * len(ids)
         return ids, [-1] * len(self.teacher_prefix) + starts
 
-    def align(self, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
-        """(teacher ids, aligned teacher position per student position) for one example."""
-        text, s_starts = self._text(input_ids)
+    def align(
+        self, input_ids: list[int], labels: list[int], messages: list[dict] | None = None
+    ) -> tuple[list[int], list[int]]:
+        """(teacher ids, aligned teacher position per student position) for one example;
+        `messages`: the conversation its ids render (kd.data.Example.messages), if any."""
+        if messages is not None and self.teacher.chat_template is not None:
+            view = self._align_chat(input_ids, labels, messages)
+            if view is not None:
+                return view
+            self.markerless += 1
+        return self._align_text(input_ids, labels)
+
+    def _align_text(self, input_ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        """The teacher reads the text the student's ids spell, without special tokens."""
+        text, s_starts = _spell(input_ids, self.student_bytes, self.student_special)
         t_ids, t_starts = self.teacher_ids(text)
         ends_with_eos = input_ids[-1] in self.student_eos and self.teacher_eos is not None
         if ends_with_eos:
             t_ids.append(self.teacher_eos)
         by_start = {b: j for j, b in enumerate(t_starts) if b >= 0}  # teacher token starting at b
-        # A byte that does not begin a character (a byte-level piece of an emoji) is no boundary.
-        char_starts = {i for i in range(len(text)) if (text[i] & 0xC0) != 0x80} | {len(text)}
+        char_starts = _char_starts(text)
         aligned = []
         for t, label in enumerate(labels):
             u, reason = self._position(t, input_ids, s_starts, by_start, char_starts, t_ids)
             aligned.append(u)
-            if label != -100:
-                if u >= 0:
-                    self.aligned += 1
-                else:
-                    self.masked[reason] += 1
+            if label != IGNORE:
+                self._count(u, reason)
         return t_ids, aligned
+
+    def _count(self, u: int, reason: str) -> None:
+        if u >= 0:
+            self.aligned += 1
+        else:
+            self.masked[reason] += 1
+
+    def _align_chat(
+        self, input_ids: list[int], labels: list[int], messages: list[dict]
+    ) -> tuple[list[int], list[int]] | None:
+        """The teacher's ids of the conversation in its own template and the alignment of the
+        replies (module docstring); None when its template refuses the conversation or
+        renders fewer replies than the student's."""
+        try:
+            t_ids, t_trained, _ = tokenize_chat(messages, self.teacher, "the teacher's chat")
+        except ValueError:  # e.g. Gemma's template wants user and assistant turns to alternate
+            return None
+        # Student reply k: the trained positions p .. q - 1, predicting its tokens p + 1 .. q
+        # (fewer replies where seq_len cut the example); teacher reply k: its tokens a .. b - 1.
+        s_replies = _runs([label != IGNORE for label in labels])
+        t_replies = _runs(t_trained)
+        if len(s_replies) > len(t_replies):
+            return None
+        contents = [m["content"] for m in messages if m["role"] == "assistant"]
+        aligned = [-1] * len(input_ids)
+        for (p, q), (a, b), content in zip(s_replies, t_replies, contents):
+            pairs = self._turn(input_ids[p + 1 : q + 1], t_ids[a:b], content)
+            for i, (j, reason) in enumerate(pairs):
+                # Student position p + i predicts its reply's token i, teacher position
+                # a - 1 + j the teacher reply's token j.
+                aligned[p + i] = a - 1 + j if j >= 0 else -1
+                self._count(j, reason)
+        last = max(aligned)  # the teacher reads up to the token it predicts there
+        return t_ids[: last + 2 if last >= 0 else 1], aligned
+
+    def _turn(self, s_ids: list[int], t_ids: list[int], content: str) -> list[tuple[int, str]]:
+        """For each token i of a student reply, (j, "") where token j of the teacher's reply
+        starts at the same byte of the content, or (-1, reason)."""
+        s_text, s_starts = _spell(s_ids, self.student_bytes, self.student_special)
+        t_text, t_starts = _spell(t_ids, self.teacher_bytes, self.teacher_special)
+        s = _reply(s_ids, s_starts, s_text, self.student_special, content)
+        t = _reply(t_ids, t_starts, t_text, self.teacher_special, content)
+        if s is None or t is None:
+            return [(-1, "reply not found")] * len(s_ids)
+        by_start = {b: j for j, b in enumerate(t_starts) if t_ids[j] not in self.teacher_special}
+        char_starts = _char_starts(s_text)
+        pairs = []
+        for i, token in enumerate(s_ids):
+            k = s_starts[i] - s.at  # the byte's offset in the content, the same on both sides
+            if token in self.student_special:  # both predict their end of turn
+                pairs.append((t.end, "") if i == s.end and t.end >= 0 else (-1, "special token"))
+            elif s_starts[i] not in char_starts:
+                pairs.append((-1, "inside a character"))
+            elif not max(s.lo, t.lo) <= k < min(s.hi, t.hi):
+                pairs.append((-1, "not in both contents"))  # markup, or whitespace one trimmed
+            else:
+                j = by_start.get(k + t.at)
+                pairs.append((-1, "no common boundary") if j is None else (j, ""))
+        return pairs
 
     def _position(
         self,

@@ -52,12 +52,13 @@ _EPOCH_KEY, _BATCH_KEY = 1, 2
 @dataclass(frozen=True)
 class Example:
     input_ids: list[int]  # (T,) tokens, T <= seq_len
-    labels: list[
-        int
-    ]  # (T,) labels[t] = input_ids[t + 1] if trained else IGNORE; labels[-1] = IGNORE
+    labels: list[int]  # (T,) input_ids[t + 1] if trained else IGNORE; labels[-1] = IGNORE
     prompt_ids: list[int]  # tokens before the first trained response; [] for {"text"} records
     num_targets: int  # labels != IGNORE, kept so a step's token count costs no pass over labels
     index: int = -1  # position in load_examples' list of its file: the row key of a teacher cache
+    # The conversation the tokens render (None: not rendered as a chat); a teacher of another
+    # tokenizer renders it with its own chat template (kd/cross_tokenizer.py).
+    messages: list[dict[str, str]] | None = None
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,11 @@ def _through_end_of_turn(reply: list[int], end_ids: set[int]) -> int:
     return len(reply)
 
 
-def _tokenize_chat(
+def tokenize_chat(
     messages: list[dict[str, str]], tokenizer: Tokenizer, where: str
 ) -> tuple[list[int], list[bool], list[int]]:
-    """Tokens, trained mask and prompt of a conversation; assistant turns are trained.
+    """Tokens, trained mask and prompt of a conversation; assistant turns are trained. Also
+    how a teacher of another tokenizer reads the student's conversation (kd/cross_tokenizer.py).
 
     Assistant turns are found by rendering prefixes of the conversation: for assistant message i,
     render(messages[:i], add_generation_prompt=True) ends where its content starts and
@@ -248,10 +250,12 @@ def _tokenize_chat(
 
 def _tokenize(
     record: dict, tokenizer: Tokenizer, where: str
-) -> tuple[list[int], list[bool], list[int]]:
-    """Tokens, trained mask (is token t a target?) and prompt tokens of one record."""
+) -> tuple[list[int], list[bool], list[int], list[dict[str, str]] | None]:
+    """Tokens, trained mask (is token t a target?), prompt tokens of one record, and the
+    conversation when it is rendered as a chat."""
     if "messages" in record:
-        return _tokenize_chat(_messages(record, where), tokenizer, where)
+        messages = _messages(record, where)
+        return (*tokenize_chat(messages, tokenizer, where), messages)
     if "prompt" in record:
         if "response" not in record:
             raise ValueError(
@@ -261,13 +265,14 @@ def _tokenize(
         prompt, response = _string(record, "prompt", where), _string(record, "response", where)
         if tokenizer.chat_template is not None:
             chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-            return _tokenize_chat(chat, tokenizer, where)
+            return (*tokenize_chat(chat, tokenizer, where), chat)
         prompt_ids = tokenizer.encode(prompt)
         reply = tokenizer.encode(response, add_special_tokens=False) + _eos(tokenizer)
-        return prompt_ids + reply, [False] * len(prompt_ids) + [True] * len(reply), prompt_ids
+        trained = [False] * len(prompt_ids) + [True] * len(reply)
+        return prompt_ids + reply, trained, prompt_ids, None
     if "text" in record:
         tokens = tokenizer.encode(_string(record, "text", where)) + _eos(tokenizer)
-        return tokens, [True] * len(tokens), []
+        return tokens, [True] * len(tokens), [], None
     raise _unknown(record, where)
 
 
@@ -284,7 +289,7 @@ def load_examples(
     examples = []
     for where, record in read_jsonl(path):
         stats.records += 1
-        tokens, trained, prompt_ids = _tokenize(record, tokenizer, where)
+        tokens, trained, prompt_ids, messages = _tokenize(record, tokenizer, where)
         if len(tokens) > seq_len:
             stats.truncated += 1
             tokens, trained = tokens[:seq_len], trained[:seq_len]
@@ -293,7 +298,7 @@ def load_examples(
         if num_targets == 0:
             stats.dropped += 1
             continue
-        examples.append(Example(tokens, labels, prompt_ids, num_targets, len(examples)))
+        examples.append(Example(tokens, labels, prompt_ids, num_targets, len(examples), messages))
         stats.examples += 1
         stats.tokens += len(tokens)
         stats.targets += num_targets

@@ -135,7 +135,8 @@ def router_aux(
 class OffPolicy:
     """KD (or SFT) on the data: micro-batches from `data`, each scored by `kd`. `cross`: a
     teacher of another tokenizer, (its Aligner, the shared vocabulary for gold); each
-    micro-batch then carries the teacher's ids of the same text and the aligned positions."""
+    micro-batch then carries the teacher's ids of the same text (a chat: in the teacher's own
+    template) and the aligned positions."""
 
     def __init__(
         self,
@@ -156,7 +157,7 @@ class OffPolicy:
         examples = self.data.examples(step) if self.cross is not None else None
         for m, batch in enumerate(self.data.micro_batches(step)):
             index = batch.pop("index")  # (B,) the examples' rows in the data file
-            if examples is not None:  # the teacher's ids of the same text, and the alignment
+            if examples is not None:  # the teacher's ids of the example, and the alignment
                 batch |= teacher_view(self.cross[0], examples[m], batch["input_ids"].shape[1])
             if self.cache is not None:  # read on the CPU; train_step moves it with the batch
                 batch["teacher_ids"], batch["teacher_logprobs"] = self.cache.topk_for(
@@ -178,10 +179,10 @@ class OffPolicy:
 
 
 def teacher_view(aligner: Aligner, examples: list[Example], width: int) -> dict[str, Tensor]:
-    """The teacher's ids of each example's text, right-padded with 0 ("teacher_input_ids",
-    (B, T_t)), and the aligned teacher position of each student position ("teacher_positions",
-    (B, width), -1 where none)."""
-    views = [aligner.align(e.input_ids, e.labels) for e in examples]
+    """The teacher's ids of each example (its text, or its chat in the teacher's template),
+    right-padded with 0 ("teacher_input_ids", (B, T_t)), and the aligned teacher position of
+    each student position ("teacher_positions", (B, width), -1 where none)."""
+    views = [aligner.align(e.input_ids, e.labels, e.messages) for e in examples]
     ids = torch.zeros(len(views), max(len(v[0]) for v in views), dtype=torch.long)
     positions = torch.full((len(views), width), -1, dtype=torch.long)
     for row, (t_ids, aligned) in enumerate(views):

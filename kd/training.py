@@ -273,7 +273,7 @@ def build_method(
     teacher cache are kd/offpolicy.py; gkd and minillm sample the student's answers."""
     check_token_ids(cfg, streams, vocab, tokenizer)
     cross = None
-    if cfg.cross_tokenizer:  # the teacher reads the student's text in its own tokens
+    if cfg.cross_tokenizer:  # the teacher reads the student's text (a chat: in its template)
         aligner = Aligner(tokenizer, load_tokenizer(cfg.teacher[0]))
         cross = (aligner, aligner.shared_vocab() if cfg.loss == "gold" else None)
     kd = KDLoss(

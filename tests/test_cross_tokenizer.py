@@ -5,6 +5,14 @@ the dense one, and the alignment of real tokenizers (SmolLM2's byte-level BPE ag
 tokenizer's, and against Gemma 3's SentencePiece where `make gemma3` has run) on strings that
 break naive code: each aligned pair predicts text from the same byte, checked by decoding.
 
+Chats, each model reading its own template (ChatML; Gemma 3's template, set on its real
+tokenizer since models/gemma3-270m has none; SmolLM2's, which adds a system prompt), with
+several turns, a system message, whitespace the Gemma template trims, emoji, CJK and a cut at
+seq_len: each aligned pair predicts from the same content byte of the same reply, the ends of
+turn are aligned, prompts and markup never are, the teacher's ids are its own rendering and
+no longer than the student's; a conversation the teacher's template refuses, or a teacher
+without a template, is read as markerless text. train.py runs end to end on text and chats.
+
 Run: `.venv/bin/python -m pytest -q tests/test_cross_tokenizer.py`.
 """
 
@@ -23,10 +31,11 @@ from tiny_tokenizer import TINY_VOCAB_SIZE, make_tiny_tokenizer
 import train
 from kd.chunked_loss import chunked_distillation_loss
 from kd.cross_tokenizer import Aligner, CrossVocab, SharedVocab, shared_vocab, sorted_l1
-from kd.data import IGNORE
+from kd.data import IGNORE, Example, load_examples, tokenize_chat
 from kd.losses import LossOptions, distillation_loss
+from kd.offpolicy import teacher_view
 from kd.token_bytes import token_bytes
-from kd.tokenizer import load_tokenizer
+from kd.tokenizer import Tokenizer, load_tokenizer
 from tests.tiny_models import make_tiny_checkpoint
 
 GEMMA3_DIR = Path(__file__).resolve().parent.parent / "models" / "gemma3-270m"
@@ -171,13 +180,17 @@ TEXTS = [
 ALIGNERS: dict[tuple[int, int], Aligner] = {}  # reading a vocabulary's bytes takes ~0.5-3 s
 
 
-def check_alignment(student, teacher, text: str, seq_len: int = 10_000, fresh=False) -> Aligner:
-    """Align `text` (+ the student's end of sequence), cut to seq_len tokens; each aligned
-    student position t and teacher position u must see the same text before them, decoded."""
+def aligner_for(student, teacher, fresh: bool = False) -> Aligner:
     key = (id(student), id(teacher))
     if fresh or key not in ALIGNERS:
         ALIGNERS[key] = Aligner(student, teacher)
-    aligner = ALIGNERS[key]
+    return ALIGNERS[key]
+
+
+def check_alignment(student, teacher, text: str, seq_len: int = 10_000, fresh=False) -> Aligner:
+    """Align `text` (+ the student's end of sequence), cut to seq_len tokens; each aligned
+    student position t and teacher position u must see the same text before them, decoded."""
+    aligner = aligner_for(student, teacher, fresh)
     ids = (student.encode(text, add_special_tokens=False) + [student.eos_token_id])[:seq_len]
     labels = [*ids[1:], IGNORE]
     t_ids, aligned = aligner.align(ids, labels)
@@ -244,6 +257,187 @@ def test_shared_vocab_pairs_have_equal_bytes(smollm2, tiny):
     assert tiny.token_to_id("<|im_end|>") not in shared.student_ids.tolist()  # specials: never
 
 
+# ----------------------------------------------------------------------------- chat
+
+# Gemma 3's published chat template, minimal and faithful: <bos>, then per turn
+# "<start_of_turn>{user|model}\n" + content | trim + "<end_of_turn>\n", a system message folded
+# into the first user turn, user and assistant turns that must alternate. models/gemma3-270m
+# (the base model, from its GGUF) has no chat template of its own.
+GEMMA3_CHAT = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% set first_user_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_user_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else message['role'] %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+CHATS = [
+    [  # a system message; replies with a leading space, newlines, digits, emoji and CJK
+        {"role": "system", "content": "You are terse.\nAnswer in English."},
+        {"role": "user", "content": "What is 12345 * 2?"},
+        {"role": "assistant", "content": " It is 24690 🦜, i.e. 2.469e4.\n\nDone.\n"},
+        {"role": "user", "content": "東京は?"},
+        {"role": "assistant", "content": "東京は日本の首都です。 Emoji: 👩‍👩‍👧, naïve café."},
+    ],
+    [  # no system message: SmolLM2's template adds its own; code, tabs, a whitespace prompt
+        {"role": "user", "content": "Write f."},
+        {"role": "assistant", "content": "def f(x):\n    return x ** 2  # square\n"},
+        {"role": "user", "content": "  and g?  "},
+        {"role": "assistant", "content": "g = f   # the same\t\n"},
+        {"role": "user", "content": "Thanks"},
+        {"role": "assistant", "content": "You're welcome! 🙂 1/2 = 0.5"},
+    ],
+]
+
+END_OF_TURN = {"smollm2": "<|im_end|>", "tiny": "<|im_end|>", "gemma3_chat": "<end_of_turn>"}
+
+
+@pytest.fixture(scope="module")
+def gemma3_chat(gemma3):
+    """Gemma 3's real tokenizer with its chat template (GEMMA3_CHAT)."""
+    return Tokenizer(
+        gemma3.backend, special_tokens=gemma3.special_tokens, chat_template=GEMMA3_CHAT
+    )
+
+
+def chat_example(student, messages: list[dict], tmp_path: Path, seq_len: int = 4096) -> Example:
+    """The student's Example of one {"messages": ...} record, as training loads it."""
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": messages}) + "\n")
+    [example], _ = load_examples(path, student, seq_len=seq_len)
+    return example
+
+
+def runs(mask: list[bool]) -> list[tuple[int, int]]:
+    """[start, end) of each run of True."""
+    found: list[list[int]] = []
+    for i, on in enumerate(mask):
+        if on and i > 0 and mask[i - 1]:
+            found[-1][1] = i + 1
+        elif on:
+            found.append([i, i + 1])
+    return [(a, b) for a, b in found]
+
+
+def check_chat(aligner: Aligner, example: Example, ends: tuple[str, str]) -> tuple[list, list]:
+    """Align a chat example; check the teacher's ids against its own template and each aligned
+    pair (t, u) against the replies' text. ends: the student's and teacher's end-of-turn."""
+    student, teacher, messages = aligner.student, aligner.teacher, example.messages
+    counted = aligner.aligned + sum(aligner.masked.values())
+    t_ids, aligned = aligner.align(example.input_ids, example.labels, messages)
+    assert aligner.aligned + sum(aligner.masked.values()) - counted == example.num_targets
+    # The teacher reads its own template's rendering, up to the token its last aligned
+    # position predicts.
+    full, t_trained, _ = tokenize_chat(messages, teacher, "test")
+    assert t_ids == full[: len(t_ids)] and max(aligned) == len(t_ids) - 2
+    rendering = teacher.apply_chat_template(messages)
+    assert rendering.startswith(teacher.decode(t_ids, skip_special_tokens=False))
+    s_replies = runs([label != IGNORE for label in example.labels])  # positions p .. q - 1
+    t_replies = runs(t_trained)  # teacher tokens a .. b - 1
+    contents = [m["content"] for m in messages if m["role"] == "assistant"]
+    s_end, t_end = student.token_to_id(ends[0]), teacher.token_to_id(ends[1])
+    for t, u in enumerate(aligned):
+        if u < 0:
+            continue
+        assert example.labels[t] != IGNORE, t  # prompts and template markup: never aligned
+        [k] = [k for k, (p, q) in enumerate(s_replies) if p <= t < q]
+        (p, _), (a, b) = s_replies[k], t_replies[k]
+        assert a <= u + 1 < b, (t, u)  # the teacher predicts a token of the same reply
+        s_next, t_next = example.input_ids[t + 1], t_ids[u + 1]
+        if s_next == s_end:  # both predict their end of turn
+            assert t_next == t_end, (t, u)
+            continue
+        # The same content byte: each reply so far is the content up to it (leading whitespace
+        # aside, which Gemma's template trims), and both tokens spell the content from there.
+        before = student.decode(example.input_ids[p + 1 : t + 1]).lstrip()
+        assert teacher.decode(t_ids[a : u + 1]).lstrip() == before, (t, u)
+        rest = contents[k].lstrip().encode()[len(before.encode()) :]
+        for token in (aligner.student_bytes[s_next], aligner.teacher_bytes[t_next]):
+            assert rest.startswith(token if before else token.lstrip()), (t, u)
+    for k, (p, q) in enumerate(s_replies):
+        if s_end in example.input_ids[p + 1 : q + 1]:  # a whole reply: its end is aligned
+            position = p + example.input_ids[p + 1 : q + 1].index(s_end)
+            assert t_ids[aligned[position] + 1] == t_end, k
+        if contents[k] == contents[k].lstrip():  # the last prompt position predicts the reply
+            assert aligned[p] == t_replies[k][0] - 1, k
+    return t_ids, aligned
+
+
+@pytest.mark.parametrize(
+    "pair", [("smollm2", "gemma3_chat"), ("gemma3_chat", "smollm2"), ("tiny", "smollm2")]
+)
+@pytest.mark.parametrize("chat", range(len(CHATS)))
+def test_chat_alignment(request, pair, chat, tmp_path):
+    """Each model reads the conversation in its own template: ChatML against Gemma's (which
+    trims replies), each way round, and ChatML against SmolLM2's (a default system prompt)."""
+    student, teacher = (request.getfixturevalue(name) for name in pair)
+    s_name, t_name = pair
+    aligner = aligner_for(student, teacher)
+    example = chat_example(student, CHATS[chat], tmp_path)
+    t_ids, aligned = check_chat(aligner, example, (END_OF_TURN[s_name], END_OF_TURN[t_name]))
+    # The whole conversation: the teacher's rendering through its last end of turn.
+    rendering = teacher.apply_chat_template(CHATS[chat])
+    last_end = rendering.rindex(END_OF_TURN[t_name]) + len(END_OF_TURN[t_name])
+    assert teacher.decode(t_ids, skip_special_tokens=False) == rendering[:last_end]
+    assert sum(u >= 0 for u in aligned) > example.num_targets / 2
+
+
+@pytest.mark.parametrize("reply", [0, 1])
+def test_chat_cut_at_seq_len(smollm2, gemma3_chat, reply, tmp_path):
+    """Cut inside the first or the last reply: the teacher sees its rendering up to where the
+    student's ends, never the rest of the conversation."""
+    student, teacher = smollm2, gemma3_chat
+    whole = chat_example(student, CHATS[0], tmp_path)
+    starts = [p + 1 for p, _ in runs([label != IGNORE for label in whole.labels])]
+    seq_len = starts[reply] + 6  # six tokens into the reply
+    example = chat_example(student, CHATS[0], tmp_path, seq_len=seq_len)
+    assert len(example.input_ids) == seq_len and example.messages == CHATS[0]
+    t_ids, _ = check_chat(aligner_for(student, teacher), example, ("<|im_end|>", "<end_of_turn>"))
+    seen = teacher.decode(t_ids, skip_special_tokens=False)
+    assert seen.count("<start_of_turn>model") == reply + 1  # no later turn
+    assert seen.count("<end_of_turn>") == 2 * reply + 1  # the reply's own end is not seen
+    # Its reply so far, but the token its last aligned position predicts, is the student's.
+    a = runs(tokenize_chat(CHATS[0], teacher, "test")[1])[reply][0]
+    said = student.decode(example.input_ids[starts[reply] :]).lstrip()
+    assert said.startswith(teacher.decode(t_ids[a:-1]).lstrip())
+
+
+def test_chat_the_teacher_template_refuses_is_read_as_text(smollm2, gemma3_chat, tmp_path):
+    """Gemma's template wants user and assistant turns to alternate; SmolLM2's renders two
+    user turns in a row. The teacher then reads the markerless text, and it is counted."""
+    student, teacher = smollm2, gemma3_chat
+    messages = [*CHATS[0][:2], {"role": "user", "content": "Quickly."}, *CHATS[0][2:3]]
+    example = chat_example(student, messages, tmp_path)
+    aligner = aligner_for(student, teacher)
+    markerless = aligner.markerless
+    view = aligner.align(example.input_ids, example.labels, example.messages)
+    assert aligner.markerless == markerless + 1
+    assert view == aligner.align(example.input_ids, example.labels)  # as for a text record
+    assert "<start_of_turn>" not in teacher.decode(view[0], skip_special_tokens=False)
+
+
+def test_chat_teacher_without_template_reads_text(smollm2, gemma3, tmp_path):
+    """A teacher without a chat template (models/gemma3-270m as imported) reads the student's
+    rendering without its markers, as for a text record; that is not a refusal."""
+    student = smollm2
+    plain = Tokenizer(gemma3.backend, special_tokens=gemma3.special_tokens, chat_template=None)
+    aligner = Aligner(student, plain)
+    example = chat_example(student, CHATS[1], tmp_path)
+    view = aligner.align(example.input_ids, example.labels, example.messages)
+    assert view == aligner.align(example.input_ids, example.labels) and aligner.markerless == 0
+    text = student.decode(example.input_ids)  # markers dropped: "system\nYou are ..."
+    assert plain.decode(view[0]) == text
+
+
 # ----------------------------------------------------------------------------- train.py
 
 
@@ -259,7 +453,12 @@ def cross_pair(tmp_path_factory, teacher_dir):
     data = d / "train.jsonl"
     lines = [{"text": f"{t} The river rises {i} times, naïvely 🦜."} for i, t in enumerate(TEXTS)]
     data.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    return {"dir": d, "student": student, "teacher": teacher, "data": data}
+    chat = d / "chat.jsonl"
+    records = [{"messages": m} for m in CHATS] + [
+        {"prompt": TEXTS[i], "response": TEXTS[i + 1]} for i in range(4)
+    ]
+    chat.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return {"dir": d, "student": student, "teacher": teacher, "data": data, "chat": chat}
 
 
 def train_args(pair: dict, out: Path, loss: str) -> list[str]:
@@ -301,3 +500,34 @@ def test_other_tokenizer_needs_uld_or_gold(cross_pair, tmp_path, capsys):
     same[0] = f"--teacher={cross_pair['student']}"
     assert train.cli(same) == 1
     assert "share one: use forward_kl" in capsys.readouterr().err
+
+
+def test_teacher_view_renders_chats_in_the_teachers_template(cross_pair, smollm2):
+    """What the training step hands the teacher: its own rendering (SmolLM2's template adds
+    a system prompt the tiny student's ChatML has not)."""
+    student = load_tokenizer(cross_pair["student"])
+    examples, _ = load_examples(cross_pair["chat"], student, seq_len=256)
+    aligner = Aligner(student, smollm2)
+    view = teacher_view(aligner, examples, max(len(e.input_ids) for e in examples))
+    for row, example in enumerate(examples):
+        t_ids, aligned = aligner.align(example.input_ids, example.labels, example.messages)
+        assert view["teacher_input_ids"][row, : len(t_ids)].tolist() == t_ids
+        assert view["teacher_positions"][row, : len(aligned)].tolist() == aligned
+        seen = smollm2.decode(t_ids, skip_special_tokens=False)
+        assert smollm2.apply_chat_template(example.messages).startswith(seen)
+        if example.messages[0]["role"] != "system":  # prompt/response records too
+            assert seen.startswith("<|im_start|>system\nYou are a helpful AI assistant")
+
+
+def test_train_py_distills_chats_across_tokenizers(cross_pair, tmp_path, capsys):
+    """train.py on chat data: each model reads its own template; finite, positive
+    divergences and most trained positions aligned."""
+    args = train_args(cross_pair, tmp_path / "run", "uld")
+    args = [a for a in args if not a.startswith(("--data=", "--seq_len="))]
+    assert train.cli([*args, f"--data={cross_pair['chat']}", "--seq_len=256"]) == 0
+    records = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in records if "loss" in r]
+    assert len(steps) == 3 and all(
+        math.isfinite(r["divergence"]) and r["divergence"] > 0 for r in steps
+    )
+    assert steps[-1]["aligned"] > 0.3  # as for text: the tiny tokenizer splits finer
