@@ -1,7 +1,14 @@
 """Benchmark of one distillation step: ours vs its parts vs the usual transformers way.
 
     .venv/bin/python scripts/bench_train.py                  # SmolLM2-135M teacher (make teacher)
-    .venv/bin/python scripts/bench_train.py --steps 5 --batch-size 8 --seq-len 256
+    .venv/bin/python scripts/bench_train.py --repeat 2 --profile runs/profile --compile
+
+Each case warms up until two consecutive steps agree within 5%, then times --steps (5) steps one
+by one: the table gives the median, the spread ((max - min) / median) and the first step (which
+includes compilation with compile = true); kd/benchmark.py. --repeat N runs every case N times
+back to back and prints how far each ratio moved between runs. --profile DIR writes each case's
+torch.profiler per-op table to DIR/CASE.txt and prints self seconds per step by kind of work.
+--compile adds sft, teacher and kd with compile = true (torch.compile per block).
 
 Cases, each in a fresh subprocess so that its peak memory (max RSS on CPU, max allocated on
 CUDA) is its own, on the same random tokens (every position trained; with --prompt-fraction F the
@@ -42,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -49,13 +57,13 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+from kd.benchmark import matmul_peak, profile, timed  # noqa: E402
 from kd.config import TrainConfig  # noqa: E402  (after the path set-up)
 from kd.data import Example  # noqa: E402
 from kd.dtypes import DTYPES, fast_precision  # noqa: E402
 from kd.tokenizer import Tokenizer  # noqa: E402
 
 LAYERS = (0, 3, 6, 9, 12, 15, 18, 21, 24, 29)
-CASES = ("sft", "teacher", "kd", "naive", "cached", "kd-moe")
 PROMPT_FRACTION = 0.0  # set from --prompt-fraction in main and in each case's process
 
 
@@ -65,29 +73,15 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def timed(step, *, steps: int) -> tuple[float, float]:
-    """(wall seconds, this process's CPU seconds) per call of step(), after one warm-up call.
-
-    On a CPU shared with other jobs the wall time stretches with their load; the CPU time (all
-    threads) stays close to the work done, so both are reported."""
-    step()
-    sync()
-    wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(steps):
-        step()
-    sync()
-    return (time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps
-
-
-def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
-    """FLOP/s of a 2048^3 matmul: the practical peak of this machine in that dtype."""
-    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
-    return 2 * 2048**3 / timed(lambda: a @ b, steps=5)[0]
+def measure(step, case: str, args: argparse.Namespace) -> dict:
+    """kd.benchmark.timed's fields for `step`, and with --profile its profile: the per-op
+    table written to PROFILE/CASE.txt, the self seconds per kind of work returned."""
+    result = asdict(timed(step, steps=args.steps))
+    if args.profile:
+        table, kinds = profile(step)
+        (Path(args.profile) / f"{case}.txt").write_text(table)
+        result["profile"] = kinds
+    return result
 
 
 def random_batch(vocab: int, *, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -206,29 +200,31 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
     )
 
     cache_dir = Path(args.cache_dir or "unused")  # (e): batch.json (the cache's data) and cache/
-    moe = case == "kd-moe"  # (f): the models write_moe_teacher wrote
+    base = case.removesuffix("+compile")  # "kd+compile": case kd with compile = true
+    moe = base == "kd-moe"  # (f): the models write_moe_teacher wrote
     cfg = TrainConfig(
         teacher=(str(cache_dir / "moe_teacher") if moe else args.teacher,),
         student=str(cache_dir / "student") if moe else "",
         student_layers=() if moe else LAYERS,
         precision=args.precision,
         data=(str(cache_dir / "batch.json"),),
-        teacher_cache=str(cache_dir / "cache") if case == "cached" else "",
-        loss="sft" if case == "sft" else "forward_kl",
+        teacher_cache=str(cache_dir / "cache") if base == "cached" else "",
+        loss="sft" if base == "sft" else "forward_kl",
         alpha=0.5,
         chunk_size=args.chunk_size,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         lr=1e-4,
+        compile=base != case,
     )
     world = parallel.init_distributed()
     tokenizer = load_tokenizer(args.teacher)
     student, teachers, vocab = build_models(cfg, world, tokenizer)  # cached: teachers = []
     cpu_batch = random_batch(vocab, batch_size=args.batch_size, seq_len=args.seq_len)
-    if case == "teacher":
+    if base == "teacher":
         ids = cpu_batch["input_ids"].to(world.device)
         with torch.no_grad():
-            seconds, cpu_seconds = timed(lambda: teachers[0](ids), steps=args.steps)
+            result = measure(lambda: teachers[0](ids), case, args)
         flops = forward_flops_per_token(teachers[0], seq_len=args.seq_len)
     else:
         data = Batches(
@@ -240,9 +236,9 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
             seed=0,
             pad_id=0,
         )
-        teacher = [] if case == "sft" else teachers
+        teacher = [] if base == "sft" else teachers
         kd = KDLoss(teacher, loss_options(cfg, vocab), vocab, cfg.chunk_size)
-        cache = open_batch_cache(cfg, tokenizer, cpu_batch) if case == "cached" else None
+        cache = open_batch_cache(cfg, tokenizer, cpu_batch) if base == "cached" else None
         method = OffPolicy(data, kd, cache=cache)
         optimizer = build_optimizer(student, lr=cfg.lr, weight_decay=0.1)
 
@@ -257,10 +253,10 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
                 grad_clip=cfg.grad_clip,
             )
 
-        seconds, cpu_seconds = timed(step, steps=args.steps)
+        result = measure(step, case, args)
         flops = flops_per_token(method.teachers, student, seq_len=args.seq_len)
     parallel.shutdown()
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds, "flops_per_token": flops}
+    return {**result, "flops_per_token": flops}
 
 
 def run_naive(args: argparse.Namespace) -> dict:
@@ -309,8 +305,7 @@ def run_naive(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    seconds, cpu_seconds = timed(step, steps=args.steps)
-    return {"seconds": seconds, "cpu_seconds": cpu_seconds}
+    return measure(step, "naive", args)
 
 
 def run_case(case: str, args: argparse.Namespace) -> dict:
@@ -334,7 +329,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=256)
     chunk = TrainConfig.chunk_size
     parser.add_argument("--chunk-size", type=int, default=chunk, help="tokens per loss chunk")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps per case, after 1")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case, after warm-up")
     parser.add_argument(
         "--precision",
         default="auto",
@@ -354,31 +349,45 @@ def parse_args() -> argparse.Namespace:
         default=0,
         help="also case (f): an MoE teacher with this many experts (e.g. 8); 0 = off",
     )
-    parser.add_argument("--case", choices=[*CASES, "write-cache"], help="one case (internal)")
+    parser.add_argument(
+        "--compile", action="store_true", help="also sft, teacher and kd with compile = true"
+    )
+    parser.add_argument(
+        "--peak-flops",
+        type=float,
+        help="the device's peak FLOP/s in --precision (e.g. 989e12, H100 bf16 dense): the "
+        "'of peak' column is then MFU; default: a 2048^3 matmul measured in this run",
+    )
+    parser.add_argument("--repeat", type=int, default=1, help="runs of all cases, back to back")
+    parser.add_argument("--profile", help="directory for each case's per-op profile table")
+    parser.add_argument("--case", help="one case (internal)")
     parser.add_argument("--cache-dir", help="directory of case (e)'s teacher cache (internal)")
     return parser.parse_args()
+
+
+def case_names(args: argparse.Namespace) -> list[str]:
+    cases = ["sft", "teacher", "kd", "naive", "write-cache", "cached"]
+    if args.moe_experts:
+        cases.append("kd-moe")
+    if args.compile:
+        cases += ["sft+compile", "teacher+compile", "kd+compile"]
+    return cases
 
 
 def run_cases(args: argparse.Namespace) -> dict[str, dict] | None:
     """Each case in a process of its own (write-cache first makes (e)'s cache, untimed by
     the table); None when one fails (its error printed)."""
     results = {}
+    flags = ("batch_size", "seq_len", "chunk_size", "steps", "precision", "top_k")
+    flags += ("prompt_fraction", "moe_experts")
     with tempfile.TemporaryDirectory() as cache_dir:
-        cases = ["sft", "teacher", "kd", "naive", "write-cache", "cached"]
-        for case in cases + (["kd-moe"] if args.moe_experts else []):
+        for case in case_names(args):
             command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher]
-            for flag in (
-                "batch_size",
-                "seq_len",
-                "chunk_size",
-                "steps",
-                "precision",
-                "top_k",
-                "prompt_fraction",
-                "moe_experts",
-            ):
+            for flag in flags:
                 command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
             command += ["--cache-dir", cache_dir]
+            if args.profile:
+                command += ["--profile", args.profile]
             env = {**os.environ, "PYTHONPATH": str(REPO)}
             out = subprocess.run(command, capture_output=True, text=True, env=env)
             if out.returncode != 0:
@@ -395,9 +404,10 @@ def print_table(results: dict[str, dict], args: argparse.Namespace, peak: float)
         f"{args.seq_len} tokens (first {args.prompt_fraction:.0%} of each row unlabelled); "
         f"{args.precision}; load average {os.getloadavg()[0]:.1f}"
     )
-    print(f"matmul 2048^3 peak, {args.precision}: {peak / 1e9:.0f} GFLOP/s")
-    header = ("case", "s/step", "CPU s", "tokens/s", "peak GB", "GFLOP/s", "of peak")
-    widths = (10, 9, 8, 11, 10, 10, 9)
+    source = "given (--peak-flops)" if args.peak_flops else "matmul 2048^3, measured"
+    print(f"peak, {args.precision}: {peak / 1e9:.0f} GFLOP/s, {source}")
+    header = ("case", "s/step", "spread", "CPU s", "first s", "tokens/s", "peak GB", "of peak")
+    widths = (16, 8, 8, 8, 8, 10, 9, 9)
     print(header[0].ljust(widths[0]) + "".join(h.rjust(w) for h, w in zip(header[1:], widths[1:])))
     for name, r in results.items():
         # naive: the same model FLOPs as ours (kd's count)
@@ -405,50 +415,79 @@ def print_table(results: dict[str, dict], args: argparse.Namespace, peak: float)
         r["achieved_flops"] = achieved
         cells = (
             f"{r['seconds']:.2f}",
+            f"{r['spread']:.0%}",
             f"{r['cpu_seconds']:.2f}",
+            f"{r['first_seconds']:.1f}",
             f"{r['tokens_per_s']:.0f}",
             f"{r['peak_memory_gb']:.2f}",
-            f"{achieved / 1e9:.0f}",
             f"{achieved / peak:.1%}",
         )
         print(name.ljust(widths[0]) + "".join(c.rjust(w) for c, w in zip(cells, widths[1:])))
 
 
-def summarize(results: dict[str, dict], args: argparse.Namespace, cache_seconds: float) -> dict:
-    """The ratios of the docstring, printed, and returned for the JSON line."""
+def print_profiles(results: dict[str, dict]) -> None:
+    """Self seconds per step by kind of work (kd.benchmark.KINDS), one column per case."""
+    cases = [c for c, r in results.items() if "profile" in r]
+    kinds = list(dict.fromkeys(k for c in cases for k in results[c]["profile"]))
+    print("profile, self seconds per step by kind of work:")
+    print("kind".ljust(12) + "".join(c.rjust(16) for c in cases))
+    for kind in kinds:
+        cells = (f"{results[c]['profile'].get(kind, 0.0):.3f}" for c in cases)
+        print(kind.ljust(12) + "".join(cell.rjust(16) for cell in cells))
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """The ratios of the docstring (wall time), and with --compile the compiled ones."""
     a, b, c, d, e = (results[k] for k in ("sft", "teacher", "kd", "naive", "cached"))
-    s = {
+    r = {
         "efficiency": (a["seconds"] + b["seconds"]) / c["seconds"],
-        "efficiency_cpu": (a["cpu_seconds"] + b["cpu_seconds"]) / c["cpu_seconds"],
         "speedup_vs_naive": c["tokens_per_s"] / d["tokens_per_s"],
-        "speedup_vs_naive_cpu": d["cpu_seconds"] / c["cpu_seconds"],
         "memory_vs_naive": c["peak_memory_gb"] / d["peak_memory_gb"],
         "cached_vs_kd": e["tokens_per_s"] / c["tokens_per_s"],
-        "cached_vs_kd_cpu": c["cpu_seconds"] / e["cpu_seconds"],
         "cached_memory_vs_kd": e["peak_memory_gb"] / c["peak_memory_gb"],
-        "top_k": args.top_k,
-        "cache_write_seconds": cache_seconds,
     }
-    print(
-        f"efficiency (a + b) / c = {s['efficiency']:.2f} wall, {s['efficiency_cpu']:.2f} CPU "
-        f"(target >= 0.9); ours vs naive: {s['speedup_vs_naive']:.2f}x tokens/s wall, "
-        f"{s['speedup_vs_naive_cpu']:.2f}x CPU (target >= 1.5), {s['memory_vs_naive']:.2f}x "
-        "peak memory (target <= 0.7)"
-    )
-    print(
-        f"from cache (k = {args.top_k}, written in {cache_seconds:.1f} s, untimed) vs online "
-        f"KD: {s['cached_vs_kd']:.2f}x tokens/s wall, {s['cached_vs_kd_cpu']:.2f}x CPU "
-        f"(target >= 1.5), {s['cached_memory_vs_kd']:.2f}x peak memory"
-    )
     if "kd-moe" in results:
-        f = results["kd-moe"]
-        s["moe_vs_dense"] = f["tokens_per_s"] / c["tokens_per_s"]
-        s["moe_memory_vs_dense"] = f["peak_memory_gb"] / c["peak_memory_gb"]
+        r["moe_vs_dense"] = results["kd-moe"]["tokens_per_s"] / c["tokens_per_s"]
+        r["moe_memory_vs_dense"] = results["kd-moe"]["peak_memory_gb"] / c["peak_memory_gb"]
+    if "kd+compile" in results:
+        a, b, c = (results[f"{k}+compile"] for k in ("sft", "teacher", "kd"))
+        r["efficiency_compiled"] = (a["seconds"] + b["seconds"]) / c["seconds"]
+        r["compiled_vs_kd"] = c["tokens_per_s"] / results["kd"]["tokens_per_s"]
+        r["compiled_vs_naive"] = c["tokens_per_s"] / d["tokens_per_s"]
+    return r
+
+
+def print_ratios(r: dict[str, float], args: argparse.Namespace) -> None:
+    print(
+        f"efficiency (a + b) / c = {r['efficiency']:.2f} (target >= 0.9); ours vs naive: "
+        f"{r['speedup_vs_naive']:.2f}x tokens/s (target >= 1.5), "
+        f"{r['memory_vs_naive']:.2f}x peak memory (target <= 0.7)"
+    )
+    print(
+        f"from cache (k = {args.top_k}) vs online KD: {r['cached_vs_kd']:.2f}x tokens/s "
+        f"(target >= 1.5), {r['cached_memory_vs_kd']:.2f}x peak memory"
+    )
+    if "moe_vs_dense" in r:
         print(
             f"MoE teacher ({args.moe_experts} experts, top-2, same active size) vs dense: "
-            f"{s['moe_vs_dense']:.2f}x tokens/s, {s['moe_memory_vs_dense']:.2f}x peak memory"
+            f"{r['moe_vs_dense']:.2f}x tokens/s, {r['moe_memory_vs_dense']:.2f}x peak memory"
         )
-    return s
+    if "compiled_vs_kd" in r:
+        print(
+            f"compile = true: kd {r['compiled_vs_kd']:.2f}x tokens/s of eager kd, "
+            f"{r['compiled_vs_naive']:.2f}x naive; efficiency {r['efficiency_compiled']:.2f}"
+        )
+
+
+def print_agreement(runs: list[dict[str, float]]) -> float:
+    """Each ratio's largest relative distance from its first run's value; returns the max."""
+    worst = 0.0
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        distance = max(abs(v - values[0]) / values[0] for v in values)
+        worst = max(worst, distance)
+        print(f"  {key}: " + ", ".join(f"{v:.2f}" for v in values) + f" (within {distance:.0%})")
+    return worst
 
 
 def main() -> int:
@@ -468,14 +507,27 @@ def main() -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.precision == "auto":
         args.precision = fast_precision(device)
-    peak = matmul_peak(DTYPES[args.precision], device)
-    results = run_cases(args)
-    if results is None:
-        return 1
-    cache_seconds = results.pop("write-cache")["seconds"]
-    print_table(results, args, peak)
-    summary = summarize(results, args, cache_seconds)
-    print(json.dumps({"precision": args.precision, "peak": peak, "results": results, **summary}))
+    if args.profile:
+        Path(args.profile).mkdir(parents=True, exist_ok=True)
+    peak = args.peak_flops or matmul_peak(DTYPES[args.precision], device)
+    runs = []
+    for run in range(args.repeat):
+        results = run_cases(args)
+        if results is None:
+            return 1
+        results.pop("write-cache")
+        print(f"run {run + 1} of {args.repeat}")
+        print_table(results, args, peak)
+        if args.profile and run == 0:
+            print_profiles(results)
+            print(f"per-op tables: {args.profile}/CASE.txt")
+        runs.append(ratios(results))
+        print_ratios(runs[-1], args)
+        record = {"precision": args.precision, "peak": peak, "results": results, **runs[-1]}
+        print(json.dumps(record))
+    if args.repeat > 1:
+        print(f"agreement of the {args.repeat} runs (target: every ratio within 10%):")
+        print(f"worst: {print_agreement(runs):.0%}")
     return 0
 
 

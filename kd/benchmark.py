@@ -1,0 +1,132 @@
+"""Timing and profiling a step: what the benchmarks in scripts/ measure with.
+
+A step's first calls cost more than the rest: memory is allocated and paged in, oneDNN builds
+its kernels, torch.compile compiles. On a 2-core CPU, a single timed step after one warm-up
+call was measured to swing a ratio of two cases from 0.79 to 2.96 between runs. `timed`
+therefore warms up until two consecutive steps agree within `settle` (5%), then times each of
+`steps` steps (at least 5) on its own and reports the median and the spread
+((max - min) / median): the median is robust to one step delayed by another process, and the
+spread says how far to trust it.
+
+`profile` runs steps under torch.profiler and returns the per-op table (self time, the time an
+op spends outside the ops it calls) and a summary by kind of work (`KINDS`): matrix products,
+attention, dtype conversions and copies, elementwise math, reductions, the optimizer, FSDP's
+collectives. It is how a step's time that does no model or loss work is found.
+
+Tests: `.venv/bin/python -m pytest -q tests/test_benchmark.py`.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+@dataclass(frozen=True)
+class Timing:
+    seconds: float  # median wall seconds per step
+    spread: float  # (max - min) / median of the timed steps' wall seconds
+    cpu_seconds: float  # median CPU seconds per step, all threads (this process)
+    first_seconds: float  # the first call: allocation, kernel set-up, compilation
+    warmup_steps: int  # calls before the timed ones, the first included
+
+
+def _one(step: Callable[[], object]) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    step()
+    sync()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+def timed(
+    step: Callable[[], object], *, steps: int = 5, settle: float = 0.05, max_warmup: int = 10
+) -> Timing:
+    """Warm up until two consecutive calls differ by at most `settle` of the smaller (or
+    `max_warmup` calls), then time `steps` calls one by one.
+
+    On a CPU shared with other jobs the wall time stretches with their load; the CPU time (all
+    threads) stays closer to the work done, so both are reported."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: time at least one step")
+    first, _ = _one(step)
+    previous, warmup = first, 1
+    while warmup < max_warmup:
+        seconds, _ = _one(step)
+        warmup += 1
+        if abs(seconds - previous) <= settle * min(seconds, previous):
+            break
+        previous = seconds
+    walls, cpus = zip(*(_one(step) for _ in range(steps)))
+    median = statistics.median(walls)
+    return Timing(
+        seconds=median,
+        spread=(max(walls) - min(walls)) / median,
+        cpu_seconds=statistics.median(cpus),
+        first_seconds=first,
+        warmup_steps=warmup,
+    )
+
+
+def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
+    """FLOP/s of a 2048^3 matmul: the practical peak of this machine in that dtype."""
+    a, b = (torch.randn(2048, 2048, device=device, dtype=dtype) for _ in range(2))
+    return 2 * 2048**3 / timed(lambda: a @ b, steps=5).seconds
+
+
+# Kinds of work, by op name (first match wins; the order matters: "aten::_to_copy" is a copy
+# before anything else could claim it). Self times add up to the step without double counting.
+KINDS = (
+    ("attention", r"scaled_dot_product|flash|_efficient_attention"),
+    ("matmul", r"::(mm|bmm|addmm|matmul|linear|baddbmm|addmm_)$|_mm_|mkldnn|onednn"),
+    ("dtype/copy", r"_to_copy|::copy_|::to$|::clone|::contiguous|_foreach_copy"),
+    ("optimizer", r"adam|_foreach_|lerp"),
+    ("fsdp", r"fsdp|all_gather|reduce_scatter|all_reduce|split_with_sizes_copy|chunk_cat"),
+    ("reduction", r"::(sum|mean|max|amax|logsumexp|norm|_log_softmax|log_softmax|_softmax)"),
+    ("embedding", r"embedding"),
+    ("index", r"index|gather|scatter|nonzero|masked"),
+    (
+        "elementwise",
+        r"::(mul|add|sub|div|exp|log|neg|rsqrt|pow|silu|gelu|tanh|where|sigmoid|cat|fill)",
+    ),
+)
+
+
+def kind_of(name: str) -> str:
+    for kind, pattern in KINDS:
+        if re.search(pattern, name):
+            return kind
+    return "other"
+
+
+def profile(step: Callable[[], object], *, steps: int = 2, rows: int = 25) -> tuple[str, dict]:
+    """(torch.profiler's per-op table, sorted by self time, `rows` rows; self seconds per step
+    by kind of work, with "total") over `steps` calls of step (warm it up first)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    cuda = torch.cuda.is_available()
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with torch_profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+            sync()
+    events = prof.key_averages()
+    sort_by = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    table = events.table(sort_by=sort_by, row_limit=rows)
+    kinds: dict[str, float] = {}
+    for event in events:
+        self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        kind = kind_of(event.key)
+        kinds[kind] = kinds.get(kind, 0.0) + self_us / 1e6 / steps
+    kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
+    return table, {**kinds, "total": sum(kinds.values())}
