@@ -44,7 +44,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kd.cross_tokenizer import CrossVocab, SharedVocab
@@ -55,8 +54,8 @@ from kd.losses import (
     aligned_teacher,
     check_teacher_vocab,
     compute_dtype,
+    floor_log_probs,
     forward_kl,
-    log_probs,
     loss_sums,
     metrics_from_sums,
     teacher_log_probs,
@@ -64,6 +63,38 @@ from kd.losses import (
     topk_buckets,
 )
 from kd.model import Head
+
+
+class Scratch:
+    """The (n x V) buffers of one loss call, one per role, reused chunk after chunk.
+
+    Why: on a CPU, glibc serves a tensor above its mmap threshold (at most 32 MiB; a 256 x 49152
+    fp32 chunk is 48 MiB) with fresh pages, faulted in one by one on first write and unmapped
+    again when freed. Measured on 2 cores of an Intel Xeon (AMX), 256 x 49152 fp32: exp into a
+    new tensor 22 ms, into a reused one 4 ms; log-softmax 41 vs 13 ms. On a GPU the caching
+    allocator reuses memory anyway. The shorter last chunk gets the first rows of each buffer.
+    """
+
+    def __init__(self) -> None:
+        self.buffers: dict[str, Tensor] = {}
+
+    def __call__(
+        self, role: str, shape: torch.Size | tuple[int, int], dtype: torch.dtype, device: Any
+    ) -> Tensor:
+        """An (n, V) buffer for `role`, holding whatever the last chunk left there."""
+        n, v = shape
+        buffer = self.buffers.get(role)
+        if buffer is None or buffer.dtype != dtype or buffer.shape[0] < n or buffer.shape[1] != v:
+            buffer = self.buffers[role] = torch.empty(n, v, dtype=dtype, device=device)
+        return buffer[:n]
+
+
+def _log_probs_into(z: Tensor, temperature: float, out: Tensor) -> Tensor:
+    """`kd.losses.log_probs(z, T)` written into `out`: z (in the compute dtype, a buffer of
+    its own) is divided by T in place."""
+    if temperature != 1.0:
+        z.div_(temperature)
+    return floor_log_probs(torch.log_softmax(z, dim=-1, out=out))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -91,14 +122,17 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         # (total, divergence, CE) summed over chunks
         sums = torch.zeros(3, dtype=acc_dtype, device=hidden.device)
+        scratch = Scratch()
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end]  # (n, H)
-            logits = h @ weight.T  # (n, V) in the input dtype; forward() runs without autograd
+            # (n, V) in the input dtype; forward() runs without autograd
+            out = scratch("logits", (end - start, weight.shape[0]), h.dtype, h.device)
+            logits = torch.mm(h, weight.T, out=out)
             if softcap is not None:  # z = c tanh(u / c), and dz/du = 1 - tanh(u / c)^2 below
                 tanh = torch.tanh(logits.to(compute_dtype(logits)) / softcap)  # (n, V) fp32
                 logits = (softcap * tanh).to(logits.dtype)
-            # g: (n, V) = dL/dlogits in the logits' dtype, or None
+            # g: (n, V) = dL/dlogits in the compute dtype (fp32; float64 for float64), or None
             total, div_sum, ce_sum, g = _loss_and_logit_grad(
                 logits,
                 teacher_chunk(start, end),
@@ -106,15 +140,19 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 denom,
                 options,
                 need_grad=grad_hidden or grad_weight,
+                scratch=scratch,
             )
             if softcap is not None:
                 if g is not None:
                     g.mul_(tanh.square_().neg_().add_(1.0))  # dL/du = dL/dz (1 - tanh^2)
                 del tanh
-            if grad_hidden:
-                d_hidden[start:end] = g @ weight
-            if grad_weight:
-                d_weight.addmm_(g.T.to(d_weight.dtype), h.to(d_weight.dtype))
+            if grad_hidden:  # G W in the weight's dtype (bf16 under mixed precision)
+                g_w = g
+                if g.dtype != weight.dtype:
+                    g_w = scratch("g", g.shape, weight.dtype, g.device).copy_(g)
+                d_hidden[start:end] = g_w @ weight
+            if grad_weight:  # G^T h accumulated in fp32, from G in fp32
+                d_weight.addmm_(g.T, h.to(d_weight.dtype))
             sums += torch.stack([total, div_sum, ce_sum]).to(sums.dtype)
             del logits, g  # the chunk's logits and gradient go here: one chunk alive at a time
         # Kept as attributes, not save_for_backward: they are our own results, and backward scales
@@ -150,8 +188,10 @@ def _loss_and_logit_grad(
     options: LossOptions,
     *,
     need_grad: bool,
+    scratch: Scratch,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """(total, div, CE) sums over the chunk's valid tokens, and G = d(total / denom)/dlogits.
+    """(total, div, CE) sums over the chunk's valid tokens, and G = d(total / denom)/dlogits in
+    the compute dtype (`kd.losses.compute_dtype`).
 
     G is None without `need_grad`. The dispatch point: the analytic gradient where it is written
     out (forward/reverse KL against dense teacher logits, forward KL against a top-k teacher,
@@ -165,7 +205,9 @@ def _loss_and_logit_grad(
     else:
         analytic = options.divergence in _ANALYTIC_DIVERGENCES
     if analytic:
-        return _analytic_loss_and_grad(logits, teacher, labels, denom, options, need_grad=need_grad)
+        return _analytic_loss_and_grad(
+            logits, teacher, labels, denom, options, need_grad=need_grad, scratch=scratch
+        )
     return _autograd_loss_and_grad(logits, teacher, labels, denom, options, need_grad=need_grad)
 
 
@@ -183,6 +225,8 @@ def _autograd_loss_and_grad(
         logits = logits.detach().requires_grad_(need_grad)
         total, div_sum, ce_sum = loss_sums(logits, teacher, labels, options)
         g = torch.autograd.grad(total / denom, logits)[0] if need_grad else None  # (n, V)
+    if g is not None:
+        g = g.to(compute_dtype(logits))
     return total.detach(), div_sum.detach(), ce_sum.detach(), g
 
 
@@ -194,6 +238,7 @@ def _analytic_loss_and_grad(
     options: LossOptions,
     *,
     need_grad: bool,
+    scratch: Scratch | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
     """What `_autograd_loss_and_grad` gives, with G written out (KL, top-k forward KL, SFT).
 
@@ -224,16 +269,22 @@ def _analytic_loss_and_grad(
     """
     temperature, alpha = options.temperature, options.alpha
     dtype = compute_dtype(logits)
-    z = logits.to(dtype)  # (n, V); fp32 for bf16 logits
+    scratch = Scratch() if scratch is None else scratch
+
+    def buffer(role: str) -> Tensor:  # an (n, V) buffer in the compute dtype (`Scratch`)
+        return scratch(role, logits.shape, dtype, logits.device)
+
     valid = labels != options.ignore_index  # (n,)
     safe_labels = labels.masked_fill(~valid, 0).long().unsqueeze(-1)  # (n, 1)
     # Row weights: 1 / denom on valid tokens, 0 on ignored ones (`loss_sums` drops them by where()).
     row = (valid.to(dtype) / denom).unsqueeze(-1)  # (n, 1)
 
     # log softmax(z / T), and log softmax(z) for the CE at T = 1: the same tensor when T = 1.
+    z = buffer("z").copy_(logits)  # (n, V); fp32 for bf16 logits
+    log_s = None if temperature == 1.0 else torch.log_softmax(z, dim=-1, out=buffer("log_s"))
     need_log_q = teacher is not None or temperature == 1.0
-    log_q = log_probs(z, temperature, dtype) if need_log_q else None
-    log_s = log_q if temperature == 1.0 else F.log_softmax(z, dim=-1)
+    log_q = _log_probs_into(z, temperature, buffer("log_q")) if need_log_q else None
+    log_s = log_q if log_s is None else log_s
     ce = -log_s.gather(-1, safe_labels).squeeze(-1)  # (n,) -log s_y
     # From here on the (n, V) buffers are overwritten in place once their last reader is done;
     # log_q is not when it is also log s (T = 1), which the CE gradient reads below.
@@ -244,15 +295,19 @@ def _analytic_loss_and_grad(
     if teacher is None:  # plain SFT (alpha = 0)
         div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
     elif isinstance(teacher, TopK):  # forward KL: the only top-k divergence dispatched here
-        div, g = _topk_forward_kl_and_grad(log_q, teacher, scale, overwrite=overwrite)
+        g = log_q if overwrite else buffer("q").copy_(log_q)  # becomes G
+        div, g = _topk_forward_kl_and_grad(g, teacher, scale)
     else:
         teacher = aligned_teacher(
             teacher, logits, tokenizer_vocab_size=options.tokenizer_vocab_size
         )
-        log_p = teacher_log_probs(teacher, options, dtype)  # (n, V) log p, floored
-        div, g = _dense_kl_and_grad(
-            log_p, log_q, scale, reverse=options.divergence == "reverse_kl", overwrite=overwrite
-        )
+        if isinstance(teacher, Tensor):  # (n, V) log p, floored; z is free again
+            log_p = _log_probs_into(buffer("z").copy_(teacher), temperature, buffer("log_p"))
+        else:  # several teachers, mixed as kd.losses mixes them
+            log_p = teacher_log_probs(teacher, options, dtype)
+        reverse = options.divergence == "reverse_kl"
+        q = log_q if overwrite else buffer("q").copy_(log_q)  # becomes G
+        div, g = _dense_kl_and_grad(log_p, q, scale, reverse=reverse, p=buffer("p"))
     div_sum = torch.where(valid, div, 0.0).sum()
     ce_sum = torch.where(valid, ce, 0.0).sum()
     total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
@@ -263,42 +318,40 @@ def _analytic_loss_and_grad(
         s = log_s.exp_()  # softmax(z); log s is not read after this
         g = s.mul_(ce_row) if g is None else g.addcmul_(s, ce_row)  # + (1 - alpha) s / denom
         g.scatter_add_(-1, safe_labels, -ce_row)  # - (1 - alpha) onehot(y) / denom
-    return total, div_sum, ce_sum, g.to(logits.dtype)
+    return total, div_sum, ce_sum, g
 
 
 def _dense_kl_and_grad(
-    log_p: Tensor, log_q: Tensor, scale: Tensor | None, *, reverse: bool, overwrite: bool
+    log_p: Tensor, log_q: Tensor, scale: Tensor | None, *, reverse: bool, p: Tensor
 ) -> tuple[Tensor, Tensor | None]:
     """Per-row forward KL (reverse KL if `reverse`) and scale * dD/du (None when scale is None).
 
-    log_p, log_q: (n, V) floored log-probs of teacher and student at T; log_p is overwritten,
-    log_q too when `overwrite` (it becomes G). scale: (n, 1), alpha T / denom. The formulas are
-    derived in `_analytic_loss_and_grad`.
+    log_p, log_q: (n, V) floored log-probs of teacher and student at T, both overwritten (log_q
+    becomes G); p: an (n, V) buffer for a third tensor. scale: (n, 1), alpha T / denom. The
+    formulas are derived in `_analytic_loss_and_grad`.
     """
     if not reverse:
-        p = log_p.exp()
+        p = torch.exp(log_p, out=p)
         div = log_p.sub_(log_q).mul_(p).sum(-1)  # D = sum_v p (log p - log q)
         if scale is None:
             return div, None
-        q = log_q.exp_() if overwrite else log_q.exp()
-        return div, q.sub_(p).mul_(scale)  # alpha T (q - p) / denom
+        return div, log_q.exp_().sub_(p).mul_(scale)  # alpha T (q - p) / denom
     log_ratio = log_p.sub_(log_q).neg_()  # log q - log p
-    q = log_q.exp_() if overwrite else log_q.exp()
-    div = (q * log_ratio).sum(-1)  # D = sum_v q (log q - log p)
+    q = log_q.exp_()
+    div = torch.mul(q, log_ratio, out=p).sum(-1)  # D = sum_v q (log q - log p)
     if scale is None:
         return div, None
     return div, q.mul_(log_ratio.sub_(div.unsqueeze(-1))).mul_(scale)  # alpha T q (...) / denom
 
 
 def _topk_forward_kl_and_grad(
-    log_q: Tensor, teacher: TopK, scale: Tensor | None, *, overwrite: bool
+    log_q: Tensor, teacher: TopK, scale: Tensor | None
 ) -> tuple[Tensor, Tensor | None]:
     """Per-row forward KL over `kd.losses.topk_buckets`, and scale * dD/du (None without scale).
 
     log_q: (n, V) the student's log softmax(u), u = z / T, floored as `kd.losses.log_probs`
-    floors it; overwritten (it becomes G) when `overwrite`, else left as it is (one extra
-    (n x V) buffer). teacher: the chunk's k token ids S and log-probs at T. scale: (n, 1), e.g.
-    alpha T / denom.
+    floors it; overwritten (it becomes G). teacher: the chunk's k token ids S and log-probs
+    at T. scale: (n, 1), e.g. alpha T / denom.
 
     The buckets are the k tokens and one tail: P_i = p_i, Q_i = q_i for i in S, P_tail = 1 -
     sum_S p_i (clamped at 0) and Q_tail = sum_{v not in S} q_v, with `topk_buckets`' floors, so
@@ -315,7 +368,7 @@ def _topk_forward_kl_and_grad(
     and no j lies outside S. Student entries masked to -inf have log q at the floor: w_j = 0 and
     G = 0 there, as in autograd (whose gradient through the floor is 0).
     """
-    g = log_q if overwrite else log_q.clone()  # (n, V)
+    g = log_q  # (n, V)
     # `topk_buckets` floors g's entries in S in place: g = log q off S, the floor on S (so exp
     # gives 0 there, never inf), and log Q_tail = logsumexp(g).
     # log_p_b, log_q_b: (n, k + 1) each, the k tokens, then the tail

@@ -151,7 +151,7 @@ def compute_dtype(*tensors: Tensor) -> torch.dtype:
     return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
 
 
-def _floor(log_probs: Tensor) -> Tensor:
+def floor_log_probs(log_probs: Tensor) -> Tensor:
     # Entries masked to -inf (padded vocab rows) would give 0 * (-inf - x) = NaN in
     # p (log p - log q), and NaN gradients through where(). Flooring log 0 at the most
     # negative finite float keeps p = exp(floor) = 0 exactly: p * (finite) = 0, and every
@@ -169,7 +169,9 @@ def log_probs(logits: Tensor, temperature: float, dtype: torch.dtype | None = No
     """
     _check_temperature(temperature)
     logits = logits.to(compute_dtype(logits) if dtype is None else dtype)
-    return _floor(F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1))
+    return floor_log_probs(
+        F.log_softmax(logits if temperature == 1.0 else logits / temperature, dim=-1)
+    )
 
 
 def _mix(log_a: Tensor, log_b: Tensor, weight: float) -> Tensor:
@@ -317,7 +319,7 @@ def teacher_log_probs(
     parts = [
         math.log(w) + log_probs(t, temperature, dtype) for t, w in zip(teacher, weights) if w > 0
     ]
-    return _floor(torch.stack(parts).logsumexp(0))
+    return floor_log_probs(torch.stack(parts).logsumexp(0))
 
 
 def _average_logits(teachers: Sequence[Tensor], weights: list[float], dtype: torch.dtype) -> Tensor:
@@ -367,9 +369,9 @@ def topk_buckets(teacher: TopK, log_q: Tensor, *, overwrite: bool = False) -> tu
     log_q_tail = rest.logsumexp(-1, keepdim=True)  # (..., 1)
     p_tail = (1.0 - log_p_k.exp().sum(-1, keepdim=True)).clamp(min=0.0)
     # When the student has no tail (k = V), the teacher's leftover 1 - sum is rounding error.
-    log_p_tail = torch.where(log_q_tail <= floor, floor, _floor(p_tail.log()))
+    log_p_tail = torch.where(log_q_tail <= floor, floor, floor_log_probs(p_tail.log()))
     log_p, log_q_b = (
-        _floor(torch.cat([log_p_k, log_p_tail], -1)),
+        floor_log_probs(torch.cat([log_p_k, log_p_tail], -1)),
         torch.cat([log_q_k, log_q_tail], -1),
     )
     # No teacher at a NaN position (see TopK): P = Q there, every divergence is at its minimum
