@@ -126,8 +126,14 @@ def shard_student(
     model: nn.Module, *, precision: str, activation_checkpointing: bool, compile: bool
 ) -> None:
     """FSDP2 on each block, then the root (embeddings, final norm, head); gradients are summed
-    over ranks, never averaged."""
+    over ranks, never averaged.
+
+    In a world of one process there is nothing to shard or reduce, and FSDP2's copies are the
+    whole cost: blocks keep their gathered (cast) parameters from forward to backward instead
+    of gathering them again, and no divide factor is set, since with one set FSDP2 divides every
+    gradient by it out of place (a full copy of each, even dividing by 1)."""
     policy = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
+    alone = dist.get_world_size() == 1
     layers = model.model.layers
     for i, block in enumerate(layers):
         if activation_checkpointing:
@@ -137,10 +143,10 @@ def shard_student(
             layers[i] = block = torch.compile(
                 block
             )  # state-dict keys gain `_orig_mod.`; DCP strips it
-        fully_shard(block, mp_policy=policy)
+        fully_shard(block, mp_policy=policy, reshard_after_forward=not alone)
     fully_shard(model, mp_policy=policy)
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, FSDPModule) and not alone:
             module.set_gradient_divide_factor(1.0)  # see the module docstring
             module.set_force_sum_reduction_for_comms(True)  # plain SUM: gloo has no PREMUL_SUM
 
