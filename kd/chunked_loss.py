@@ -113,6 +113,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         options: LossOptions,
         grad_hidden: bool,
         grad_weight: bool,
+        scratch: Scratch,
     ) -> tuple[Tensor, Tensor, Tensor]:
         n_tokens = hidden.shape[0]
         d_hidden = torch.empty_like(hidden) if grad_hidden else None
@@ -122,7 +123,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             d_weight = torch.zeros(weight.shape, dtype=acc_dtype, device=weight.device)
         # (total, divergence, CE) summed over chunks
         sums = torch.zeros(3, dtype=acc_dtype, device=hidden.device)
-        scratch = Scratch()
         for start in range(0, n_tokens, chunk_size):
             end = min(start + chunk_size, n_tokens)
             h = hidden[start:end]  # (n, H)
@@ -173,7 +173,7 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         for d in (d_hidden, d_weight):
             if d is not None:
                 d.mul_(grad_loss.to(d.dtype))  # chain rule through the scalar loss
-        return d_hidden, d_weight, None, None, None, None, None, None, None, None
+        return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
 
 
 # Divergences whose gradient wrt the student logits `_analytic_loss_and_grad` writes out.
@@ -398,6 +398,7 @@ def chunked_distillation_loss(
     teacher_logits: Teacher | None = None,
     num_tokens: int | Tensor | None = None,
     cross: tuple[Tensor, SharedVocab | None] | None = None,
+    scratch: Scratch | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """`distillation_loss` of (student_head(student_hidden), teacher_head(teacher_hidden)), chunk
     by chunk.
@@ -421,6 +422,8 @@ def chunked_distillation_loss(
     cross: a teacher of another vocabulary (options.divergence "uld" or "gold"): (known (...),
         which positions have an aligned teacher position, and the shared vocabulary for gold);
         teacher_hidden then holds, per student position, the aligned teacher position's state.
+    scratch: the buffers the chunks reuse (`Scratch`); pass the same one on every call (as
+        kd.offpolicy.KDLoss does) to reuse them across calls too; default: new ones per call.
 
     Value and gradients equal `distillation_loss` on the full logits. Returns (loss, metrics)
     with detached metric tensors.
@@ -457,6 +460,7 @@ def chunked_distillation_loss(
         options,
         grad_on and hidden.requires_grad,
         grad_on and student_head.weight.requires_grad,
+        Scratch() if scratch is None else scratch,
     )
     return loss, metrics_from_sums(div_sum, ce_sum, valid_count)
 

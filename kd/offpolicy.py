@@ -26,12 +26,12 @@ Tests: `.venv/bin/python -m pytest -q tests/test_train.py tests/test_teacher_cac
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from kd.chunked_loss import chunked_distillation_loss
+from kd.chunked_loss import Scratch, chunked_distillation_loss
 from kd.cross_tokenizer import Aligner, SharedVocab
 from kd.data import IGNORE, Batches, Example
 from kd.losses import LossOptions, TopK
@@ -58,6 +58,9 @@ class KDLoss:
     chunk_size: int  # tokens per chunk of the loss
     router_aux_loss_coef: float = 0.0  # an MoE student's load-balancing loss weight (`router_aux`)
     shared: SharedVocab | None = None  # gold: the ids both vocabularies share
+    # The loss's (chunk x vocab) buffers, kept from one micro-batch to the next (on a CPU a
+    # fresh one costs page faults: kd/chunked_loss.py)
+    scratch: Scratch = field(default_factory=Scratch)
 
     def __call__(self, student: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
         input_ids, labels = batch["input_ids"], batch["labels"]  # (B, T) each
@@ -87,6 +90,7 @@ class KDLoss:
                 teacher_logits=cached,
                 num_tokens=batch["num_tokens"],
                 cross=cross,
+                scratch=self.scratch,
             )
 
         loss, metrics = student(input_ids, output_fn=loss_fn)
