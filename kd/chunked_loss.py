@@ -13,7 +13,9 @@ and the chunk's logits are freed. The loss is a sum over tokens divided by a cou
 front, so the gradients are final when the forward ends (the approach of Liger-Kernel's fused
 linear losses, arXiv 2410.10989): backward only scales them by the incoming gradient, and no
 second pass over the head is needed. Peak extra memory is one chunk of logits and its
-intermediates, instead of all of them.
+intermediates, instead of all of them. Those are `Scratch` buffers, written chunk after chunk
+(and, through kd.offpolicy.KDLoss, micro-batch after micro-batch) rather than allocated anew:
+on a CPU a fresh tensor of that size is faulted in page by page.
 
 G comes one of two ways, chosen in `_loss_and_logit_grad` (the one dispatch point):
 - analytic (`_analytic_loss_and_grad`), for forward KL and reverse KL against dense teacher
@@ -294,20 +296,9 @@ def _analytic_loss_and_grad(
     g = None  # (n, V): G
     if teacher is None:  # plain SFT (alpha = 0)
         div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
-    elif isinstance(teacher, TopK):  # forward KL: the only top-k divergence dispatched here
-        g = log_q if overwrite else buffer("q").copy_(log_q)  # becomes G
-        div, g = _topk_forward_kl_and_grad(g, teacher, scale)
-    else:
-        teacher = aligned_teacher(
-            teacher, logits, tokenizer_vocab_size=options.tokenizer_vocab_size
-        )
-        if isinstance(teacher, Tensor):  # (n, V) log p, floored; z is free again
-            log_p = _log_probs_into(buffer("z").copy_(teacher), temperature, buffer("log_p"))
-        else:  # several teachers, mixed as kd.losses mixes them
-            log_p = teacher_log_probs(teacher, options, dtype)
-        reverse = options.divergence == "reverse_kl"
-        q = log_q if overwrite else buffer("q").copy_(log_q)  # becomes G
-        div, g = _dense_kl_and_grad(log_p, q, scale, reverse=reverse, p=buffer("p"))
+    else:  # overwrite: log_q may become G; else a copy of it does
+        g = log_q if overwrite else buffer("q").copy_(log_q)
+        div, g = _divergence_and_grad(logits, teacher, g, scale, options, buffer)
     div_sum = torch.where(valid, div, 0.0).sum()
     ce_sum = torch.where(valid, ce, 0.0).sum()
     total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
@@ -319,6 +310,27 @@ def _analytic_loss_and_grad(
         g = s.mul_(ce_row) if g is None else g.addcmul_(s, ce_row)  # + (1 - alpha) s / denom
         g.scatter_add_(-1, safe_labels, -ce_row)  # - (1 - alpha) onehot(y) / denom
     return total, div_sum, ce_sum, g
+
+
+def _divergence_and_grad(
+    logits: Tensor,
+    teacher: Teacher,
+    log_q: Tensor,
+    scale: Tensor | None,
+    options: LossOptions,
+    buffer: Callable[[str], Tensor],
+) -> tuple[Tensor, Tensor | None]:
+    """Per-row D and scale * dD/du against a top-k (forward KL) or dense teacher (forward or
+    reverse KL); log_q is overwritten (it becomes G), buffer(role) gives (n, V) buffers."""
+    if isinstance(teacher, TopK):  # forward KL: the only top-k divergence dispatched here
+        return _topk_forward_kl_and_grad(log_q, teacher, scale)
+    teacher = aligned_teacher(teacher, logits, tokenizer_vocab_size=options.tokenizer_vocab_size)
+    if isinstance(teacher, Tensor):  # (n, V) log p, floored; the student's z is free again
+        log_p = _log_probs_into(buffer("z").copy_(teacher), options.temperature, buffer("log_p"))
+    else:  # several teachers, mixed as kd.losses mixes them
+        log_p = teacher_log_probs(teacher, options, log_q.dtype)
+    reverse = options.divergence == "reverse_kl"
+    return _dense_kl_and_grad(log_p, log_q, scale, reverse=reverse, p=buffer("p"))
 
 
 def _dense_kl_and_grad(
