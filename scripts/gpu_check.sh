@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check in one command (about 8 minutes on one H100/H200; nothing is downloaded):
+# The GPU check in one command, sized for at most 8 minutes on one H100/H200 (untimed on one);
+# nothing is downloaded:
 #
 #   bash scripts/gpu_check.sh [OUT]          # OUT defaults to runs/gpu_check
 #
