@@ -8,6 +8,11 @@ therefore warms up until two consecutive steps agree within `settle` (5%), then 
 ((max - min) / median): the median is robust to one step delayed by another process, and the
 spread says how far to trust it.
 
+Over several runs of a benchmark (`median_over_runs`, `agreement`): a machine's speed can drift
+for minutes (seen on a 2-core VM: one case's steps ~25% slower for the length of that case),
+which no median of one case's steps absorbs; runs sample each case at different times, so the
+median over runs does, and how far each ratio moved between runs says whether to trust one run.
+
 `profile` runs steps under torch.profiler and returns the per-op table (self time, the time an
 op spends outside the ops it calls) and a summary by kind of work (`KINDS`): matrix products,
 attention, dtype conversions and copies, elementwise math, reductions, the optimizer, FSDP's
@@ -130,3 +135,27 @@ def profile(step: Callable[[], object], *, steps: int = 2, rows: int = 25) -> tu
         kinds[kind] = kinds.get(kind, 0.0) + self_us / 1e6 / steps
     kinds = dict(sorted(kinds.items(), key=lambda kv: -kv[1]))
     return table, {**kinds, "total": sum(kinds.values())}
+
+
+def median_over_runs(
+    runs: list[dict[str, dict]], keys: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
+    """{case: {key: median over runs}} of runs [{case: {key: value, ...}}, ...]."""
+    return {
+        case: {key: statistics.median(run[case][key] for run in runs) for key in keys}
+        for case in runs[0]
+    }
+
+
+def agreement(runs: list[dict[str, float]]) -> tuple[list[str], float]:
+    """A line per ratio (its value in each run, its largest relative distance from the first
+    run's), and the largest distance of all."""
+    lines, worst = [], 0.0
+    for key in runs[0]:
+        values = [r[key] for r in runs]
+        distance = max(abs(v - values[0]) / values[0] for v in values)
+        worst = max(worst, distance)
+        lines.append(
+            f"  {key}: " + ", ".join(f"{v:.2f}" for v in values) + f" (within {distance:.0%})"
+        )
+    return lines, worst

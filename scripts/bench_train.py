@@ -6,8 +6,10 @@
 Each case warms up until two consecutive steps agree within 5%, then times --steps (5) steps one
 by one: the table gives the median, the spread ((max - min) / median) and the first step (which
 includes compilation with compile = true); kd/benchmark.py. --repeat N runs every case N times
-back to back and prints how far each ratio moved between runs. --profile DIR writes each case's
-torch.profiler per-op table to DIR/CASE.txt and prints self seconds per step by kind of work.
+back to back, prints how far each ratio moved between runs, and the ratios of each case's
+median over the runs (the machine's speed can drift for a whole case; the runs sample each case
+at different times). --profile DIR writes each case's torch.profiler per-op table to
+DIR/CASE.txt and prints self seconds per step by kind of work.
 --compile adds sft, teacher and kd with compile = true (torch.compile per block).
 
 Cases, each in a fresh subprocess so that its peak memory (max RSS on CPU, max allocated on
@@ -57,7 +59,13 @@ import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-from kd.benchmark import matmul_peak, profile, timed  # noqa: E402
+from kd.benchmark import (  # noqa: E402
+    agreement,
+    matmul_peak,
+    median_over_runs,
+    profile,
+    timed,
+)
 from kd.config import TrainConfig  # noqa: E402  (after the path set-up)
 from kd.data import Example  # noqa: E402
 from kd.dtypes import DTYPES, fast_precision  # noqa: E402
@@ -479,17 +487,6 @@ def print_ratios(r: dict[str, float], args: argparse.Namespace) -> None:
         )
 
 
-def print_agreement(runs: list[dict[str, float]]) -> float:
-    """Each ratio's largest relative distance from its first run's value; returns the max."""
-    worst = 0.0
-    for key in runs[0]:
-        values = [r[key] for r in runs]
-        distance = max(abs(v - values[0]) / values[0] for v in values)
-        worst = max(worst, distance)
-        print(f"  {key}: " + ", ".join(f"{v:.2f}" for v in values) + f" (within {distance:.0%})")
-    return worst
-
-
 def main() -> int:
     args = parse_args()
     if not (Path(args.teacher) / "config.json").is_file():
@@ -510,7 +507,7 @@ def main() -> int:
     if args.profile:
         Path(args.profile).mkdir(parents=True, exist_ok=True)
     peak = args.peak_flops or matmul_peak(DTYPES[args.precision], device)
-    runs = []
+    runs, all_results = [], []
     for run in range(args.repeat):
         results = run_cases(args)
         if results is None:
@@ -522,12 +519,19 @@ def main() -> int:
             print_profiles(results)
             print(f"per-op tables: {args.profile}/CASE.txt")
         runs.append(ratios(results))
+        all_results.append(results)
         print_ratios(runs[-1], args)
         record = {"precision": args.precision, "peak": peak, "results": results, **runs[-1]}
         print(json.dumps(record))
     if args.repeat > 1:
         print(f"agreement of the {args.repeat} runs (target: every ratio within 10%):")
-        print(f"worst: {print_agreement(runs):.0%}")
+        lines, worst = agreement(runs)
+        print("\n".join(lines) + f"\nworst: {worst:.0%}")
+        keys = ("seconds", "tokens_per_s", "peak_memory_gb")
+        combined = ratios(median_over_runs(all_results, keys))
+        print(f"each case's median over the {args.repeat} runs:")
+        print_ratios(combined, args)
+        print(json.dumps({"precision": args.precision, "combined": combined}))
     return 0
 
 

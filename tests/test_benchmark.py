@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from kd.benchmark import kind_of, profile, timed
+from kd.benchmark import agreement, kind_of, median_over_runs, profile, timed
 
 
 def test_timed_warms_up_until_two_steps_agree_and_takes_the_median():
@@ -76,3 +76,21 @@ def test_profile_sums_self_time_by_kind():
     parts = sum(v for k, v in kinds.items() if k != "total")
     assert kinds["total"] == pytest.approx(parts)
     assert all(v >= 0 for v in kinds.values())
+
+
+def test_median_over_runs_takes_each_case_median():
+    runs = [
+        {"kd": {"seconds": 5.0, "mem": 2.0}, "sft": {"seconds": 3.0, "mem": 1.0}},
+        {"kd": {"seconds": 9.0, "mem": 2.2}, "sft": {"seconds": 3.2, "mem": 1.0}},  # a slow minute
+        {"kd": {"seconds": 5.2, "mem": 2.1}, "sft": {"seconds": 2.9, "mem": 1.1}},
+    ]
+    assert median_over_runs(runs, ("seconds", "mem")) == {
+        "kd": {"seconds": 5.2, "mem": 2.1},
+        "sft": {"seconds": 3.0, "mem": 1.0},
+    }
+
+
+def test_agreement_is_the_largest_move_from_the_first_run():
+    lines, worst = agreement([{"a": 1.0, "b": 2.0}, {"a": 1.05, "b": 1.5}])
+    assert worst == pytest.approx(0.25)  # b: |1.5 - 2| / 2
+    assert lines == ["  a: 1.00, 1.05 (within 5%)", "  b: 2.00, 1.50 (within 25%)"]
