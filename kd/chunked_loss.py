@@ -14,8 +14,8 @@ front, so the gradients are final when the forward ends (the approach of Liger-K
 linear losses, arXiv 2410.10989): backward only scales them by the incoming gradient, and no
 second pass over the head is needed. Peak extra memory is one chunk of logits and its
 intermediates, instead of all of them. Those are `Scratch` buffers, written chunk after chunk
-(and, through kd.offpolicy.KDLoss, micro-batch after micro-batch) rather than allocated anew:
-on a CPU a fresh tensor of that size is faulted in page by page.
+(and on a CPU, through kd.offpolicy.KDLoss, micro-batch after micro-batch) rather than
+allocated anew: on a CPU a fresh tensor of that size is faulted in page by page.
 
 G comes one of two ways, chosen in `_loss_and_logit_grad` (the one dispatch point):
 - analytic (`_analytic_loss_and_grad`), for forward KL and reverse KL against dense teacher
@@ -435,7 +435,7 @@ def chunked_distillation_loss(
         which positions have an aligned teacher position, and the shared vocabulary for gold);
         teacher_hidden then holds, per student position, the aligned teacher position's state.
     scratch: the buffers the chunks reuse (`Scratch`); pass the same one on every call (as
-        kd.offpolicy.KDLoss does) to reuse them across calls too; default: new ones per call.
+        kd.offpolicy.KDLoss does on a CPU) to reuse them across calls too; default: new ones.
 
     Value and gradients equal `distillation_loss` on the full logits. Returns (loss, metrics)
     with detached metric tensors.

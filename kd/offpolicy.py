@@ -58,8 +58,10 @@ class KDLoss:
     chunk_size: int  # tokens per chunk of the loss
     router_aux_loss_coef: float = 0.0  # an MoE student's load-balancing loss weight (`router_aux`)
     shared: SharedVocab | None = None  # gold: the ids both vocabularies share
-    # The loss's (chunk x vocab) buffers, kept from one micro-batch to the next (on a CPU a
-    # fresh one costs page faults: kd/chunked_loss.py)
+    # The loss's (chunk x vocab) buffers, kept from one micro-batch to the next on a CPU, where a
+    # fresh one costs page faults (kd/chunked_loss.py). On a GPU the caching allocator reuses
+    # freed memory anyway, and buffers held between losses (~3 GB at chunk 1024 and 128k
+    # tokens) would be out of reach of the backward's activations.
     scratch: Scratch = field(default_factory=Scratch)
 
     def __call__(self, student: Transformer, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
@@ -90,7 +92,7 @@ class KDLoss:
                 teacher_logits=cached,
                 num_tokens=batch["num_tokens"],
                 cross=cross,
-                scratch=self.scratch,
+                scratch=self.scratch if hidden.device.type == "cpu" else None,
             )
 
         loss, metrics = student(input_ids, output_fn=loss_fn)
