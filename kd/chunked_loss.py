@@ -18,13 +18,13 @@ intermediates, instead of all of them. Those are `Scratch` buffers, written chun
 allocated anew: on a CPU a fresh tensor of that size is faulted in page by page.
 
 G comes one of two ways, chosen in `_loss_and_logit_grad` (the one dispatch point):
-- analytic (`_analytic_loss_and_grad`), for forward KL and reverse KL against dense teacher
-  logits (one teacher or several), for forward KL against a `TopK` teacher (cached top-k
-  log-probs and a tail bucket, `_topk_forward_kl_and_grad`), and for plain SFT (alpha = 0, no
-  teacher); the formulas are derived there. It skips autograd's saved intermediates and
-  backward kernels and works in place: ~2x less CPU time per chunk than autograd (256 x 49152,
-  measured; top-k forward KL with k = 32: 2.2-2.8x). Its log-probs and top-k buckets come from
-  kd.losses' functions; the tests check its sums and G against the autograd path.
+- analytic (kd/logit_grads.py), for forward KL and reverse KL against dense teacher logits
+  (one teacher or several), for forward KL against a `TopK` teacher (cached top-k log-probs and
+  a tail bucket), and for plain SFT (alpha = 0, no teacher); the formulas are derived there.
+  It skips autograd's saved intermediates and backward kernels and works in place: ~2x less
+  CPU time per chunk than autograd (256 x 49152, measured; top-k forward KL with k = 32:
+  2.2-2.8x). Its log-probs and top-k buckets come from kd.losses' functions; the tests check
+  its sums and G against the autograd path.
 - autograd on the chunk's `kd.losses.loss_sums` (the code of the dense `distillation_loss`),
   for every other divergence, dense or top-k.
 
@@ -49,54 +49,18 @@ import torch
 from torch import Tensor
 
 from kd.cross_tokenizer import CrossVocab, SharedVocab
+from kd.logit_grads import ANALYTIC_DIVERGENCES, Scratch, analytic_loss_and_grad
 from kd.losses import (
     LossOptions,
     Teacher,
     TopK,
-    aligned_teacher,
     check_teacher_vocab,
     compute_dtype,
-    floor_log_probs,
-    forward_kl,
     loss_sums,
     metrics_from_sums,
-    teacher_log_probs,
     token_count,
-    topk_buckets,
 )
 from kd.model import Head
-
-
-class Scratch:
-    """The (n x V) buffers of one loss call, one per role, reused chunk after chunk.
-
-    Why: on a CPU, glibc serves a tensor above its mmap threshold (at most 32 MiB; a 256 x 49152
-    fp32 chunk is 48 MiB) with fresh pages, faulted in one by one on first write and unmapped
-    again when freed. Measured on 2 cores of an Intel Xeon (AMX), 256 x 49152 fp32: exp into a
-    new tensor 22 ms, into a reused one 4 ms; log-softmax 41 vs 13 ms. On a GPU the caching
-    allocator reuses memory anyway. The shorter last chunk gets the first rows of each buffer.
-    """
-
-    def __init__(self) -> None:
-        self.buffers: dict[str, Tensor] = {}
-
-    def __call__(
-        self, role: str, shape: torch.Size | tuple[int, int], dtype: torch.dtype, device: Any
-    ) -> Tensor:
-        """An (n, V) buffer for `role`, holding whatever the last chunk left there."""
-        n, v = shape
-        buffer = self.buffers.get(role)
-        if buffer is None or buffer.dtype != dtype or buffer.shape[0] < n or buffer.shape[1] != v:
-            buffer = self.buffers[role] = torch.empty(n, v, dtype=dtype, device=device)
-        return buffer[:n]
-
-
-def _log_probs_into(z: Tensor, temperature: float, out: Tensor) -> Tensor:
-    """`kd.losses.log_probs(z, T)` written into `out`: z (in the compute dtype, a buffer of
-    its own) is divided by T in place."""
-    if temperature != 1.0:
-        z.div_(temperature)
-    return floor_log_probs(torch.log_softmax(z, dim=-1, out=out))
 
 
 class _ChunkedHeadLoss(torch.autograd.Function):
@@ -178,10 +142,6 @@ class _ChunkedHeadLoss(torch.autograd.Function):
         return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
 
 
-# Divergences whose gradient wrt the student logits `_analytic_loss_and_grad` writes out.
-_ANALYTIC_DIVERGENCES = ("forward_kl", "reverse_kl")
-
-
 def _loss_and_logit_grad(
     logits: Tensor,
     teacher: Teacher | None,
@@ -205,9 +165,9 @@ def _loss_and_logit_grad(
     elif isinstance(teacher, TopK):
         analytic = options.divergence == "forward_kl"
     else:
-        analytic = options.divergence in _ANALYTIC_DIVERGENCES
+        analytic = options.divergence in ANALYTIC_DIVERGENCES
     if analytic:
-        return _analytic_loss_and_grad(
+        return analytic_loss_and_grad(
             logits, teacher, labels, denom, options, need_grad=need_grad, scratch=scratch
         )
     return _autograd_loss_and_grad(logits, teacher, labels, denom, options, need_grad=need_grad)
@@ -230,172 +190,6 @@ def _autograd_loss_and_grad(
     if g is not None:
         g = g.to(compute_dtype(logits))
     return total.detach(), div_sum.detach(), ce_sum.detach(), g
-
-
-def _analytic_loss_and_grad(
-    logits: Tensor,
-    teacher: Teacher | None,
-    labels: Tensor,
-    denom: Tensor,
-    options: LossOptions,
-    *,
-    need_grad: bool,
-    scratch: Scratch | None = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
-    """What `_autograd_loss_and_grad` gives, with G written out (KL, top-k forward KL, SFT).
-
-    Forward and reverse KL against dense teachers, forward KL against a top-k teacher, and SFT.
-
-    Per valid token, with z the student logits, u = z / T, q = softmax(u), p = the teacher's
-    softmax(z_t / T), s = softmax(z) and y the label, the loss is
-        l = alpha T^2 D + (1 - alpha) CE,   CE = -log s_y,
-    and G = dl/dz / denom (0 on ignored tokens). Using dq_v/du_j = q_v (delta_vj - q_j):
-      CE:          dCE/dz = s - onehot(y)
-      forward KL:  D = sum_v p_v (log p_v - log q_v);  dD/du = q - p
-      reverse KL:  D = sum_v q_v (log q_v - log p_v);
-                   dD/du_j = sum_v (log q_v - log p_v + 1) q_v (delta_vj - q_j)
-                           = q_j (log q_j - log p_j - D)
-                   (the +1 terms cancel: sum_v q_v (delta_vj - q_j) = 0)
-    and du/dz = 1/T, so alpha T^2 dD/dz = alpha T dD/du. Hence
-      G = [alpha T (q - p) + (1 - alpha)(s - onehot(y))] / denom                 forward KL
-      G = [alpha T q (log q - log p - D) + (1 - alpha)(s - onehot(y))] / denom   reverse KL
-      G = [alpha T dD/du + (1 - alpha)(s - onehot(y))] / denom                   top-k forward KL
-    with dD/du of the (k + 1)-bucket KL derived in `_topk_forward_kl_and_grad`.
-    (Liger-Kernel's fused linear losses use the same closed forms, arXiv 2410.10989.)
-    The log-probs come from kd.losses' own functions (T, -inf floor, teacher mixtures); D is
-    `kd.losses.forward_kl` / `reverse_kl` written out in place, since (n x V) temporaries cost
-    page faults on CPU. -inf logits (masked vocab entries): log q and log p are floored at the
-    most negative finite float (`kd.losses.log_probs`), so q = p = 0 there exactly,
-    log q - log p stays finite and G = 0 at entries masked in both models, as in autograd
-    (whose gradient through the floor is 0).
-    """
-    temperature, alpha = options.temperature, options.alpha
-    dtype = compute_dtype(logits)
-    scratch = Scratch() if scratch is None else scratch
-
-    def buffer(role: str) -> Tensor:  # an (n, V) buffer in the compute dtype (`Scratch`)
-        return scratch(role, logits.shape, dtype, logits.device)
-
-    valid = labels != options.ignore_index  # (n,)
-    safe_labels = labels.masked_fill(~valid, 0).long().unsqueeze(-1)  # (n, 1)
-    # Row weights: 1 / denom on valid tokens, 0 on ignored ones (`loss_sums` drops them by where()).
-    row = (valid.to(dtype) / denom).unsqueeze(-1)  # (n, 1)
-
-    # log softmax(z / T), and log softmax(z) for the CE at T = 1: the same tensor when T = 1.
-    z = buffer("z").copy_(logits)  # (n, V); fp32 for bf16 logits
-    log_s = None if temperature == 1.0 else torch.log_softmax(z, dim=-1, out=buffer("log_s"))
-    need_log_q = teacher is not None or temperature == 1.0
-    log_q = _log_probs_into(z, temperature, buffer("log_q")) if need_log_q else None
-    log_s = log_q if log_s is None else log_s
-    ce = -log_s.gather(-1, safe_labels).squeeze(-1)  # (n,) -log s_y
-    # From here on the (n, V) buffers are overwritten in place once their last reader is done;
-    # log_q is not when it is also log s (T = 1), which the CE gradient reads below.
-    overwrite = log_s is not log_q
-    # (n, 1): alpha T / denom, the factor of dD/du in G; None when G has no divergence term
-    scale = row * (alpha * temperature) if need_grad and alpha != 0.0 else None
-    g = None  # (n, V): G
-    if teacher is None:  # plain SFT (alpha = 0)
-        div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
-    else:  # overwrite: log_q may become G; else a copy of it does
-        g = log_q if overwrite else buffer("q").copy_(log_q)
-        div, g = _divergence_and_grad(logits, teacher, g, scale, options, buffer)
-    div_sum = torch.where(valid, div, 0.0).sum()
-    ce_sum = torch.where(valid, ce, 0.0).sum()
-    total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
-    if not need_grad:
-        return total, div_sum, ce_sum, None
-    if alpha != 1.0:
-        ce_row = row * (1.0 - alpha)  # (n, 1)
-        s = log_s.exp_()  # softmax(z); log s is not read after this
-        g = s.mul_(ce_row) if g is None else g.addcmul_(s, ce_row)  # + (1 - alpha) s / denom
-        g.scatter_add_(-1, safe_labels, -ce_row)  # - (1 - alpha) onehot(y) / denom
-    return total, div_sum, ce_sum, g
-
-
-def _divergence_and_grad(
-    logits: Tensor,
-    teacher: Teacher,
-    log_q: Tensor,
-    scale: Tensor | None,
-    options: LossOptions,
-    buffer: Callable[[str], Tensor],
-) -> tuple[Tensor, Tensor | None]:
-    """Per-row D and scale * dD/du against a top-k (forward KL) or dense teacher (forward or
-    reverse KL); log_q is overwritten (it becomes G), buffer(role) gives (n, V) buffers."""
-    if isinstance(teacher, TopK):  # forward KL: the only top-k divergence dispatched here
-        return _topk_forward_kl_and_grad(log_q, teacher, scale)
-    teacher = aligned_teacher(teacher, logits, tokenizer_vocab_size=options.tokenizer_vocab_size)
-    if isinstance(teacher, Tensor):  # (n, V) log p, floored; the student's z is free again
-        log_p = _log_probs_into(buffer("z").copy_(teacher), options.temperature, buffer("log_p"))
-    else:  # several teachers, mixed as kd.losses mixes them
-        log_p = teacher_log_probs(teacher, options, log_q.dtype)
-    reverse = options.divergence == "reverse_kl"
-    return _dense_kl_and_grad(log_p, log_q, scale, reverse=reverse, p=buffer("p"))
-
-
-def _dense_kl_and_grad(
-    log_p: Tensor, log_q: Tensor, scale: Tensor | None, *, reverse: bool, p: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    """Per-row forward KL (reverse KL if `reverse`) and scale * dD/du (None when scale is None).
-
-    log_p, log_q: (n, V) floored log-probs of teacher and student at T, both overwritten (log_q
-    becomes G); p: an (n, V) buffer for a third tensor. scale: (n, 1), alpha T / denom. The
-    formulas are derived in `_analytic_loss_and_grad`.
-    """
-    if not reverse:
-        p = torch.exp(log_p, out=p)
-        div = log_p.sub_(log_q).mul_(p).sum(-1)  # D = sum_v p (log p - log q)
-        if scale is None:
-            return div, None
-        return div, log_q.exp_().sub_(p).mul_(scale)  # alpha T (q - p) / denom
-    log_ratio = log_p.sub_(log_q).neg_()  # log q - log p
-    q = log_q.exp_()
-    div = torch.mul(q, log_ratio, out=p).sum(-1)  # D = sum_v q (log q - log p)
-    if scale is None:
-        return div, None
-    return div, q.mul_(log_ratio.sub_(div.unsqueeze(-1))).mul_(scale)  # alpha T q (...) / denom
-
-
-def _topk_forward_kl_and_grad(
-    log_q: Tensor, teacher: TopK, scale: Tensor | None
-) -> tuple[Tensor, Tensor | None]:
-    """Per-row forward KL over `kd.losses.topk_buckets`, and scale * dD/du (None without scale).
-
-    log_q: (n, V) the student's log softmax(u), u = z / T, floored as `kd.losses.log_probs`
-    floors it; overwritten (it becomes G). teacher: the chunk's k token ids S and log-probs
-    at T. scale: (n, 1), e.g. alpha T / denom.
-
-    The buckets are the k tokens and one tail: P_i = p_i, Q_i = q_i for i in S, P_tail = 1 -
-    sum_S p_i (clamped at 0) and Q_tail = sum_{v not in S} q_v, with `topk_buckets`' floors, so
-        D = sum_{i in S} P_i (log P_i - log Q_i) + P_tail (log P_tail - log Q_tail).
-    With d log q_i/du_j = delta_ij - q_j and dQ_tail/du_j = q_j [j not in S] - Q_tail q_j, and
-    P_sum = sum_S P_i + P_tail (1 up to the cache's rounding; the clamp can leave it above 1),
-        dD/du_j = P_sum q_j - P_j                                    j in S
-        dD/du_j = P_sum q_j - P_tail q_j / Q_tail
-                = w_j (P_sum Q_tail - P_tail),  w_j = q_j / Q_tail    j not in S.
-    (At T = 1 and P_sum = 1: q - p on S and q (1 - P_tail / Q_tail) elsewhere.) w_j, student j's
-    share of the student's tail, is formed in log space, exp(log q_j - log Q_tail) in [0, 1]:
-    when Q_tail underflows (the student puts all its mass on S) q_j / Q_tail would be 0 / 0.
-    With k = V (no tail) `topk_buckets` floors log Q_tail and log P_tail, so P_tail = Q_tail = 0
-    and no j lies outside S. Student entries masked to -inf have log q at the floor: w_j = 0 and
-    G = 0 there, as in autograd (whose gradient through the floor is 0).
-    """
-    g = log_q  # (n, V)
-    # `topk_buckets` floors g's entries in S in place: g = log q off S, the floor on S (so exp
-    # gives 0 there, never inf), and log Q_tail = logsumexp(g).
-    # log_p_b, log_q_b: (n, k + 1) each, the k tokens, then the tail
-    log_p_b, log_q_b = topk_buckets(teacher, g, overwrite=True)
-    div = forward_kl(log_p_b, log_q_b)  # (n,) as in `loss_sums`
-    if scale is None:
-        return div, None
-    p_b = log_p_b.exp()  # (n, k + 1)
-    p_sum = p_b.sum(-1, keepdim=True)  # (n, 1)
-    log_q_tail = log_q_b[:, -1:]  # (n, 1)
-    ids = teacher.ids.long()  # (n, k)
-    # off S: w (P_sum Q_tail - P_tail)
-    g.sub_(log_q_tail).exp_().mul_(scale * (p_sum * log_q_tail.exp() - p_b[:, -1:]))
-    g.scatter_(-1, ids, scale * (p_sum * log_q_b[:, :-1].exp() - p_b[:, :-1]))  # on S: P_sum q - P
-    return div, g
 
 
 def chunked_distillation_loss(

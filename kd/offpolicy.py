@@ -31,9 +31,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from kd.chunked_loss import Scratch, chunked_distillation_loss
+from kd.chunked_loss import chunked_distillation_loss
 from kd.cross_tokenizer import Aligner, SharedVocab
 from kd.data import IGNORE, Batches, Example
+from kd.logit_grads import Scratch
 from kd.losses import LossOptions, TopK
 from kd.model import Head, Transformer
 from kd.moe import load_balancing_loss

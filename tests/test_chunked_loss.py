@@ -26,11 +26,8 @@ import pytest
 import torch
 
 import kd.chunked_loss
-from kd.chunked_loss import (
-    _analytic_loss_and_grad,
-    _autograd_loss_and_grad,
-    chunked_distillation_loss,
-)
+from kd.chunked_loss import _autograd_loss_and_grad, chunked_distillation_loss
+from kd.logit_grads import analytic_loss_and_grad
 from kd.losses import LossOptions, TopK, distillation_loss
 from kd.model import Head
 
@@ -239,7 +236,7 @@ def test_analytic_gradient_equals_autograd(name, temperature, alpha):
     divergence = name if name in ("forward_kl", "reverse_kl") else "forward_kl"
     options = LossOptions(divergence=divergence, temperature=temperature, alpha=alpha)
     teacher_arg = None if name == "sft" else teacher
-    *sums, grad = _analytic_loss_and_grad(
+    *sums, grad = analytic_loss_and_grad(
         student, teacher_arg, labels, denom, options, need_grad=True
     )
     *want_sums, want_grad = _autograd_loss_and_grad(
@@ -294,7 +291,7 @@ def test_topk_gradient_equals_numpy_reference():
         top_ids, torch.log_softmax(torch.from_numpy(zt) / temperature, -1).gather(-1, top_ids)
     )
     options = LossOptions(divergence="forward_kl", temperature=temperature, alpha=alpha)
-    total, div, ce, grad = _analytic_loss_and_grad(
+    total, div, ce, grad = analytic_loss_and_grad(
         torch.from_numpy(z),
         teacher,
         torch.from_numpy(labels),
