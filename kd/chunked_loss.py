@@ -30,7 +30,7 @@ G comes one of two ways, chosen in `_loss_and_logit_grad` (the one dispatch poin
 
 dtypes: hidden states and weights may be bf16 (FSDP2 mixed precision): the matmuls run in that
 dtype, softmax and loss in fp32 (float64 for float64 inputs), the gradients come back in the
-input dtypes (dL/dW accumulated in fp32 across chunks).
+input dtypes (dL/dW: each chunk's G^T h in the weights' dtype, summed in fp32 across chunks).
 
 Use (the settings are those of `kd.losses.distillation_loss`, in a `kd.losses.LossOptions`):
 
@@ -112,13 +112,13 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 if g is not None:
                     g.mul_(tanh.square_().neg_().add_(1.0))  # dL/du = dL/dz (1 - tanh^2)
                 del tanh
-            if grad_hidden:  # G W in the weight's dtype (bf16 under mixed precision)
-                g_w = g
-                if g.dtype != weight.dtype:
-                    g_w = scratch("g", g.shape, weight.dtype, g.device).copy_(g)
-                d_hidden[start:end] = g_w @ weight
-            if grad_weight:  # G^T h accumulated in fp32, from G in fp32
-                d_weight.addmm_(g.T, h.to(d_weight.dtype))
+            g_w = g  # G in the weight's dtype (bf16 under mixed precision), or None
+            if g is not None and g.dtype != weight.dtype:
+                g_w = scratch("g", g.shape, weight.dtype, g.device).copy_(g)
+            if grad_hidden:
+                d_hidden[start:end] = g_w @ weight  # G W
+            if grad_weight:
+                _add_weight_grad(d_weight, g_w if g_w.dtype == torch.bfloat16 else g, h, scratch)
             sums += torch.stack([total, div_sum, ce_sum]).to(sums.dtype)
             del logits, g  # the chunk's logits and gradient go here: one chunk alive at a time
         # Kept as attributes, not save_for_backward: they are our own results, and backward scales
@@ -140,6 +140,31 @@ class _ChunkedHeadLoss(torch.autograd.Function):
             if d is not None:
                 d.mul_(grad_loss.to(d.dtype))  # chain rule through the scalar loss
         return d_hidden, d_weight, None, None, None, None, None, None, None, None, None
+
+
+def _add_weight_grad(d_weight: Tensor, g: Tensor, h: Tensor, scratch: Scratch) -> None:
+    """d_weight += G^T h: one chunk's (V, H) share of dL/dW, summed over chunks in fp32.
+
+    G in bf16 (mixed precision): the product runs in bf16, as autograd's backward of a bf16
+    linear does (fp32 accumulation inside the matmul, the (V, H) result rounded to bf16 once per
+    chunk), and the chunks are summed in fp32. Why not one fp32 product: without TF32 an H100
+    multiplies in fp32 at ~1/15 of its bf16 rate (67 vs 989 TFLOP/s), and on 2 Xeon cores with
+    AMX one 256 x 49152 x 576 chunk took 60-80 ms in fp32, 18-33 ms in bf16. The
+    bf16 -> fp32 add goes a block of rows at a time through a reused buffer: PyTorch's CPU add of
+    a bf16 tensor into an fp32 one is unvectorized (60 ms for 49152 x 576), and a whole fp32
+    copy of the (V, H) product would be another full-size buffer. Other dtypes: one product in
+    the accumulator's dtype (fp16 keeps it: G / denom underflows in fp16).
+    """
+    if g.dtype != torch.bfloat16:
+        d_weight.addmm_(g.T, h.to(d_weight.dtype))
+        return
+    product = scratch("dw", d_weight.shape, g.dtype, g.device)  # (V, H) bf16
+    torch.mm(g.T, h.to(g.dtype), out=product)
+    rows = max(1, 2**21 // d_weight.shape[1])  # 8 MiB of fp32 per block
+    block = scratch("dw_block", (rows, d_weight.shape[1]), d_weight.dtype, g.device)
+    for start in range(0, d_weight.shape[0], rows):
+        end = min(start + rows, d_weight.shape[0])
+        d_weight[start:end].add_(block[: end - start].copy_(product[start:end]))
 
 
 def _loss_and_logit_grad(
@@ -218,9 +243,10 @@ def chunked_distillation_loss(
         with options.tokenizer_vocab_size (the padding rows are sliced off).
     options: the divergence, T, alpha and the rest, as in `distillation_loss` (`LossOptions`).
     chunk_size: tokens per chunk; peak extra memory is a few (chunk_size x V) fp32 buffers
-        (measured ~0.4 GiB at 256 for V = 49152 and 128256) plus dL/dW in fp32, whatever the
-        token count. 256 is Liger-Kernel's choice for V / H ~ 64; larger chunks run the
-        matmuls a little more efficiently.
+        (measured ~0.4 GiB at 256 for V = 49152 and 128256) plus dL/dW in fp32 (and, for bf16
+        weights, one chunk's share of it in bf16), whatever the token count. 256 is
+        Liger-Kernel's choice for V / H ~ 64; larger chunks run the matmuls a little more
+        efficiently.
     teacher_logits: instead of teacher hidden states (pass None, None for those): precomputed
         logits (..., V_t), a list of them, or a `TopK` of cached top-k log-probs. No teacher at
         all (None, None and no teacher_logits) is plain SFT and needs options.alpha = 0.
