@@ -123,26 +123,30 @@ def analytic_loss_and_grad(
     log_q = _log_probs_into(z, temperature, buffer("log_q")) if need_log_q else None
     log_s = log_q if log_s is None else log_s
     ce = -log_s.gather(-1, safe_labels).squeeze(-1)  # (n,) -log s_y
-    # From here on the (n, V) buffers are overwritten in place once their last reader is done;
-    # log_q is not when it is also log s (T = 1), which the CE gradient reads below.
-    overwrite = log_s is not log_q
     # (n, 1): alpha T / denom, the factor of dD/du in G; None when G has no divergence term
     scale = row * (alpha * temperature) if need_grad and alpha != 0.0 else None
+    # (n, 1): (1 - alpha) / denom, the factor of the CE's dCE/dz = s - onehot(y) in G, or None
+    ce_row = row * (1.0 - alpha) if need_grad and alpha != 1.0 else None
+    # At T = 1, s = q: the divergence's gradient takes the CE's (1 - alpha) s / denom into the
+    # same passes over (n, V) (`fused`), and only the one-hot part is left for below.
+    fused = log_s is log_q and teacher is not None and scale is not None and ce_row is not None
     g = None  # (n, V): G
     if teacher is None:  # plain SFT (alpha = 0)
         div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
-    else:  # overwrite: log_q may become G; else a copy of it does
-        g = log_q if overwrite else buffer("q").copy_(log_q)
-        div, g = _divergence_and_grad(logits, teacher, g, scale, options, buffer)
+    else:  # log_q becomes G in place, or a copy of it does when log_q is also the log s read below
+        keep_log_s = log_s is log_q and ce_row is not None and not fused
+        g = buffer("q").copy_(log_q) if keep_log_s else log_q
+        ce_in = ce_row if fused else None
+        div, g = _divergence_and_grad(logits, teacher, g, scale, ce_in, options, buffer)
     div_sum = torch.where(valid, div, 0.0).sum()
     ce_sum = torch.where(valid, ce, 0.0).sum()
     total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
     if not need_grad:
         return total, div_sum, ce_sum, None
-    if alpha != 1.0:
-        ce_row = row * (1.0 - alpha)  # (n, 1)
-        s = log_s.exp_()  # softmax(z); log s is not read after this
-        g = s.mul_(ce_row) if g is None else g.addcmul_(s, ce_row)  # + (1 - alpha) s / denom
+    if ce_row is not None:
+        if not fused:  # + (1 - alpha) s / denom
+            s = log_s.exp_()  # softmax(z); log s is not read after this
+            g = s.mul_(ce_row) if g is None else g.addcmul_(s, ce_row)
         g.scatter_add_(-1, safe_labels, -ce_row)  # - (1 - alpha) onehot(y) / denom
     return total, div_sum, ce_sum, g
 
@@ -152,53 +156,68 @@ def _divergence_and_grad(
     teacher: Teacher,
     log_q: Tensor,
     scale: Tensor | None,
+    ce_row: Tensor | None,
     options: LossOptions,
     buffer: Callable[[str], Tensor],
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-row D and scale * dD/du against a top-k (forward KL) or dense teacher (forward or
-    reverse KL); log_q is overwritten (it becomes G), buffer(role) gives (n, V) buffers."""
+    """Per-row D and scale * dD/du (+ ce_row * q, at T = 1 where q = s) against a top-k (forward
+    KL) or dense teacher (forward or reverse KL); log_q is overwritten (it becomes G),
+    buffer(role) gives (n, V) buffers."""
     if isinstance(teacher, TopK):  # forward KL: the only top-k divergence dispatched here
-        return _topk_forward_kl_and_grad(log_q, teacher, scale)
+        # the student's z (buffer "z") is free again: the logsumexp's scratch
+        return _topk_forward_kl_and_grad(log_q, teacher, scale, ce_row, scratch=buffer("z"))
     teacher = aligned_teacher(teacher, logits, tokenizer_vocab_size=options.tokenizer_vocab_size)
     if isinstance(teacher, Tensor):  # (n, V) log p, floored; the student's z is free again
         log_p = _log_probs_into(buffer("z").copy_(teacher), options.temperature, buffer("log_p"))
     else:  # several teachers, mixed as kd.losses mixes them
         log_p = teacher_log_probs(teacher, options, log_q.dtype)
     reverse = options.divergence == "reverse_kl"
-    return _dense_kl_and_grad(log_p, log_q, scale, reverse=reverse, p=buffer("p"))
+    return _dense_kl_and_grad(log_p, log_q, scale, ce_row, reverse=reverse, p=buffer("p"))
 
 
 def _dense_kl_and_grad(
-    log_p: Tensor, log_q: Tensor, scale: Tensor | None, *, reverse: bool, p: Tensor
+    log_p: Tensor,
+    log_q: Tensor,
+    scale: Tensor | None,
+    ce_row: Tensor | None,
+    *,
+    reverse: bool,
+    p: Tensor,
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-row forward KL (reverse KL if `reverse`) and scale * dD/du (None when scale is None).
+    """Per-row forward KL (reverse KL if `reverse`) and scale * dD/du + ce_row * q (None when
+    scale is None; ce_row None adds nothing).
 
     log_p, log_q: (n, V) floored log-probs of teacher and student at T, both overwritten (log_q
-    becomes G); p: an (n, V) buffer for a third tensor. scale: (n, 1), alpha T / denom. The
-    formulas are derived in `_analytic_loss_and_grad`.
+    becomes G); p: an (n, V) buffer for a third tensor. scale: (n, 1), alpha T / denom; ce_row:
+    (n, 1), (1 - alpha) / denom, given at T = 1 only (where q is the CE's softmax s). The
+    formulas are derived in `analytic_loss_and_grad`.
     """
     if not reverse:
         p = torch.exp(log_p, out=p)
         div = log_p.sub_(log_q).mul_(p).sum(-1)  # D = sum_v p (log p - log q)
         if scale is None:
             return div, None
-        return div, log_q.exp_().sub_(p).mul_(scale)  # alpha T (q - p) / denom
+        q_factor = scale if ce_row is None else scale + ce_row  # (n, 1)
+        return div, log_q.exp_().mul_(q_factor).addcmul_(p, scale, value=-1.0)  # scale (q - p)
     log_ratio = log_p.sub_(log_q).neg_()  # log q - log p
     q = log_q.exp_()
     div = torch.mul(q, log_ratio, out=p).sum(-1)  # D = sum_v q (log q - log p)
     if scale is None:
         return div, None
-    return div, q.mul_(log_ratio.sub_(div.unsqueeze(-1))).mul_(scale)  # alpha T q (...) / denom
+    factor = log_ratio.sub_(div.unsqueeze(-1)).mul_(scale)  # scale (log q - log p - D)
+    return div, q.mul_(factor if ce_row is None else factor.add_(ce_row))  # scale q (...)
 
 
 def _topk_forward_kl_and_grad(
-    log_q: Tensor, teacher: TopK, scale: Tensor | None
+    log_q: Tensor, teacher: TopK, scale: Tensor | None, ce_row: Tensor | None, *, scratch: Tensor
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-row forward KL over `kd.losses.topk_buckets`, and scale * dD/du (None without scale).
+    """Per-row forward KL over `kd.losses.topk_buckets`, and scale * dD/du + ce_row * q (None
+    without scale; ce_row, given at T = 1 only, where q is the CE's softmax s: None adds nothing).
 
     log_q: (n, V) the student's log softmax(u), u = z / T, floored as `kd.losses.log_probs`
     floors it; overwritten (it becomes G). teacher: the chunk's k token ids S and log-probs
-    at T. scale: (n, 1), e.g. alpha T / denom.
+    at T. scale: (n, 1), e.g. alpha T / denom. scratch: an (n, V) buffer for the tail's
+    logsumexp.
 
     The buckets are the k tokens and one tail: P_i = p_i, Q_i = q_i for i in S, P_tail = 1 -
     sum_S p_i (clamped at 0) and Q_tail = sum_{v not in S} q_v, with `topk_buckets`' floors, so
@@ -211,6 +230,7 @@ def _topk_forward_kl_and_grad(
     (At T = 1 and P_sum = 1: q - p on S and q (1 - P_tail / Q_tail) elsewhere.) w_j, student j's
     share of the student's tail, is formed in log space, exp(log q_j - log Q_tail) in [0, 1]:
     when Q_tail underflows (the student puts all its mass on S) q_j / Q_tail would be 0 / 0.
+    The CE's c q_j (c = ce_row) joins both: c q_j on S, and w_j c Q_tail off S.
     With k = V (no tail) `topk_buckets` floors log Q_tail and log P_tail, so P_tail = Q_tail = 0
     and no j lies outside S. Student entries masked to -inf have log q at the floor: w_j = 0 and
     G = 0 there, as in autograd (whose gradient through the floor is 0).
@@ -219,7 +239,7 @@ def _topk_forward_kl_and_grad(
     # `topk_buckets` floors g's entries in S in place: g = log q off S, the floor on S (so exp
     # gives 0 there, never inf), and log Q_tail = logsumexp(g).
     # log_p_b, log_q_b: (n, k + 1) each, the k tokens, then the tail
-    log_p_b, log_q_b = topk_buckets(teacher, g, overwrite=True)
+    log_p_b, log_q_b = topk_buckets(teacher, g, overwrite=True, scratch=scratch)
     div = forward_kl(log_p_b, log_q_b)  # (n,) as in `loss_sums`
     if scale is None:
         return div, None
@@ -227,7 +247,9 @@ def _topk_forward_kl_and_grad(
     p_sum = p_b.sum(-1, keepdim=True)  # (n, 1)
     log_q_tail = log_q_b[:, -1:]  # (n, 1)
     ids = teacher.ids.long()  # (n, k)
-    # off S: w (P_sum Q_tail - P_tail)
-    g.sub_(log_q_tail).exp_().mul_(scale * (p_sum * log_q_tail.exp() - p_b[:, -1:]))
-    g.scatter_(-1, ids, scale * (p_sum * log_q_b[:, :-1].exp() - p_b[:, :-1]))  # on S: P_sum q - P
+    ce = 0.0 if ce_row is None else ce_row  # (n, 1), or no CE term
+    q_tail, q_s = log_q_tail.exp(), log_q_b[:, :-1].exp()  # (n, 1), (n, k)
+    # off S: w (scale (P_sum Q_tail - P_tail) + c Q_tail)
+    g.sub_(log_q_tail).exp_().mul_(scale * (p_sum * q_tail - p_b[:, -1:]) + ce * q_tail)
+    g.scatter_(-1, ids, scale * (p_sum * q_s - p_b[:, :-1]) + ce * q_s)  # on S: P_sum q - P + c q
     return div, g
