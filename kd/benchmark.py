@@ -8,10 +8,14 @@ therefore warms up until two consecutive steps agree within `settle` (5%), then 
 ((max - min) / median): the median is robust to one step delayed by another process, and the
 spread says how far to trust it.
 
-Over several runs of a benchmark (`median_over_runs`, `agreement`): a machine's speed can drift
-for minutes (seen on a 2-core VM: one case's steps ~25% slower for the length of that case),
-which no median of one case's steps absorbs; runs sample each case at different times, so the
-median over runs does, and how far each ratio moved between runs says whether to trust one run.
+A machine's speed can drift for minutes (seen on a 2-core VM: the same bf16 matmul at 1,896,
+715 and 664 GFLOP/s at different times of one day; one case's steps ~25% slower for the length
+of that case), which no median of one case's steps absorbs, and a benchmark that times its
+cases one after another then compares a slow minute of one with a fast minute of another.
+`interleave` runs every case in a process of its own (`serve` is the case's side), all alive at
+once, and times them in rounds, one step of each case per round: a slow minute then slows every
+case alike and the ratios of their medians hold. Over several runs (`median_over_runs`,
+`agreement`), how far each ratio moved between runs says whether to trust one run.
 
 `profile` runs steps under torch.profiler and returns the per-op table (self time, the time an
 op spends outside the ops it calls) and a summary by kind of work (`KINDS`): matrix products,
@@ -23,11 +27,16 @@ Tests: `.venv/bin/python -m pytest -q tests/test_benchmark.py`.
 
 from __future__ import annotations
 
+import json
 import re
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -46,40 +55,56 @@ class Timing:
     warmup_steps: int  # calls before the timed ones, the first included
 
 
-def _one(step: Callable[[], object]) -> tuple[float, float]:
+def one_step(step: Callable[[], object]) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of all this process's threads) of one call of step."""
     wall, cpu = time.perf_counter(), time.process_time()
     step()
     sync()
     return time.perf_counter() - wall, time.process_time() - cpu
 
 
-def timed(
-    step: Callable[[], object], *, steps: int = 5, settle: float = 0.05, max_warmup: int = 10
-) -> Timing:
-    """Warm up until two consecutive calls differ by at most `settle` of the smaller (or
-    `max_warmup` calls), then time `steps` calls one by one.
-
-    On a CPU shared with other jobs the wall time stretches with their load; the CPU time (all
-    threads) stays closer to the work done, so both are reported."""
-    if steps < 1:
-        raise ValueError(f"steps={steps}: time at least one step")
-    first, _ = _one(step)
-    previous, warmup = first, 1
-    while warmup < max_warmup:
-        seconds, _ = _one(step)
-        warmup += 1
+def warm_up(
+    step: Callable[[], object], *, settle: float = 0.05, max_warmup: int = 10
+) -> tuple[float, int]:
+    """Call step until two consecutive calls differ by at most `settle` of the smaller (or
+    `max_warmup` calls); (the first call's seconds, calls made)."""
+    first, _ = one_step(step)
+    previous, calls = first, 1
+    while calls < max_warmup:
+        seconds, _ = one_step(step)
+        calls += 1
         if abs(seconds - previous) <= settle * min(seconds, previous):
             break
         previous = seconds
-    walls, cpus = zip(*(_one(step) for _ in range(steps)))
+    return first, calls
+
+
+def summary(
+    walls: list[float], cpus: list[float], *, first_seconds: float, warmup_steps: int
+) -> Timing:
+    """The Timing of timed steps' wall and CPU seconds."""
     median = statistics.median(walls)
     return Timing(
         seconds=median,
         spread=(max(walls) - min(walls)) / median,
         cpu_seconds=statistics.median(cpus),
-        first_seconds=first,
-        warmup_steps=warmup,
+        first_seconds=first_seconds,
+        warmup_steps=warmup_steps,
     )
+
+
+def timed(
+    step: Callable[[], object], *, steps: int = 5, settle: float = 0.05, max_warmup: int = 10
+) -> Timing:
+    """Warm up (`warm_up`), then time `steps` calls one by one.
+
+    On a CPU shared with other jobs the wall time stretches with their load; the CPU time (all
+    threads) stays closer to the work done, so both are reported."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: time at least one step")
+    first, warmup = warm_up(step, settle=settle, max_warmup=max_warmup)
+    walls, cpus = zip(*(one_step(step) for _ in range(steps)))
+    return summary(list(walls), list(cpus), first_seconds=first, warmup_steps=warmup)
 
 
 def matmul_peak(dtype: torch.dtype, device: torch.device) -> float:
@@ -159,3 +184,100 @@ def agreement(runs: list[dict[str, float]]) -> tuple[list[str], float]:
             f"  {key}: " + ", ".join(f"{v:.2f}" for v in values) + f" (within {distance:.0%})"
         )
     return lines, worst
+
+
+# --- interleaved cases: each case a process of its own, one step of each per round
+
+REPLY = "kd-benchmark-reply "  # starts a case's answers on its stdout; other lines pass by
+
+
+def _reply(message: dict) -> None:
+    print(REPLY + json.dumps(message), flush=True)
+
+
+def serve(step: Callable[[], object], *, profile_to: Path | None, end: Callable[[], dict]) -> None:
+    """A case process's side of `interleave`: warm step up (`warm_up`) and answer with the first
+    call's seconds and the warm-up calls; then answer each line of stdin: "step": one call's
+    wall and CPU seconds; "profile": `profile`'s kinds (its table written to profile_to);
+    "end": end()'s dict (e.g. peak memory), and return."""
+    first, warmup = warm_up(step)
+    _reply({"first_seconds": first, "warmup_steps": warmup})
+    for line in sys.stdin:
+        command = line.strip()
+        if command == "step":
+            wall, cpu = one_step(step)
+            _reply({"seconds": wall, "cpu_seconds": cpu})
+        elif command == "profile" and profile_to is not None:
+            table, kinds = profile(step)
+            profile_to.write_text(table)
+            _reply(kinds)
+        elif command == "end":
+            _reply(end())
+            return
+        else:
+            raise ValueError(f"unknown benchmark command {command!r}")
+
+
+class _Case:
+    """A running case process (`serve` at its other end)."""
+
+    def __init__(self, name: str, command: list[str], env: dict[str, str]) -> None:
+        self.name = name
+        self.stderr = tempfile.TemporaryFile(mode="w+")  # a file: a full pipe would block it
+        pipe = subprocess.PIPE
+        self.process = subprocess.Popen(
+            command, stdin=pipe, stdout=pipe, stderr=self.stderr, text=True, env=env
+        )
+
+    def ask(self, command: str | None) -> dict:
+        """Send command (None: only read), return the case's answer."""
+        if command is not None:
+            self.process.stdin.write(command + "\n")
+            self.process.stdin.flush()
+        for line in self.process.stdout:
+            if line.startswith(REPLY):
+                return json.loads(line[len(REPLY) :])
+        self.process.wait()
+        self.stderr.seek(0)
+        raise RuntimeError(f"case {self.name} failed:\n{self.stderr.read()[-3000:]}")
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        self.stderr.close()
+
+
+def interleave(
+    commands: dict[str, list[str]], *, steps: int, profile: bool, env: dict[str, str]
+) -> dict[str, dict]:
+    """{case: Timing's fields, "profile" (with profile), and the case's end() dict}.
+
+    commands: {case: the command line of a process that calls `serve`}. The cases start one at
+    a time, each warming up alone, and stay alive (their memory all at once); then `steps`
+    rounds time one step of each case in turn; then each case alone is profiled and ended.
+    Raises RuntimeError with the case's stderr when one fails."""
+    if steps < 1:
+        raise ValueError(f"steps={steps}: time at least one step")
+    cases: dict[str, _Case] = {}
+    try:
+        ready = {}
+        for name, command in commands.items():
+            cases[name] = _Case(name, command, env)
+            ready[name] = cases[name].ask(None)
+        times: dict[str, list[dict]] = {name: [] for name in cases}
+        for _ in range(steps):
+            for name, case in cases.items():
+                times[name].append(case.ask("step"))
+        results = {}
+        for name, case in cases.items():
+            walls = [t["seconds"] for t in times[name]]
+            cpus = [t["cpu_seconds"] for t in times[name]]
+            results[name] = asdict(summary(walls, cpus, **ready[name]))
+            if profile:
+                results[name]["profile"] = case.ask("profile")
+            results[name] |= case.ask("end")
+        return results
+    finally:
+        for case in cases.values():
+            case.close()

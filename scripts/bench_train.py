@@ -3,17 +3,19 @@
     .venv/bin/python scripts/bench_train.py                  # SmolLM2-135M teacher (make teacher)
     .venv/bin/python scripts/bench_train.py --repeat 2 --profile runs/profile --compile
 
-Each case warms up until two consecutive steps agree within 5%, then times --steps (5) steps one
-by one: the table gives the median, the spread ((max - min) / median) and the first step (which
-includes compilation with compile = true); kd/benchmark.py. --repeat N runs every case N times
-back to back, prints how far each ratio moved between runs, and the ratios of each case's
-median over the runs (the machine's speed can drift for a whole case; the runs sample each case
-at different times). --profile DIR writes each case's torch.profiler per-op table to
-DIR/CASE.txt and prints self seconds per step by kind of work.
---compile adds sft, teacher and kd with compile = true (torch.compile per block).
+Each case runs in a process of its own, so that its peak memory (max RSS on CPU, max allocated
+on CUDA) is its own; the processes start one at a time and each warms up alone until two
+consecutive steps agree within 5%; then --steps (5) rounds time one step of every case in turn
+(kd.benchmark.interleave), so that a minute in which the machine runs slow slows every case
+alike. The table gives each case's median, spread ((max - min) / median) and first step (which
+includes compilation with compile = true). --repeat N runs all of it N times back to back,
+prints how far each ratio moved between runs, and the ratios of each case's median over the
+runs. --profile DIR writes each case's torch.profiler per-op table to DIR/CASE.txt and prints
+self seconds per step by kind of work. --compile adds sft, teacher and kd with compile = true
+(torch.compile per block), interleaved with each other after the other cases (all eight
+processes at once would need ~22 GB).
 
-Cases, each in a fresh subprocess so that its peak memory (max RSS on CPU, max allocated on
-CUDA) is its own, on the same random tokens (every position trained; with --prompt-fraction F the
+Cases, on the same random tokens (every position trained; with --prompt-fraction F the
 first F of each row is a "prompt" without labels, as in chat data, where our loss skips the heads):
   (a) sft        our SFT step: kd.training.train_step with loss=sft (FSDP2, chunked CE, AdamW)
   (b) teacher    the teacher's forward alone, to full logits, no_grad
@@ -61,10 +63,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 from kd.benchmark import (  # noqa: E402
     agreement,
+    interleave,
     matmul_peak,
     median_over_runs,
-    profile,
-    timed,
+    serve,
 )
 from kd.config import TrainConfig  # noqa: E402  (after the path set-up)
 from kd.data import Example  # noqa: E402
@@ -81,15 +83,11 @@ def peak_memory_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
-def measure(step, case: str, args: argparse.Namespace) -> dict:
-    """kd.benchmark.timed's fields for `step`, and with --profile its profile: the per-op
-    table written to PROFILE/CASE.txt, the self seconds per kind of work returned."""
-    result = asdict(timed(step, steps=args.steps))
-    if args.profile:
-        table, kinds = profile(step)
-        (Path(args.profile) / f"{case}.txt").write_text(table)
-        result["profile"] = kinds
-    return result
+def serve_case(step, case: str, args: argparse.Namespace, **facts: float) -> None:
+    """The case's side of kd.benchmark.interleave for `step`: with --profile the per-op table
+    goes to PROFILE/CASE.txt; at the end it answers its peak memory and `facts`."""
+    profile_to = Path(args.profile) / f"{case}.txt" if args.profile else None
+    serve(step, profile_to=profile_to, end=lambda: {**facts, "peak_memory_gb": peak_memory_gb()})
 
 
 def random_batch(vocab: int, *, batch_size: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -153,8 +151,6 @@ def write_moe_teacher(args: argparse.Namespace) -> None:
     """Case (f)'s models, in args.cache_dir: moe_teacher/ (random, seeded: Mixtral with the
     dense teacher's attention and embeddings, args.moe_experts experts of half its MLP width,
     top-2) and student/ (the dense student of the other cases, LAYERS of the teacher)."""
-    from dataclasses import asdict
-
     from kd import hf, hf_config
     from kd.model import Transformer
     from kd.model_config import ModelConfig
@@ -190,7 +186,7 @@ def open_batch_cache(cfg: TrainConfig, tokenizer: Tokenizer, batch: dict[str, to
     )
 
 
-def run_ours(case: str, args: argparse.Namespace) -> dict:
+def run_ours(case: str, args: argparse.Namespace) -> None:
     """kd's step of `case` through kd/training.py and kd/offpolicy.py, as train.py runs it: each
     timed step takes the method's micro-batch (collated, and for (e) the cache read) and runs
     kd.training.train_step on it."""
@@ -231,9 +227,9 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
     cpu_batch = random_batch(vocab, batch_size=args.batch_size, seq_len=args.seq_len)
     if base == "teacher":
         ids = cpu_batch["input_ids"].to(world.device)
-        with torch.no_grad():
-            result = measure(lambda: teachers[0](ids), case, args)
         flops = forward_flops_per_token(teachers[0], seq_len=args.seq_len)
+        with torch.no_grad():
+            serve_case(lambda: teachers[0](ids), case, args, flops_per_token=flops)
     else:
         data = Batches(
             [(batch_examples(cpu_batch), 1.0)],
@@ -261,13 +257,12 @@ def run_ours(case: str, args: argparse.Namespace) -> dict:
                 grad_clip=cfg.grad_clip,
             )
 
-        result = measure(step, case, args)
         flops = flops_per_token(method.teachers, student, seq_len=args.seq_len)
+        serve_case(step, case, args, flops_per_token=flops)
     parallel.shutdown()
-    return {**result, "flops_per_token": flops}
 
 
-def run_naive(args: argparse.Namespace) -> dict:
+def run_naive(args: argparse.Namespace) -> None:
     """The usual way: transformers models, bf16 autocast (or none in fp32), full logits, KL + CE,
     a plain AdamW loop."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
@@ -313,20 +308,7 @@ def run_naive(args: argparse.Namespace) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return measure(step, "naive", args)
-
-
-def run_case(case: str, args: argparse.Namespace) -> dict:
-    if case == "write-cache":
-        return write_batch_cache(args)
-    result = run_naive(args) if case == "naive" else run_ours(case, args)
-    tokens = args.batch_size * args.seq_len
-    return {
-        "case": case,
-        **result,
-        "tokens_per_s": tokens / result["seconds"],
-        "peak_memory_gb": peak_memory_gb(),
-    }
+    serve_case(step, "naive", args)
 
 
 def parse_args() -> argparse.Namespace:
@@ -373,35 +355,44 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def case_names(args: argparse.Namespace) -> list[str]:
-    cases = ["sft", "teacher", "kd", "naive", "write-cache", "cached"]
-    if args.moe_experts:
-        cases.append("kd-moe")
-    if args.compile:
-        cases += ["sft+compile", "teacher+compile", "kd+compile"]
-    return cases
+def case_groups(args: argparse.Namespace) -> list[list[str]]:
+    """The cases, in groups whose steps are interleaved (a group's processes live at once)."""
+    cases = ["sft", "teacher", "kd", "naive", "cached"] + (["kd-moe"] if args.moe_experts else [])
+    compiled = ["sft+compile", "teacher+compile", "kd+compile"]
+    return [cases] + ([compiled] if args.compile else [])
 
 
 def run_cases(args: argparse.Namespace) -> dict[str, dict] | None:
-    """Each case in a process of its own (write-cache first makes (e)'s cache, untimed by
-    the table); None when one fails (its error printed)."""
-    results = {}
-    flags = ("batch_size", "seq_len", "chunk_size", "steps", "precision", "top_k")
+    """All cases (write-cache first makes (e)'s cache, in a process of its own, untimed), each
+    group interleaved; None when one fails (its error printed)."""
+    flags = ("batch_size", "seq_len", "chunk_size", "precision", "top_k")
     flags += ("prompt_fraction", "moe_experts")
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    results = {}
     with tempfile.TemporaryDirectory() as cache_dir:
-        for case in case_names(args):
-            command = [sys.executable, __file__, "--case", case, "--teacher", args.teacher]
+
+        def command(case: str) -> list[str]:
+            line = [sys.executable, __file__, "--case", case, "--teacher", args.teacher]
             for flag in flags:
-                command += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-            command += ["--cache-dir", cache_dir]
-            if args.profile:
-                command += ["--profile", args.profile]
-            env = {**os.environ, "PYTHONPATH": str(REPO)}
-            out = subprocess.run(command, capture_output=True, text=True, env=env)
-            if out.returncode != 0:
-                print(out.stderr[-2000:], file=sys.stderr)
+                line += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+            line += ["--cache-dir", cache_dir]
+            return line + (["--profile", args.profile] if args.profile else [])
+
+        out = subprocess.run(command("write-cache"), capture_output=True, text=True, env=env)
+        if out.returncode != 0:
+            print(out.stderr[-2000:], file=sys.stderr)
+            return None
+        for group in case_groups(args):
+            commands = {case: command(case) for case in group}
+            try:
+                results |= interleave(
+                    commands, steps=args.steps, profile=bool(args.profile), env=env
+                )
+            except RuntimeError as e:
+                print(e, file=sys.stderr)
                 return None
-            results[case] = json.loads(out.stdout.strip().splitlines()[-1])
+    for r in results.values():
+        r["tokens_per_s"] = args.batch_size * args.seq_len / r["seconds"]
     return results
 
 
@@ -497,8 +488,14 @@ def main() -> int:
         return 1
     global PROMPT_FRACTION
     PROMPT_FRACTION = args.prompt_fraction
+    if args.case == "write-cache":
+        print(json.dumps(write_batch_cache(args)))
+        return 0
+    if args.case == "naive":  # a case process, answering kd.benchmark.interleave
+        run_naive(args)
+        return 0
     if args.case:
-        print(json.dumps(run_case(args.case, args)))
+        run_ours(args.case, args)
         return 0
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -512,7 +509,6 @@ def main() -> int:
         results = run_cases(args)
         if results is None:
             return 1
-        results.pop("write-cache")
         print(f"run {run + 1} of {args.repeat}")
         print_table(results, args, peak)
         if args.profile and run == 0:

@@ -1,15 +1,20 @@
 """kd/benchmark.py: warm-up until settled, median and spread of the timed steps, the profile's
-summary by kind of work.
+summary by kind of work, and cases in processes of their own timed in interleaved rounds.
 
     .venv/bin/python -m pytest -q tests/test_benchmark.py
 """
 
+import os
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
-from kd.benchmark import agreement, kind_of, median_over_runs, profile, timed
+from kd.benchmark import agreement, interleave, kind_of, median_over_runs, profile, timed
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def test_timed_warms_up_until_two_steps_agree_and_takes_the_median():
@@ -94,3 +99,56 @@ def test_agreement_is_the_largest_move_from_the_first_run():
     lines, worst = agreement([{"a": 1.0, "b": 2.0}, {"a": 1.05, "b": 1.5}])
     assert worst == pytest.approx(0.25)  # b: |1.5 - 2| / 2
     assert lines == ["  a: 1.00, 1.05 (within 5%)", "  b: 2.00, 1.50 (within 25%)"]
+
+
+# A case process: its step sleeps, then logs the case's name (the order of the steps).
+CASE = """
+import sys, time
+from pathlib import Path
+name, seconds, log, profile_to = sys.argv[1], float(sys.argv[2]), Path(sys.argv[3]), sys.argv[4]
+if seconds < 0:
+    raise SystemExit("case " + name + " cannot start")
+from kd.benchmark import serve
+def step():
+    time.sleep(seconds)
+    with log.open("a") as f:
+        f.write(name + "\\n")
+print("other output on stdout")
+serve(step, profile_to=Path(profile_to), end=lambda: {"peak_memory_gb": 1.5})
+"""
+
+
+def case_command(name: str, seconds: float, log: Path, tmp_path: Path) -> list[str]:
+    profile_to = tmp_path / f"{name}.txt"
+    return [sys.executable, "-c", CASE, name, str(seconds), str(log), str(profile_to)]
+
+
+def test_interleave_takes_one_step_of_each_case_per_round(tmp_path):
+    log = tmp_path / "steps.log"
+    commands = {
+        name: case_command(name, s, log, tmp_path) for name, s in (("a", 0.02), ("b", 0.05))
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    results = interleave(commands, steps=3, profile=True, env=env)
+    steps = log.read_text().split()
+    warm = results["a"]["warmup_steps"] + results["b"]["warmup_steps"]
+    # a warms up alone, then b; then 3 rounds a, b; then each profiled (2 steps) alone
+    assert (
+        steps[:warm] == ["a"] * results["a"]["warmup_steps"] + ["b"] * results["b"]["warmup_steps"]
+    )
+    assert steps[warm:] == ["a", "b"] * 3 + ["a", "a", "b", "b"]
+    assert results["a"]["seconds"] == pytest.approx(0.02, abs=0.015)
+    assert results["b"]["seconds"] == pytest.approx(0.05, abs=0.015)
+    assert results["a"]["peak_memory_gb"] == 1.5  # the case's own end() answer
+    assert "total" in results["b"]["profile"] and (tmp_path / "b.txt").is_file()
+
+
+def test_interleave_reports_a_failing_case_with_its_stderr(tmp_path):
+    log = tmp_path / "steps.log"
+    commands = {  # b fails before a starts
+        "b": case_command("b", -1, log, tmp_path),
+        "a": case_command("a", 0.0, log, tmp_path),
+    }
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with pytest.raises(RuntimeError, match="case b failed:(.|\\n)*case b cannot start"):
+        interleave(commands, steps=1, profile=False, env=env)
