@@ -149,17 +149,21 @@ def _add_weight_grad(d_weight: Tensor, g: Tensor, h: Tensor, scratch: Scratch) -
     linear does (fp32 accumulation inside the matmul, the (V, H) result rounded to bf16 once per
     chunk), and the chunks are summed in fp32. Why not one fp32 product: without TF32 an H100
     multiplies in fp32 at ~1/15 of its bf16 rate (67 vs 989 TFLOP/s), and on 2 Xeon cores with
-    AMX one 256 x 49152 x 576 chunk took 60-80 ms in fp32, 18-33 ms in bf16. The
+    AMX one 256 x 49152 x 576 chunk took 60-80 ms in fp32, 18-33 ms in bf16. On a CPU the
     bf16 -> fp32 add goes a block of rows at a time through a reused buffer: PyTorch's CPU add of
     a bf16 tensor into an fp32 one is unvectorized (60 ms for 49152 x 576), and a whole fp32
-    copy of the (V, H) product would be another full-size buffer. Other dtypes: one product in
-    the accumulator's dtype (fp16 keeps it: G / denom underflows in fp16).
+    copy of the (V, H) product would be another full-size buffer; a GPU adds it in one kernel.
+    Other dtypes: one product in the accumulator's dtype (fp16 keeps it: G / denom underflows
+    in fp16).
     """
     if g.dtype != torch.bfloat16:
         d_weight.addmm_(g.T, h.to(d_weight.dtype))
         return
     product = scratch("dw", d_weight.shape, g.dtype, g.device)  # (V, H) bf16
     torch.mm(g.T, h.to(g.dtype), out=product)
+    if g.device.type != "cpu":
+        d_weight.add_(product)
+        return
     rows = max(1, 2**21 // d_weight.shape[1])  # 8 MiB of fp32 per block
     block = scratch("dw_block", (rows, d_weight.shape[1]), d_weight.dtype, g.device)
     for start in range(0, d_weight.shape[0], rows):

@@ -116,12 +116,7 @@ def analytic_loss_and_grad(
     # Row weights: 1 / denom on valid tokens, 0 on ignored ones (`loss_sums` drops them by where()).
     row = (valid.to(dtype) / denom).unsqueeze(-1)  # (n, 1)
 
-    # log softmax(z / T), and log softmax(z) for the CE at T = 1: the same tensor when T = 1.
-    z = buffer("z").copy_(logits)  # (n, V); fp32 for bf16 logits
-    log_s = None if temperature == 1.0 else torch.log_softmax(z, dim=-1, out=buffer("log_s"))
-    need_log_q = teacher is not None or temperature == 1.0
-    log_q = _log_probs_into(z, temperature, buffer("log_q")) if need_log_q else None
-    log_s = log_q if log_s is None else log_s
+    log_s, log_q = _student_log_probs(logits, temperature, teacher is not None, buffer)
     ce = -log_s.gather(-1, safe_labels).squeeze(-1)  # (n,) -log s_y
     # (n, 1): alpha T / denom, the factor of dD/du in G; None when G has no divergence term
     scale = row * (alpha * temperature) if need_grad and alpha != 0.0 else None
@@ -149,6 +144,19 @@ def analytic_loss_and_grad(
             g = s.mul_(ce_row) if g is None else g.addcmul_(s, ce_row)
         g.scatter_add_(-1, safe_labels, -ce_row)  # - (1 - alpha) onehot(y) / denom
     return total, div_sum, ce_sum, g
+
+
+def _student_log_probs(
+    logits: Tensor, temperature: float, need_log_q: bool, buffer: Callable[[str], Tensor]
+) -> tuple[Tensor, Tensor | None]:
+    """(log softmax(z) for the CE, log softmax(z / T) for the divergence, None unless
+    need_log_q) in (n, V) buffers; at T = 1 both are the same tensor."""
+    z = buffer("z").copy_(logits)  # (n, V); fp32 for bf16 logits
+    if temperature == 1.0:
+        log_q = _log_probs_into(z, temperature, buffer("log_q"))
+        return log_q, log_q
+    log_s = torch.log_softmax(z, dim=-1, out=buffer("log_s"))
+    return log_s, _log_probs_into(z, temperature, buffer("log_q")) if need_log_q else None
 
 
 def _divergence_and_grad(
