@@ -116,10 +116,7 @@ def losses(out: Path) -> list[float]:
 
 
 def max_weight_diff(a: Path, b: Path) -> float:
-    wa, wb = (
-        load_file(a / "final" / "model.safetensors"),
-        load_file(b / "final" / "model.safetensors"),
-    )
+    wa, wb = (load_file(out / "final" / "model.safetensors") for out in (a, b))
     assert wa.keys() == wb.keys()
     return max((wa[k] - wb[k]).abs().max().item() for k in wa)
 
@@ -266,10 +263,9 @@ def test_family_pair_on_two_ranks_matches_one_process_and_exports(assets, arch, 
     diff = max(abs(a - b) for a, b in zip(losses(tmp_path / "two"), losses(tmp_path / "one")))
     # fp32, as test_two_ranks_and_micro_batches_match_one_process (6 steps here, not 12).
     assert diff < 1e-4, f"{arch}: 2 ranks' losses differ from 1 process by up to {diff:.2e}"
-    # Weights: AdamW at lr 1e-2 turns rounding in near-zero gradient entries into steps of up to
-    # lr, so the distance depends on the rounding pattern: measured 2e-5 to 1.1e-4 (gemma2,
-    # qwen3) for two ways of writing the same G that agree with float64 equally well (6.6e-7
-    # and 6.9e-7 of max |G|); a normalization bug moves weights by ~lr = 1e-2.
+    # Weights: AdamW at lr 1e-2 turns rounding in near-zero gradients into steps of up to lr:
+    # measured 2e-5 to 1.1e-4 (gemma2, qwen3; two ways of writing the same G, equally close to
+    # float64); a normalization bug moves weights by ~lr = 1e-2.
     wdiff = max_weight_diff(tmp_path / "two", tmp_path / "one")
     assert wdiff < 5e-4, f"{arch}: final weights differ from 1 process by up to {wdiff:.2e}"
     final = tmp_path / "one" / "final"
