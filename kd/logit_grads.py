@@ -28,7 +28,7 @@ from kd.losses import (
     floor_log_probs,
     forward_kl,
     teacher_log_probs,
-    topk_buckets,
+    topk_buckets_of,
 )
 
 # Divergences whose gradient wrt the student logits `analytic_loss_and_grad` writes out.
@@ -116,34 +116,54 @@ def analytic_loss_and_grad(
     # Row weights: 1 / denom on valid tokens, 0 on ignored ones (`loss_sums` drops them by where()).
     row = (valid.to(dtype) / denom).unsqueeze(-1)  # (n, 1)
 
-    log_s, log_q = _student_log_probs(logits, temperature, teacher is not None, buffer)
-    ce = -log_s.gather(-1, safe_labels).squeeze(-1)  # (n,) -log s_y
     # (n, 1): alpha T / denom, the factor of dD/du in G; None when G has no divergence term
     scale = row * (alpha * temperature) if need_grad and alpha != 0.0 else None
     # (n, 1): (1 - alpha) / denom, the factor of the CE's dCE/dz = s - onehot(y) in G, or None
     ce_row = row * (1.0 - alpha) if need_grad and alpha != 1.0 else None
+    if isinstance(teacher, TopK):  # forward KL: the only top-k divergence dispatched here
+        parts = _topk_forward_kl_and_grad(
+            logits, teacher, safe_labels, scale, ce_row, temperature, buffer
+        )
+    else:
+        parts = _dense_loss_and_grad(logits, teacher, safe_labels, scale, ce_row, options, buffer)
+    div, ce, g = parts  # (n,), (n,), (n, V) or None
+    div_sum = torch.where(valid, div, 0.0).sum()
+    ce_sum = torch.where(valid, ce, 0.0).sum()
+    total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
+    return total, div_sum, ce_sum, g
+
+
+def _dense_loss_and_grad(
+    logits: Tensor,
+    teacher: Teacher | None,
+    labels: Tensor,
+    scale: Tensor | None,
+    ce_row: Tensor | None,
+    options: LossOptions,
+    buffer: Callable[[str], Tensor],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(per-row D, per-row CE, G or None) against dense teacher logits, or SFT (teacher None:
+    D = 0). labels: (n, 1), ignored tokens at 0; scale, ce_row as in `analytic_loss_and_grad`
+    (None: no such term in G)."""
+    log_s, log_q = _student_log_probs(logits, options.temperature, teacher is not None, buffer)
+    ce = -log_s.gather(-1, labels).squeeze(-1)  # (n,) -log s_y
     # At T = 1, s = q: the divergence's gradient takes the CE's (1 - alpha) s / denom into the
     # same passes over (n, V) (`fused`), and only the one-hot part is left for below.
     fused = log_s is log_q and teacher is not None and scale is not None and ce_row is not None
     g = None  # (n, V): G
     if teacher is None:  # plain SFT (alpha = 0)
-        div = torch.zeros(labels.shape, dtype=dtype, device=labels.device)
+        div = torch.zeros_like(ce)
     else:  # log_q becomes G in place, or a copy of it does when log_q is also the log s read below
         keep_log_s = log_s is log_q and ce_row is not None and not fused
         g = buffer("q").copy_(log_q) if keep_log_s else log_q
         ce_in = ce_row if fused else None
         div, g = _divergence_and_grad(logits, teacher, g, scale, ce_in, options, buffer)
-    div_sum = torch.where(valid, div, 0.0).sum()
-    ce_sum = torch.where(valid, ce, 0.0).sum()
-    total = alpha * temperature**2 * div_sum + (1.0 - alpha) * ce_sum
-    if not need_grad:
-        return total, div_sum, ce_sum, None
     if ce_row is not None:
         if not fused:  # + (1 - alpha) s / denom
             s = log_s.exp_()  # softmax(z); log s is not read after this
             g = s.mul_(ce_row) if g is None else g.addcmul_(s, ce_row)
-        g.scatter_add_(-1, safe_labels, -ce_row)  # - (1 - alpha) onehot(y) / denom
-    return total, div_sum, ce_sum, g
+        g.scatter_add_(-1, labels, -ce_row)  # - (1 - alpha) onehot(y) / denom
+    return div, ce, g
 
 
 def _student_log_probs(
@@ -168,12 +188,9 @@ def _divergence_and_grad(
     options: LossOptions,
     buffer: Callable[[str], Tensor],
 ) -> tuple[Tensor, Tensor | None]:
-    """Per-row D and scale * dD/du (+ ce_row * q, at T = 1 where q = s) against a top-k (forward
-    KL) or dense teacher (forward or reverse KL); log_q is overwritten (it becomes G),
-    buffer(role) gives (n, V) buffers."""
-    if isinstance(teacher, TopK):  # forward KL: the only top-k divergence dispatched here
-        # the student's z (buffer "z") is free again: the logsumexp's scratch
-        return _topk_forward_kl_and_grad(log_q, teacher, scale, ce_row, scratch=buffer("z"))
+    """Per-row D and scale * dD/du (+ ce_row * q, at T = 1 where q = s) against a dense teacher
+    (forward or reverse KL); log_q is overwritten (it becomes G), buffer(role) gives (n, V)
+    buffers."""
     teacher = aligned_teacher(teacher, logits, tokenizer_vocab_size=options.tokenizer_vocab_size)
     if isinstance(teacher, Tensor):  # (n, V) log p, floored; the student's z is free again
         log_p = _log_probs_into(buffer("z").copy_(teacher), options.temperature, buffer("log_p"))
@@ -217,18 +234,21 @@ def _dense_kl_and_grad(
 
 
 def _topk_forward_kl_and_grad(
-    log_q: Tensor, teacher: TopK, scale: Tensor | None, ce_row: Tensor | None, *, scratch: Tensor
-) -> tuple[Tensor, Tensor | None]:
-    """Per-row forward KL over `kd.losses.topk_buckets`, and scale * dD/du + ce_row * q (None
-    without scale; ce_row, given at T = 1 only, where q is the CE's softmax s: None adds nothing).
+    logits: Tensor,
+    teacher: TopK,
+    labels: Tensor,
+    scale: Tensor | None,
+    ce_row: Tensor | None,
+    temperature: float,
+    buffer: Callable[[str], Tensor],
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(per-row forward KL over `kd.losses.topk_buckets`, per-row CE, G or None) from the
+    chunk's logits z, with G = scale * dD/du + ce_row * (s - onehot(y)) (labels (n, 1), ignored
+    tokens at 0; scale and ce_row as in `analytic_loss_and_grad`, None: no such term).
 
-    log_q: (n, V) the student's log softmax(u), u = z / T, floored as `kd.losses.log_probs`
-    floors it; overwritten (it becomes G). teacher: the chunk's k token ids S and log-probs
-    at T. scale: (n, 1), e.g. alpha T / denom. scratch: an (n, V) buffer for the tail's
-    logsumexp.
-
-    The buckets are the k tokens and one tail: P_i = p_i, Q_i = q_i for i in S, P_tail = 1 -
-    sum_S p_i (clamped at 0) and Q_tail = sum_{v not in S} q_v, with `topk_buckets`' floors, so
+    The buckets are the teacher's k tokens S and one tail: P_i = p_i, Q_i = q_i for i in S,
+    P_tail = 1 - sum_S p_i (clamped at 0) and Q_tail = sum_{v not in S} q_v, with
+    `topk_buckets`' floors, so
         D = sum_{i in S} P_i (log P_i - log Q_i) + P_tail (log P_tail - log Q_tail).
     With d log q_i/du_j = delta_ij - q_j and dQ_tail/du_j = q_j [j not in S] - Q_tail q_j, and
     P_sum = sum_S P_i + P_tail (1 up to the cache's rounding; the clamp can leave it above 1),
@@ -236,28 +256,57 @@ def _topk_forward_kl_and_grad(
         dD/du_j = P_sum q_j - P_tail q_j / Q_tail
                 = w_j (P_sum Q_tail - P_tail),  w_j = q_j / Q_tail    j not in S.
     (At T = 1 and P_sum = 1: q - p on S and q (1 - P_tail / Q_tail) elsewhere.) w_j, student j's
-    share of the student's tail, is formed in log space, exp(log q_j - log Q_tail) in [0, 1]:
-    when Q_tail underflows (the student puts all its mass on S) q_j / Q_tail would be 0 / 0.
-    The CE's c q_j (c = ce_row) joins both: c q_j on S, and w_j c Q_tail off S.
-    With k = V (no tail) `topk_buckets` floors log Q_tail and log P_tail, so P_tail = Q_tail = 0
-    and no j lies outside S. Student entries masked to -inf have log q at the floor: w_j = 0 and
-    G = 0 there, as in autograd (whose gradient through the floor is 0).
+    share of the student's tail, is exp(u_j - m) / sum_{v not in S} exp(u_v - m) with m the
+    largest u off S: never 0 / 0, even where Q_tail underflows (the student puts all its mass
+    on S). At T = 1, q is the CE's softmax s, and its c s (c = ce_row) joins both: c q_j on S,
+    w_j c Q_tail off S.
+
+    Only the tail needs (n, V) passes, and they also give the log-probs: u = z / T is copied to
+    a buffer with S's entries at -inf, then e = exp(u - m), its row sums, and one multiply that
+    turns e into G off S. logsumexp over the tail is m + log sum e, over all V it is that
+    logaddexp'd with the k values of S, and log Q_tail, log q on S and log s_y follow per row.
+    (A log-softmax over V first, as for dense teachers, costs about twice the CPU time.) At
+    T != 1 the CE's s = softmax(z) is another distribution and takes passes of its own.
+    Without a tail (k = V) or where every tail entry is -inf (masked vocab rows), sum e = 0:
+    log Q_tail is floored as `topk_buckets` floors it, and G = 0 off S.
     """
-    g = log_q  # (n, V)
-    # `topk_buckets` floors g's entries in S in place: g = log q off S, the floor on S (so exp
-    # gives 0 there, never inf), and log Q_tail = logsumexp(g).
-    # log_p_b, log_q_b: (n, k + 1) each, the k tokens, then the tail
-    log_p_b, log_q_b = topk_buckets(teacher, g, overwrite=True, scratch=scratch)
+    ids = teacher.ids.long()  # (n, k)
+    u = buffer("z").copy_(logits)  # (n, V) in the compute dtype
+    z_y = u.gather(-1, labels)  # (n, 1) the label's logit
+    if temperature != 1.0:
+        u.div_(temperature)
+    floor = torch.finfo(u.dtype).min
+    u_k = u.gather(-1, ids)  # (n, k)
+    # m: the tail's max, the floor where it has no finite entry (no -inf - -inf below)
+    m = u.scatter_(-1, ids, float("-inf")).amax(-1, keepdim=True).clamp_(min=floor)  # (n, 1)
+    e = u.sub_(m).exp_()  # (n, V): exp(u_j - m) off S, 0 on S
+    e_sum = e.sum(-1, keepdim=True)  # (n, 1): >= 1 (the max gives exp(0)), or 0 with no tail
+    lse_tail = e_sum.log().add_(m)  # (n, 1) logsumexp of u off S; -inf with no tail
+    lse = torch.logaddexp(u_k.logsumexp(-1, keepdim=True), lse_tail)  # (n, 1) over all V
+    log_q_k, log_q_tail = floor_log_probs(u_k - lse), floor_log_probs(lse_tail - lse)
+    log_p_b, log_q_b = topk_buckets_of(teacher, log_q_k, log_q_tail)  # (n, k + 1) each
     div = forward_kl(log_p_b, log_q_b)  # (n,) as in `loss_sums`
-    if scale is None:
-        return div, None
+    unit = temperature == 1.0  # q is the CE's softmax s
+    if unit:
+        log_s_y = floor_log_probs(z_y - lse)  # (n, 1)
+    else:  # s = softmax(z) = exp_z / s_sum
+        exp_z = buffer("s").copy_(logits)  # (n, V)
+        top = exp_z.amax(-1, keepdim=True)  # (n, 1)
+        s_sum = exp_z.sub_(top).exp_().sum(-1, keepdim=True)  # (n, 1)
+        log_s_y = floor_log_probs(z_y - top - s_sum.log())
+    ce = -log_s_y.squeeze(-1)  # (n,)
+    if scale is None and ce_row is None:
+        return div, ce, None
+    sc = 0.0 if scale is None else scale  # (n, 1)
+    c = ce_row if ce_row is not None and unit else 0.0  # (n, 1): the CE's c q, at T = 1
     p_b = log_p_b.exp()  # (n, k + 1)
     p_sum = p_b.sum(-1, keepdim=True)  # (n, 1)
-    log_q_tail = log_q_b[:, -1:]  # (n, 1)
-    ids = teacher.ids.long()  # (n, k)
-    ce = 0.0 if ce_row is None else ce_row  # (n, 1), or no CE term
-    q_tail, q_s = log_q_tail.exp(), log_q_b[:, :-1].exp()  # (n, 1), (n, k)
-    # off S: w (scale (P_sum Q_tail - P_tail) + c Q_tail)
-    g.sub_(log_q_tail).exp_().mul_(scale * (p_sum * q_tail - p_b[:, -1:]) + ce * q_tail)
-    g.scatter_(-1, ids, scale * (p_sum * q_s - p_b[:, :-1]) + ce * q_s)  # on S: P_sum q - P + c q
-    return div, g
+    q_tail, q_k = log_q_tail.exp(), log_q_k.exp()  # (n, 1), (n, k)
+    # off S: w (sc (P_sum Q_tail - P_tail) + c Q_tail), with w = e / sum e
+    g = e.mul_((sc * (p_sum * q_tail - p_b[:, -1:]) + c * q_tail) / e_sum.clamp(min=1.0))
+    g.scatter_(-1, ids, sc * (p_sum * q_k - p_b[:, :-1]) + c * q_k)  # on S: P_sum q - P + c q
+    if ce_row is not None:
+        if not unit:
+            g.addcmul_(exp_z.div_(s_sum), ce_row)  # + c s
+        g.scatter_add_(-1, labels, -ce_row)  # - c onehot(y)
+    return div, ce, g

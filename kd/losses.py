@@ -345,38 +345,37 @@ def _normalized_weights(
     return [w / total for w in teacher_weights]
 
 
-def topk_buckets(
-    teacher: TopK, log_q: Tensor, *, overwrite: bool = False, scratch: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+def topk_buckets(teacher: TopK, log_q: Tensor) -> tuple[Tensor, Tensor]:
     """(log_p, log_q) over k + 1 buckets: the teacher's top-k tokens and one tail for the rest.
 
     log_q: (..., V) the student's floored log-probabilities (`log_probs`); returns two
     (..., k + 1) tensors, the k tokens first, then the tail. A divergence of these coarsened
     distributions is a lower bound of the full one (data processing inequality) and equals it
-    when k = V. overwrite: floor log_q's top-k entries in place (the input of the tail's
-    logsumexp) instead of in a copy; `kd.chunked_loss` reuses that buffer. scratch: a buffer of
-    log_q's shape for the logsumexp's exp(x - max), outside autograd; without it
-    torch.logsumexp makes a new one (on a CPU a fresh (n x V) tensor is faulted in page by page:
-    256 x 49152 fp32 measured 13 ms that way, ~5 ms into a reused buffer).
+    when k = V.
     """
-    if teacher.ids.shape != teacher.logprobs.shape or teacher.ids.shape[:-1] != log_q.shape[:-1]:
+    if teacher.ids.shape[:-1] != log_q.shape[:-1]:
         raise ValueError(
-            f"TopK ids {tuple(teacher.ids.shape)} and logprobs {tuple(teacher.logprobs.shape)} "
-            f"must both be (..., k), with the student's leading dims {tuple(log_q.shape[:-1])}"
+            f"TopK ids {tuple(teacher.ids.shape)} must be (..., k), with the student's leading "
+            f"dims {tuple(log_q.shape[:-1])}"
         )
-    floor = torch.finfo(log_q.dtype).min
     ids = teacher.ids.long()
-    log_p_k = teacher.logprobs.to(log_q.dtype)
-    log_q_k = log_q.gather(-1, ids)
     # Student mass outside the k tokens: logsumexp over the rest (floored, not -inf, so an empty
     # tail has a finite gradient).
-    rest = log_q.scatter_(-1, ids, floor) if overwrite else log_q.scatter(-1, ids, floor)
-    if scratch is None:
-        log_q_tail = rest.logsumexp(-1, keepdim=True)  # (..., 1)
-    else:  # the same logsumexp (every entry is finite): max + log sum exp(x - max)
-        top = rest.amax(-1, keepdim=True)  # (..., 1)
-        exp_sum = torch.sub(rest, top, out=scratch).exp_().sum(-1, keepdim=True)
-        log_q_tail = exp_sum.log_().add_(top)
+    rest = log_q.scatter(-1, ids, torch.finfo(log_q.dtype).min)
+    return topk_buckets_of(teacher, log_q.gather(-1, ids), rest.logsumexp(-1, keepdim=True))
+
+
+def topk_buckets_of(teacher: TopK, log_q_k: Tensor, log_q_tail: Tensor) -> tuple[Tensor, Tensor]:
+    """`topk_buckets` from the student's side of them: log_q_k (..., k) the student's floored
+    log-probs of the teacher's k tokens, log_q_tail (..., 1) the log of its mass on the rest
+    (at most the floor when it has none)."""
+    if teacher.ids.shape != teacher.logprobs.shape or teacher.ids.shape != log_q_k.shape:
+        raise ValueError(
+            f"TopK ids {tuple(teacher.ids.shape)} and logprobs {tuple(teacher.logprobs.shape)} "
+            f"must both be (..., k), as the student's top-k log-probs {tuple(log_q_k.shape)}"
+        )
+    floor = torch.finfo(log_q_k.dtype).min
+    log_p_k = teacher.logprobs.to(log_q_k.dtype)
     p_tail = (1.0 - log_p_k.exp().sum(-1, keepdim=True)).clamp(min=0.0)
     # When the student has no tail (k = V), the teacher's leftover 1 - sum is rounding error.
     log_p_tail = torch.where(log_q_tail <= floor, floor, floor_log_probs(p_tail.log()))
