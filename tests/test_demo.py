@@ -91,6 +91,7 @@ def run_demo(out: Path, args: list[str], capfd) -> str:
     return captured.out + captured.err
 
 
+@pytest.mark.slow
 def test_demo_runs_end_to_end_skips_finished_stages_and_resumes(tiny, capfd) -> None:
     out = tiny["root"] / "run"
     log = run_demo(out, tiny["args"], capfd)
@@ -153,6 +154,7 @@ def test_a_rerun_with_other_settings_is_refused(tiny, tmp_path, capfd) -> None:
     assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
 
 
+@pytest.mark.slow
 def test_compare_methods_writes_results(tiny, tmp_path, capfd) -> None:
     demo_out = tiny["root"] / "run"  # the demo run above supplies the data and its own evaluation
     if not (demo_out / "eval" / "teacher.json").is_file():
@@ -210,6 +212,7 @@ def test_compare_methods_writes_results(tiny, tmp_path, capfd) -> None:
         compare.main(["--demo", str(demo_out), "--methods", "dpo"])
 
 
+@pytest.mark.slow
 def test_compare_pruning_writes_its_table(tiny, tmp_path, capfd) -> None:
     demo_out = tiny["root"] / "run"  # the demo run above supplies the data
     if not (demo_out / "data" / "heldout.jsonl").is_file():

@@ -289,6 +289,7 @@ def test_a_partial_is_finished_only_with_the_settings_that_wrote_it(
     assert partial.read_bytes() == before["a.jsonl.partial"]
 
 
+@pytest.mark.slow
 def test_one_writer_per_output(tiny_dir: Path, tmp_path: Path) -> None:
     """A second process on the same --output is refused, naming the first, and touches nothing;
     the first then finishes a whole file. The first is paused (SIGSTOP) while the second

@@ -339,6 +339,7 @@ def wait_for_steps(out: Path, process: subprocess.Popen, steps: int) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.slow
 def test_ctrl_c_checkpoints_then_resume_is_exact(assets, tmp_path):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     subprocess.run(slow(assets, whole), env=ENV, check=True, capture_output=True, timeout=300)
