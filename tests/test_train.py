@@ -7,17 +7,17 @@ A tiny random llama teacher (4 layers, the tiny BPE tokenizer's 512-token vocabu
 - a run killed with SIGKILL after a checkpoint, or stopped by SIGTERM (which checkpoints),
   then resumed, ends with weights bitwise equal to the uninterrupted run;
 - OUT/final loads in `transformers` with the logits of kd's own model;
-- Gemma 2 and Qwen3 (and, with -m slow, Gemma 3) teacher/student pairs: 2 ranks match 1
-  process and transformers loads the export;
-- MoE teachers (Mixtral -> an MoE student of its layers, with the router's balancing loss;
-  Qwen3-MoE -> a dense Qwen3): 2 ranks match 1 process, SIGKILL then resume is exact;
+- Qwen3, Gemma 2 and Gemma 3 teacher/student pairs: 2 ranks match 1 process, transformers
+  loads the export;
+- MoE teachers (Qwen3-MoE -> a dense Qwen3; Mixtral -> an MoE student of its layers, with the
+  router's balancing loss): 2 ranks match 1 process, SIGKILL then resume is exact;
 - on a peaky synthetic teacher, KD lowers held-out KL to the teacher faster than SFT;
 - multi-teacher, two-stage (`init_from`) and response distillation (generate.py writes the
   data) run through the same loop.
 - on-policy GKD and MiniLLM (kd/onpolicy.py, with lm_data) run on 2 ranks whose rollouts end
   at different lengths, log the rollout metrics, and a resumed MiniLLM run is exact.
 
-Run: .venv/bin/python -m pytest -q tests/test_train.py   (`-m slow`: SIGTERM, KD vs SFT, methods)
+Run: .venv/bin/python -m pytest -q tests/test_train.py   (`-m slow`: the tests marked SLOW)
 """
 
 import json
@@ -42,18 +42,12 @@ from kd import hf
 REPO = Path(__file__).resolve().parent.parent
 # Same thread count everywhere: fp32 sums then happen in the same order in every run.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-BASE = [
-    "--student_layers=0,2",
-    "--max_steps=12",
-    "--seq_len=48",
-    "--lr=1e-2",
-    "--warmup_steps=2",
-    "--min_lr=1e-3",
-    "--precision=fp32",
-    "--log_every=1",
-    "--chunk_size=64",
-    "--loss=forward_kl",
-]
+SLOW = pytest.mark.slow  # `make test-slow` runs these, `make test` skips them
+# train.py's flags of every run here (argv words)
+BASE = (
+    "--student_layers=0,2 --max_steps=12 --seq_len=48 --lr=1e-2 --warmup_steps=2 --min_lr=1e-3"
+    " --precision=fp32 --log_every=1 --chunk_size=64 --loss=forward_kl"
+).split()
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -193,7 +187,7 @@ def test_sigkill_then_resume_is_exact(assets, baseline):
     )
 
 
-@pytest.mark.slow
+@SLOW
 def test_sigterm_saves_then_resume_is_exact(assets, baseline):
     out = assets["dir"] / "terminated"
     argv = args(
@@ -239,7 +233,7 @@ def test_export_loads_in_transformers(baseline):
 
 
 @pytest.mark.parametrize(
-    "arch", ["qwen3", *(pytest.param(a, marks=pytest.mark.slow) for a in ("gemma2", "gemma3"))]
+    "arch", ["qwen3", *(pytest.param(a, marks=SLOW) for a in ("gemma2", "gemma3"))]
 )
 def test_family_pair_on_two_ranks_matches_one_process_and_exports(assets, arch, tmp_path):
     """A 4-layer teacher of the family and a student of its layers 0 and 2 (gemma2: softcapped
@@ -295,8 +289,7 @@ def kill_after_first_checkpoint(argv: list[str], out: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "teacher_arch, student",
-    [pytest.param("mixtral", "layers", marks=pytest.mark.slow), ("qwen3_moe", "qwen3")],
+    "teacher_arch, student", [("qwen3_moe", "qwen3"), pytest.param("mixtral", "layers", marks=SLOW)]
 )
 def test_moe_teacher_two_ranks_match_one_process_and_resume_exactly(
     assets, teacher_arch, student, tmp_path
@@ -395,7 +388,7 @@ def test_kd_beats_sft_on_held_out_kl(assets):
     )
 
 
-@pytest.mark.slow
+@SLOW
 def test_multi_teacher_two_stage_and_response_distillation(assets, baseline):
     d = assets["dir"]
     second = make_tiny_checkpoint(
@@ -479,7 +472,7 @@ def test_on_policy_methods_run_on_two_ranks(assets, method, extra):
     assert (out / "final" / "model.safetensors").is_file()
 
 
-@pytest.mark.slow
+@SLOW
 def test_on_policy_resume_is_exact(assets):
     """Rollouts are seeded by (seed, step, micro-batch, rank): a MiniLLM run stopped after a
     checkpoint and resumed samples the same answers and ends bitwise equal."""
